@@ -1,0 +1,35 @@
+# SplitLoRA: `make demo` and `make test` work on a fresh machine, offline once the packages are installed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+DEMO_DIR ?= runs/demo
+DEMO_PORT ?= 50051
+export SPLITLORA_HOME ?= $(CURDIR)/.splitlora-home
+
+.PHONY: venv demo test protos check-protos clean
+
+$(BIN)/splitlora-server: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# the CPU build of torch first: an unpinned torch would pull gigabytes of CUDA packages
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(BIN)/splitlora-server
+
+demo: venv
+	$(BIN)/python scripts/demo.py --output $(DEMO_DIR) --port $(DEMO_PORT)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+protos: venv
+	$(BIN)/python scripts/gen_protos.py
+
+check-protos: venv
+	$(BIN)/python scripts/gen_protos.py --check
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Code shared by the server, the aggregator and the clients. Never imports a role package."""

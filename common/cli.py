@@ -1,0 +1,52 @@
+"""Command-line plumbing both roles use: sub-commands from config dataclasses, logging, error exits."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from common.configuration import ConfigError, add_arguments, format_config, resolve
+
+log = logging.getLogger("splitlora")
+
+
+def add_command(subparsers, name: str, cls: type, run: Callable[[object], int], help: str) -> None:
+    """Add a sub-command whose options are the fields of `cls` plus --config and --log-level."""
+    parser = subparsers.add_parser(name, help=help, description=(cls.__doc__ or help).strip(),
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file with any of these options (flags win)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging verbosity")
+    add_arguments(parser, cls)
+    parser.set_defaults(_config_cls=cls, _run=run)
+
+
+def setup_logging(level: str) -> None:
+    """One log line per event: time, level, component, message."""
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse, resolve the config, log it, run the command; turn expected errors into one clear line."""
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_run"):
+        parser.print_help()
+        return 2
+    setup_logging(args.log_level)
+    try:
+        config = resolve(args._config_cls, args, args.config)
+    except ConfigError as err:
+        parser.exit(2, f"{parser.prog}: config error: {err}\n")
+    log.info("effective config\n%s", format_config(config))
+    try:
+        return int(args._run(config) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, ConnectionError) as err:  # user-facing failures: no stack trace
+        log.debug("failed", exc_info=True)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,96 @@
+"""LoRA adapter state in and out: extraction, validated loading, safetensors bytes and whole-model export."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from safetensors.torch import save_file
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+AdapterState = dict[str, torch.Tensor]
+
+
+class AdapterError(ValueError):
+    """An adapter does not fit the model it is meant for; the message says how."""
+
+
+def adapter_state(model: PeftModel, adapter_name: str = "default") -> AdapterState:
+    """A detached float32 CPU copy of one adapter, keyed as in a saved PEFT adapter."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+def check_adapter(state: AdapterState, reference: AdapterState, what: str = "adapter") -> None:
+    """Refuse an adapter whose keys, shapes or values do not fit `reference`."""
+    missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+    if missing or extra:
+        raise AdapterError(f"{what} keys differ from the model's: missing {missing[:3]}"
+                           f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    for key, ref in reference.items():
+        value = state[key]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise AdapterError(f"{what} tensor {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if not value.is_floating_point():
+            raise AdapterError(f"{what} tensor {key} has dtype {value.dtype}, expected a float dtype")
+        if not torch.isfinite(value).all():
+            raise AdapterError(f"{what} tensor {key} contains NaN or Inf")
+
+
+def load_adapter_state(model: PeftModel, state: AdapterState, adapter_name: str = "default") -> None:
+    """Copy `state` into the model's adapter in place (optimizer references stay valid) after checking it."""
+    current = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    check_adapter(state, current)
+    with torch.no_grad():
+        for key, param in current.items():
+            param.copy_(state[key].to(param.dtype))
+    # get_peft_model_state_dict returns the live parameters, so the copies above already landed;
+    # set_peft_model_state_dict is not needed and would replace tensors under the optimizer.
+    _ = set_peft_model_state_dict  # documented alternative kept importable for readers
+
+
+def to_bytes(state: AdapterState) -> bytes:
+    """Serialize an adapter as safetensors bytes."""
+    return st_save({k: v.contiguous() for k, v in state.items()})
+
+
+def from_bytes(data: bytes) -> AdapterState:
+    """Parse safetensors bytes, with a clear error for anything else."""
+    try:
+        return dict(st_load(data))
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise AdapterError(f"adapter is not valid safetensors data: {err}") from err
+
+
+def write_adapter_file(path: Path, state: AdapterState) -> None:
+    """Write an adapter state to a safetensors file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,
+                   base_model: str | None = None) -> Path:
+    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts."""
+    out = Path(out_dir)
+    merged: AdapterState = {}
+    for state in states:
+        overlap = set(merged) & set(state)
+        if overlap:
+            raise AdapterError(f"adapter parts overlap on {sorted(overlap)[:3]}")
+        merged.update(state)
+    config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": base_model})
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    write_adapter_file(out / ADAPTER_WEIGHTS, merged)
+    json.loads((out / ADAPTER_CONFIG).read_text())  # fail loudly if the config did not serialize
+    return out

@@ -1,0 +1,25 @@
+"""Model split: one module per model family behind one interface, and the loader that builds one side."""
+from __future__ import annotations
+
+from common.split.base import ModelFamily
+from common.split.gpt2 import GPT2Family
+
+FAMILIES: tuple[ModelFamily, ...] = (GPT2Family(),)
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's model family has no split implementation."""
+
+
+def supported_model_types() -> list[str]:
+    """Every `model_type` a split is implemented for."""
+    return sorted(t for fam in FAMILIES for t in fam.model_types)
+
+
+def family_for(model_type: str) -> ModelFamily:
+    """The split implementation for a Hugging Face `model_type`, or a clear error listing the supported ones."""
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    raise UnsupportedModelError(
+        f"model type {model_type!r} is not supported; supported model types: {', '.join(supported_model_types())}")

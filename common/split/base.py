@@ -1,0 +1,45 @@
+"""The interface every model family implements so a model can be cut into a client and a server part."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModelFamily(ABC):
+    """How to cut one family of causal LMs: where its embeddings, blocks and head live, and how to run them.
+
+    Module paths are the full model's, so parameter names on each side are the unsplit model's names.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    default_lora_targets: tuple[str, ...]
+    fan_in_fan_out: bool = False
+    layers_path: str                       # e.g. "transformer.h"
+    embedding_modules: tuple[str, ...]     # modules the client holds before the blocks
+    final_modules: tuple[str, ...]         # modules the server holds after the blocks
+    tied_head: tuple[str, str] | None = None  # (head weight, embedding weight) when the config ties them
+
+    @abstractmethod
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> hidden states entering block 0."""
+
+    @abstractmethod
+    def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments every block needs (causal+padding mask, positions, rotary tables)."""
+
+    @abstractmethod
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
+        """Run one block."""
+
+    @abstractmethod
+    def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the last block -> logits."""
+
+    def num_layers(self, config: Any) -> int:
+        """Number of transformer blocks in the full model."""
+        return int(config.num_hidden_layers)

@@ -1,0 +1,196 @@
+"""Tensors <-> protobuf: dtypes, codecs, validation and chunking of large frames.
+
+This is the only place that turns tensors into bytes. Tensors travel as raw little-endian
+bytes plus dtype and shape; nothing is ever pickled.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from common.rpc.splitlora.v1 import tensor_pb2 as pb
+
+_TORCH_BY_DTYPE: dict[int, torch.dtype] = {
+    pb.DTYPE_FLOAT32: torch.float32,
+    pb.DTYPE_FLOAT16: torch.float16,
+    pb.DTYPE_BFLOAT16: torch.bfloat16,
+    pb.DTYPE_INT64: torch.int64,
+    pb.DTYPE_INT32: torch.int32,
+    pb.DTYPE_INT8: torch.int8,
+    pb.DTYPE_UINT8: torch.uint8,
+    pb.DTYPE_BOOL: torch.bool,
+}
+_DTYPE_BY_TORCH = {v: k for k, v in _TORCH_BY_DTYPE.items()}
+_FLOAT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
+CODEC_NAMES: dict[str, int] = {
+    "float32": pb.CODEC_RAW, "raw": pb.CODEC_RAW, "float16": pb.CODEC_FLOAT16,
+    "bfloat16": pb.CODEC_BFLOAT16, "int8": pb.CODEC_INT8,
+}
+MAX_DIMS = 8
+
+
+class WireError(ValueError):
+    """A tensor or frame on the wire is malformed; the message says what is wrong."""
+
+
+def codec_from_name(name: str) -> int:
+    """Map a codec name (float32, float16, bfloat16, int8) to its proto enum value."""
+    try:
+        return CODEC_NAMES[name.lower()]
+    except KeyError:
+        raise WireError(f"unknown codec {name!r}; choose one of {sorted(set(CODEC_NAMES) - {'raw'})}") from None
+
+
+def codec_name(codec: int) -> str:
+    """The human name of a codec enum value."""
+    return {pb.CODEC_UNSPECIFIED: "float32", pb.CODEC_RAW: "float32", pb.CODEC_FLOAT16: "float16",
+            pb.CODEC_BFLOAT16: "bfloat16", pb.CODEC_INT8: "int8"}.get(codec, f"codec#{codec}")
+
+
+def dtype_name(dtype: int) -> str:
+    """The human name of a proto dtype enum value."""
+    return pb.DType.Name(dtype).removeprefix("DTYPE_").lower() if dtype in pb.DType.values() else f"dtype#{dtype}"
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().tobytes()
+    return t.numpy().tobytes()
+
+
+def _from_raw(data: bytes, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    if dtype == torch.bfloat16:
+        arr = np.frombuffer(data, dtype=np.int16)
+        return torch.from_numpy(arr.copy()).view(torch.bfloat16).reshape(tuple(shape))
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    return torch.from_numpy(np.frombuffer(data, dtype=np_dtype).copy()).reshape(tuple(shape))
+
+
+def encode_tensor(t: torch.Tensor, codec: int = pb.CODEC_RAW) -> pb.Tensor:
+    """Encode a tensor; float tensors may be compressed with a lossy codec, others are always raw."""
+    if t.dtype not in _DTYPE_BY_TORCH:
+        raise WireError(f"dtype {t.dtype} cannot be sent")
+    msg = pb.Tensor(shape=list(t.shape), dtype=_DTYPE_BY_TORCH[t.dtype])
+    if not t.is_floating_point() or codec in (pb.CODEC_RAW, pb.CODEC_UNSPECIFIED):
+        msg.codec, msg.data = pb.CODEC_RAW, _raw_bytes(t)
+    elif codec == pb.CODEC_FLOAT16:
+        msg.codec, msg.data = codec, _raw_bytes(t.to(torch.float16))
+    elif codec == pb.CODEC_BFLOAT16:
+        msg.codec, msg.data = codec, _raw_bytes(t.to(torch.bfloat16))
+    elif codec == pb.CODEC_INT8:
+        rows = t.detach().float().reshape(-1, t.shape[-1] if t.dim() else 1)
+        scales = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = torch.round(rows / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        msg.codec, msg.data, msg.scales = codec, _raw_bytes(q), _raw_bytes(scales)
+    else:
+        raise WireError(f"unknown codec {codec}")
+    return msg
+
+
+def _check_shape(shape: Sequence[int], max_elements: int | None) -> int:
+    if len(shape) > MAX_DIMS:
+        raise WireError(f"tensor has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
+    if any(d < 0 for d in shape):
+        raise WireError(f"tensor shape {list(shape)} has a negative dimension")
+    numel = math.prod(shape)
+    if max_elements is not None and numel > max_elements:
+        raise WireError(f"tensor shape {list(shape)} has {numel} elements; the limit is {max_elements}")
+    return numel
+
+
+def decode_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int | None = None,
+                  require_finite: bool = True) -> torch.Tensor:
+    """Decode and validate a tensor: known dtype and codec, byte count matching the shape, finite floats."""
+    if msg.dtype not in _TORCH_BY_DTYPE:
+        raise WireError(f"{name}: unknown dtype {msg.dtype}")
+    shape = list(msg.shape)
+    numel = _check_shape(shape, max_elements)
+    dtype = _TORCH_BY_DTYPE[msg.dtype]
+    codec = msg.codec or pb.CODEC_RAW
+    if codec != pb.CODEC_RAW and msg.dtype not in _FLOAT_DTYPES:
+        raise WireError(f"{name}: codec {codec_name(codec)} is only for float tensors, got {dtype_name(msg.dtype)}")
+    wire_dtype = {pb.CODEC_RAW: dtype, pb.CODEC_FLOAT16: torch.float16, pb.CODEC_BFLOAT16: torch.bfloat16,
+                  pb.CODEC_INT8: torch.int8}.get(codec)
+    if wire_dtype is None:
+        raise WireError(f"{name}: unknown codec {codec}")
+    expected = numel * torch.empty(0, dtype=wire_dtype).element_size()
+    if len(msg.data) != expected:
+        raise WireError(f"{name}: shape {shape} as {codec_name(codec) if codec != pb.CODEC_RAW else dtype_name(msg.dtype)}"
+                        f" needs {expected} bytes, got {len(msg.data)}")
+    values = _from_raw(msg.data, wire_dtype, shape)
+    if codec == pb.CODEC_INT8:
+        rows = numel // shape[-1] if shape and shape[-1] else (1 if not shape else 0)
+        if len(msg.scales) != rows * 4:
+            raise WireError(f"{name}: int8 codec needs {rows} float32 row scales ({rows * 4} bytes), got {len(msg.scales)}")
+        scales = _from_raw(msg.scales, torch.float32, [rows])
+        if not torch.isfinite(scales).all():
+            raise WireError(f"{name}: int8 row scales contain NaN or Inf")
+        values = (values.reshape(rows, -1).float() * scales[:, None]).reshape(shape)
+    out = values.to(dtype)
+    if require_finite and out.is_floating_point() and not torch.isfinite(out).all():
+        raise WireError(f"{name}: contains NaN or Inf values")
+    return out
+
+
+def wire_size(msg) -> int:
+    """Bytes a protobuf message takes on the wire."""
+    return msg.ByteSize()
+
+
+def split_bytes(data: bytes, message_id: int, chunk_bytes: int) -> list[pb.FramePart]:
+    """Cut a serialized message into FrameParts of at most `chunk_bytes` payload each."""
+    if chunk_bytes <= 0:
+        raise WireError("chunk size must be positive")
+    count = max(1, math.ceil(len(data) / chunk_bytes))
+    return [pb.FramePart(message_id=message_id, index=i, count=count,
+                         data=data[i * chunk_bytes:(i + 1) * chunk_bytes]) for i in range(count)]
+
+
+class Reassembler:
+    """Collects FrameParts of one message at a time and returns the whole bytes when complete."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._id: int | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._count = 0
+
+    def add(self, part: pb.FramePart) -> bytes | None:
+        """Add a part; return the reassembled bytes once the last part arrived, else None."""
+        if self._id is None:
+            if part.index != 0 or part.count == 0:
+                raise WireError(f"frame part {part.index}/{part.count} arrived before part 0")
+            self._id, self._count = part.message_id, part.count
+        elif part.message_id != self._id or part.index != len(self._parts) or part.count != self._count:
+            raise WireError(f"frame part out of order: got message {part.message_id} part {part.index}/{part.count},"
+                            f" expected message {self._id} part {len(self._parts)}/{self._count}")
+        self._size += len(part.data)
+        if self._size > self.max_bytes:
+            raise WireError(f"reassembled frame exceeds {self.max_bytes} bytes (server limit max_frame_bytes)")
+        self._parts.append(part.data)
+        if len(self._parts) < self._count:
+            return None
+        data = b"".join(self._parts)
+        self._id, self._parts, self._size, self._count = None, [], 0, 0
+        return data
+
+    @property
+    def pending(self) -> bool:
+        """True while a message is partially received."""
+        return self._id is not None
+
+
+def chunked(frames: Iterable, frame_cls, chunk_bytes: int) -> Iterator:
+    """Yield each frame as is, or as `frame_cls(part=...)` pieces when it is larger than `chunk_bytes`."""
+    for message_id, frame in enumerate(frames):
+        data = frame.SerializeToString()
+        if len(data) <= chunk_bytes:
+            yield frame
+        else:
+            for part in split_bytes(data, message_id, chunk_bytes):
+                yield frame_cls(part=part)

@@ -1,0 +1,100 @@
+"""The client's connection to the split server: Join, then one bidirectional stream of steps."""
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import grpc
+import torch
+
+from common.rpc.splitlora.v1 import split_pb2 as spb
+from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
+from common.wire import Reassembler, chunked, decode_tensor, encode_tensor
+
+CLIENT_ID_KEY = "x-splitlora-client-id"
+SESSION_KEY = "x-splitlora-session"
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass
+class StepResult:
+    """The server's answer to one step, with the bytes it took."""
+
+    grad: torch.Tensor
+    loss: float
+    tokens: int
+    bytes_sent: int
+    bytes_received: int
+
+
+class SplitSession:
+    """Join the server and exchange one activation/gradient pair per step over a single stream."""
+
+    def __init__(self, channel: grpc.Channel, client_id: str) -> None:
+        self.stub = sgrpc.SplitTrainingStub(channel)
+        self.client_id = client_id
+        self.reply: spb.JoinReply | None = None
+        self._requests: queue.Queue = queue.Queue()
+        self._responses: Iterator[spb.ServerFrame] | None = None
+        self._call = None
+
+    def join(self, fingerprint: spb.Fingerprint, codecs: list[int], timeout: float = 120.0) -> spb.JoinReply:
+        """Handshake, retrying while the server is not up yet; other refusals raise grpc.RpcError."""
+        deadline = time.monotonic() + timeout
+        for attempt in itertools.count():
+            try:
+                self.reply = self.stub.Join(spb.JoinRequest(client_id=self.client_id, fingerprint=fingerprint,
+                                                            codecs=codecs), timeout=10.0, wait_for_ready=True)
+                return self.reply
+            except grpc.RpcError as err:
+                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(min(0.2 * 2 ** attempt, 5.0))
+        raise AssertionError("unreachable")
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return [(CLIENT_ID_KEY, self.client_id), (SESSION_KEY, self.reply.session)]
+
+    def _open(self) -> None:
+        self._requests = queue.Queue()
+        self._call = self.stub.Train(iter(self._requests.get, None), metadata=self._metadata())
+        self._responses = iter(self._call)
+
+    def step(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+             position_ids: torch.Tensor) -> StepResult:
+        """Send one step's activations; return the gradient at the cut and the loss."""
+        if self.reply is None:
+            raise RuntimeError("join before training")
+        if self._call is None:
+            self._open()
+        codec = self.reply.codec
+        frame = spb.ClientFrame(forward=spb.StepForward(
+            step=step, round=rnd, hidden=encode_tensor(hidden, codec), attention_mask=encode_tensor(attention_mask),
+            labels=encode_tensor(labels), position_ids=encode_tensor(position_ids)))
+        sent = 0
+        for piece in chunked([frame], spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
+            sent += piece.ByteSize()
+            self._requests.put(piece)
+        parts, received = Reassembler(max_bytes=1 << 34), 0
+        for out in self._responses:
+            received += out.ByteSize()
+            if out.WhichOneof("kind") == "part":
+                data = parts.add(out.part)
+                if data is None:
+                    continue
+                out = spb.ServerFrame.FromString(data)
+            back = out.backward
+            if back.step != step:
+                raise RuntimeError(f"server answered step {back.step} while step {step} was sent")
+            grad = decode_tensor(back.grad, name="grad")
+            return StepResult(grad, back.loss, back.tokens, sent, received)
+        raise ConnectionError("the server closed the training stream")
+
+    def close(self) -> None:
+        """End the stream politely."""
+        if self._call is not None:
+            self._requests.put(None)
+            self._call = None

@@ -1,0 +1,294 @@
+"""The Aggregator gRPC service: collects client adapters round by round and serves their average.
+
+Rounds run 0..rounds-1, one open at a time. A round closes once `expected_clients` distinct
+clients have submitted to it: their adapters are averaged (weighted by sample count), the result
+is kept (and written to `output_dir/global/round-NNNN.safetensors` when an output directory is
+set), and clients waiting in FetchGlobal receive it. All state sits behind one Condition, so the
+servicer is safe under grpc's thread pool; a refused submission never changes that state.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import grpc
+import torch
+
+from common.aggregation import aggregate
+from common.lora import AdapterError, AdapterState, check_adapter, from_bytes, to_bytes, write_adapter_file
+from common.rpc.splitlora.v1 import aggregator_pb2 as apb
+from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
+
+log = logging.getLogger(__name__)
+KEEP_IN_MEMORY = 3  # latest global adapters kept as bytes; older ones are read back from output_dir
+WAIT_SLICE_S = 0.5  # how often a waiting FetchGlobal checks whether its call is still alive
+_Code = grpc.StatusCode
+
+
+class _Refusal(Exception):
+    """A request the service refuses; it becomes the call's gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class _Header:
+    client_id: str
+    round: int
+    num_samples: int
+
+
+class AggregatorService(agrpc.AggregatorServicer):
+    """Round-based FedAvg of client LoRA adapters over gRPC."""
+
+    def __init__(self, expected_clients: int, rounds: int, output_dir: Path | None,
+                 max_adapter_bytes: int = 512 << 20, is_enrolled: Callable[[str], bool] | None = None,
+                 chunk_bytes: int = 1 << 20,
+                 on_round_closed: Callable[[int, AdapterState], None] | None = None) -> None:
+        for name, value in (("expected_clients", expected_clients), ("rounds", rounds),
+                            ("max_adapter_bytes", max_adapter_bytes), ("chunk_bytes", chunk_bytes)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.expected_clients, self.rounds = expected_clients, rounds
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.max_adapter_bytes, self.chunk_bytes = max_adapter_bytes, chunk_bytes
+        self._is_enrolled, self._on_round_closed = is_enrolled, on_round_closed
+        self._cond = threading.Condition()
+        self._open_round = 0
+        self._pending: dict[str, tuple[int, AdapterState]] = {}
+        self._reference: AdapterState | None = None  # keys/shapes of the first accepted adapter (meta tensors)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._summary: dict[int, tuple[int, int]] = {}  # round -> (num_clients, total_samples)
+        self._fetched: dict[int, set[str]] = {}
+
+    # ----------------------------------------------------------------- introspection
+    @property
+    def open_round(self) -> int:
+        """The round accepting submissions; equals `rounds` once every round is closed."""
+        with self._cond:
+            return self._open_round
+
+    @property
+    def closed_rounds(self) -> tuple[int, ...]:
+        """The closed rounds, in order (rounds close strictly one after another)."""
+        with self._cond:
+            return tuple(range(self._open_round))
+
+    @property
+    def finished(self) -> bool:
+        """True once every round has closed."""
+        with self._cond:
+            return self._open_round >= self.rounds
+
+    def global_adapter(self, round: int) -> AdapterState | None:
+        """The global adapter of a closed round, or None if not closed or no longer available."""
+        data = self._global_bytes(round)
+        return from_bytes(data) if data is not None else None
+
+    def wait_until_closed(self, round: int, timeout: float | None = None) -> bool:
+        """Block until `round` closes; False on timeout or if the run has no such round."""
+        if not 0 <= round < self.rounds:
+            return False
+        with self._cond:
+            return self._cond.wait_for(lambda: round < self._open_round, timeout)
+
+    def fetched(self, round: int) -> set[str]:
+        """Client ids that have downloaded the global adapter of `round`."""
+        with self._cond:
+            return set(self._fetched.get(round, ()))
+
+    def round_path(self, round: int) -> Path | None:
+        """Where the global adapter of `round` is written, if there is an output directory."""
+        return self.output_dir / "global" / f"round-{round:04d}.safetensors" if self.output_dir else None
+
+    # ----------------------------------------------------------------- Submit
+    def Submit(self, request_iterator: Iterator[apb.AdapterUpload],
+               context: grpc.ServicerContext) -> apb.SubmitReply:
+        """Receive one client's adapter for the open round; close the round when all have come in."""
+        try:
+            header, data = self._receive(request_iterator)
+            state, checked_against = self._parse(header, data)
+            submitted = self._accept(header, state, checked_against)
+            return apb.SubmitReply(round=header.round, submitted=submitted, expected=self.expected_clients)
+        except _Refusal as refusal:
+            log.warning("refused submission: %s", refusal.message)
+            context.abort(refusal.code, refusal.message)
+            raise  # unreachable: abort raises
+
+    def _receive(self, messages: Iterable[apb.AdapterUpload]) -> tuple[_Header, bytes]:
+        """Read the stream: header checks as soon as the first message is in, then the bytes."""
+        stream = iter(messages)
+        first = next(stream, None)
+        if first is None:
+            raise _Refusal(_Code.INVALID_ARGUMENT, "Submit stream was empty; send AdapterUpload messages with "
+                                                   "client_id, round, num_samples and the adapter bytes")
+        header = _Header(first.client_id, first.round, first.num_samples)
+        self._check_client(header.client_id, header.round)
+        if header.num_samples == 0:
+            raise _Refusal(_Code.INVALID_ARGUMENT, f"client {header.client_id!r} sent num_samples=0; set it to the "
+                                                   "number of training samples behind the adapter (it weights the average)")
+        with self._cond:
+            self._check_open(header)  # fail fast before reading a large upload; re-checked on accept
+        pieces, size = [], 0
+        for msg in itertools.chain([first], stream):
+            _check_repeated_header(header, msg)
+            size += len(msg.safetensors_chunk)
+            if size > self.max_adapter_bytes:
+                raise _Refusal(_Code.RESOURCE_EXHAUSTED, f"adapter from client {header.client_id!r} exceeds "
+                                                         f"{self.max_adapter_bytes} bytes; raise --max-adapter-bytes")
+            pieces.append(msg.safetensors_chunk)
+        return header, b"".join(pieces)
+
+    def _check_client(self, client_id: str, round: int) -> None:
+        """Checks shared by Submit and FetchGlobal that need no round state."""
+        if not client_id:
+            raise _Refusal(_Code.INVALID_ARGUMENT, "client_id is empty; set it to this client's id")
+        if self._is_enrolled is not None and not self._is_enrolled(client_id):
+            raise _Refusal(_Code.PERMISSION_DENIED, f"client {client_id!r} is not enrolled with this aggregator; "
+                                                    "check its client id and enrolment")
+        if round >= self.rounds:
+            raise _Refusal(_Code.OUT_OF_RANGE, f"round {round} is out of range: this run has {self.rounds} "
+                                               f"rounds, numbered 0..{self.rounds - 1}")
+
+    def _check_open(self, header: _Header) -> None:
+        """Refuse a submission to a round other than the open one, or a second one from a client."""
+        r, open_round = header.round, self._open_round
+        if r < open_round:
+            raise _Refusal(_Code.FAILED_PRECONDITION, f"round {r} is closed; fetch its global adapter and "
+                                                      f"continue (round {open_round} is open)")
+        if r > open_round:
+            raise _Refusal(_Code.FAILED_PRECONDITION, f"round {r} is not open yet; round {open_round} is open "
+                                                      f"and needs {self.expected_clients} clients to close")
+        if header.client_id in self._pending:
+            raise _Refusal(_Code.ALREADY_EXISTS, f"client {header.client_id!r} already submitted for round {r}; "
+                                                 "wait for the round to close and fetch its global adapter")
+
+    def _parse(self, header: _Header, data: bytes) -> tuple[AdapterState, AdapterState | None]:
+        """Decode and check the adapter outside the lock; return it and the reference it was checked against."""
+        what = f"adapter from client {header.client_id!r}"
+        try:
+            state = from_bytes(data)
+        except AdapterError as err:
+            raise _Refusal(_Code.INVALID_ARGUMENT, f"{what}: {err}") from err
+        if not state:
+            raise _Refusal(_Code.INVALID_ARGUMENT, f"{what} has no tensors")
+        _check_layout(state, state, what, suffix="")  # float dtypes, finite values
+        reference = self._reference  # set once under the lock and never changed afterwards
+        if reference is not None:
+            _check_layout(state, reference, what)
+        return state, reference
+
+    def _accept(self, header: _Header, state: AdapterState, checked_against: AdapterState | None) -> int:
+        """Record the submission (closing the round if it is the last one); return the round's count."""
+        with self._cond:
+            self._check_open(header)
+            if self._reference is not None and checked_against is not self._reference:
+                _check_layout(state, self._reference, f"adapter from client {header.client_id!r}")
+            pending = {**self._pending, header.client_id: (header.num_samples, state)}
+            if len(pending) >= self.expected_clients:
+                self._close_round(pending)
+            else:
+                self._pending = pending
+            if self._reference is None:
+                self._reference = {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
+            return len(pending)
+
+    def _close_round(self, pending: dict[str, tuple[int, AdapterState]]) -> None:
+        """Average, store and publish the open round; the caller holds the lock."""
+        r = self._open_round
+        ids = sorted(pending)
+        weights = [pending[c][0] for c in ids]
+        try:
+            glob = aggregate([pending[c][1] for c in ids], weights, mode="fedavg")
+            data = to_bytes(glob)
+            path = self.round_path(r)
+            if path is not None:
+                write_adapter_file(path, glob)
+        except (OSError, ValueError) as err:
+            raise _Refusal(_Code.INTERNAL, f"could not close round {r}: {err}; "
+                                           "this submission was not recorded, retry it") from err
+        self._cache[r] = data
+        while len(self._cache) > KEEP_IN_MEMORY:
+            self._cache.popitem(last=False)
+        self._summary[r] = (len(ids), sum(weights))
+        self._pending = {}
+        log.info("round %d closed: %d clients, %d samples", r, len(ids), sum(weights))
+        if self._on_round_closed is not None:
+            try:
+                self._on_round_closed(r, glob)
+            except Exception:  # the round is closed either way; a faulty hook must not stall the run
+                log.exception("on_round_closed hook failed for round %d", r)
+        self._open_round = r + 1
+        self._cond.notify_all()
+
+    # ----------------------------------------------------------------- FetchGlobal
+    def FetchGlobal(self, request: apb.FetchRequest,
+                    context: grpc.ServicerContext) -> Iterator[apb.AdapterDownload]:
+        """Wait for the round to close, then stream its global adapter in `chunk_bytes` pieces."""
+        try:
+            self._check_client(request.client_id, request.round)
+            if not self._wait_closed(request.round, context):
+                return  # cancelled or past its deadline while waiting
+            data = self._global_bytes(request.round)
+            if data is None:
+                raise _Refusal(_Code.NOT_FOUND, f"the global adapter of round {request.round} is no longer kept in "
+                                                "memory and was not written to disk; start the aggregator with an "
+                                                "output directory to serve old rounds")
+        except _Refusal as refusal:
+            context.abort(refusal.code, refusal.message)
+            raise  # unreachable: abort raises
+        num_clients, total_samples = self._summary[request.round]
+        for offset in range(0, len(data), self.chunk_bytes):
+            yield apb.AdapterDownload(round=request.round, num_clients=num_clients, total_samples=total_samples,
+                                      safetensors_chunk=data[offset:offset + self.chunk_bytes])
+        with self._cond:
+            self._fetched.setdefault(request.round, set()).add(request.client_id)
+
+    def _wait_closed(self, round: int, context: grpc.ServicerContext) -> bool:
+        """Wait until `round` closes; False if the call stops being active first."""
+        with self._cond:
+            while round >= self._open_round:
+                if not context.is_active():
+                    return False
+                self._cond.wait(WAIT_SLICE_S)
+            return True
+
+    def _global_bytes(self, round: int) -> bytes | None:
+        """The serialized global adapter of a closed round, from memory or output_dir; None if unavailable."""
+        with self._cond:
+            if round >= self._open_round or round < 0:
+                return None
+            if round in self._cache:
+                return self._cache[round]
+        path = self.round_path(round)
+        try:
+            return path.read_bytes() if path is not None else None
+        except OSError:
+            return None
+
+
+def _check_repeated_header(header: _Header, msg: apb.AdapterUpload) -> None:
+    """Later messages may repeat the header fields (unset = not repeated) but must not change them."""
+    for name, value in (("client_id", msg.client_id), ("round", msg.round), ("num_samples", msg.num_samples)):
+        if value and value != getattr(header, name):
+            raise _Refusal(_Code.INVALID_ARGUMENT, f"a later Submit message has {name}={value!r} but the first "
+                                                   f"had {getattr(header, name)!r}; keep the header the same")
+
+
+_SAME_LAYOUT = ("; every client must use the same model, split and LoRA config as the first adapter "
+                "this aggregator accepted")
+
+
+def _check_layout(state: AdapterState, reference: AdapterState, what: str, suffix: str = _SAME_LAYOUT) -> None:
+    """check_adapter as a gRPC refusal: keys, shapes, float dtypes, finite values."""
+    try:
+        check_adapter(state, reference, what=what)
+    except AdapterError as err:
+        raise _Refusal(_Code.INVALID_ARGUMENT, f"{err}{suffix}") from err

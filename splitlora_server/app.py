@@ -1,0 +1,175 @@
+"""Assemble and run the server process: model part, engine, services, gRPC server, and the final export."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.builtin import ensure_builtin_model
+from common.fingerprint import compute_fingerprint
+from common.lora import export_adapter, write_adapter_file
+from common.optim import OptimSettings
+from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
+from common.rpc.splitlora.v1 import split_pb2 as spb
+from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
+from common.split.parts import SplitPart
+from splitlora_server.aggregator import AggregatorService
+from splitlora_server.config import AggregateConfig, ServeConfig
+from splitlora_server.engine import ServerEngine
+from splitlora_server.frames import FrameLimits
+from splitlora_server.registry import Registry
+from splitlora_server.service import SplitTrainingService
+
+log = logging.getLogger("splitlora.server")
+SERVER_ADAPTER_FILE = "server_adapter.safetensors"
+
+
+def model_dir_of(model: str) -> Path:
+    """The configured model directory, or the built-in tiny model."""
+    return Path(model) if model else ensure_builtin_model()
+
+
+def _grpc_server(max_workers: int, options: list[tuple[str, int]]) -> grpc.Server:
+    return grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="splitlora-rpc"),
+                       options=options)
+
+
+def _add_health(server: grpc.Server, *services: str) -> health.HealthServicer:
+    servicer = health.HealthServicer()
+    for name in ("", *services):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+@dataclass
+class RunningServer:
+    """A started split server and the parts a caller (CLI or test) may want to look at."""
+
+    server: grpc.Server
+    port: int
+    config: ServeConfig
+    part: SplitPart
+    engine: ServerEngine
+    registry: Registry
+    service: SplitTrainingService
+    aggregator: AggregatorService | None
+
+    def wait_finished(self, stop: threading.Event | None = None) -> bool:
+        """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            if self.registry.finished.is_set() and (self.aggregator is None or self.aggregator.finished):
+                return True
+            stop.wait(0.2)
+        return False
+
+    def export(self) -> Path:
+        """Write the server adapter and, with the aggregator in process, the whole-model PEFT adapter."""
+        out = Path(self.config.output)
+        server_state = self.engine.server_adapter()
+        write_adapter_file(out / SERVER_ADAPTER_FILE, server_state)
+        if self.aggregator is None:
+            log.info("server adapter written to %s; run `splitlora-server export` with the aggregator's output",
+                     out / SERVER_ADAPTER_FILE)
+            return out / SERVER_ADAPTER_FILE
+        client_state = self.aggregator.global_adapter(self.config.rounds - 1)
+        path = export_adapter(out / "adapter", self.part.lora.peft_config(self.part.family), client_state,
+                              server_state, base_model=str(self.part.model_dir))
+        log.info("exported the whole-model PEFT adapter to %s", path)
+        return path
+
+    def wait_for_final_fetches(self, grace_seconds: float) -> None:
+        """Give clients time to download the last global adapter before the process exits."""
+        if self.aggregator is None:
+            return
+        deadline = time.monotonic() + grace_seconds
+        wanted = set(self.registry.clients)
+        while time.monotonic() < deadline and not wanted <= self.aggregator.fetched(self.config.rounds - 1):
+            time.sleep(0.1)
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop serving and stop the engine."""
+        self.server.stop(grace).wait()
+        self.engine.stop()
+
+
+def start_server(cfg: ServeConfig) -> RunningServer:
+    """Load the server part, start the engine and serve SplitTraining (+ Aggregator, + health)."""
+    model_dir = model_dir_of(cfg.model)
+    lora = cfg.lora_settings()
+    part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed)
+    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
+    max_positions = int(getattr(part.config, "max_position_embeddings", cfg.max_seq_len))
+    steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
+    optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
+    engine = ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed).start()
+    registry = Registry(cfg.clients, cfg.rounds, cfg.local_steps)
+    schedule = spb.Schedule(rounds=cfg.rounds, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
+                            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                            warmup_steps=cfg.warmup_steps, max_seq_len=min(cfg.max_seq_len, max_positions),
+                            label_smoothing=cfg.label_smoothing, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm)
+    limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
+    service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
+                                   cfg.max_message_bytes, cfg.chunk_bytes)
+    server = _grpc_server(cfg.max_workers, cfg.grpc_options())
+    sgrpc.add_SplitTrainingServicer_to_server(service, server)
+    aggregator = None
+    if not cfg.aggregator:
+        aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",
+                                       max_adapter_bytes=cfg.max_adapter_bytes,
+                                       is_enrolled=lambda cid: cid in registry.clients, chunk_bytes=cfg.chunk_bytes)
+        agrpc.add_AggregatorServicer_to_server(aggregator, server)
+    _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator")
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    server.start()
+    return RunningServer(server, port, cfg, part, engine, registry, service, aggregator)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def serve(cfg: ServeConfig) -> int:
+    """Run `splitlora-server serve` until training ends (exit 0) or a signal stops it (exit 1)."""
+    stop = _stop_on_signals()
+    running = start_server(cfg)
+    log.info("listening on %s:%d; expecting %d clients for %d rounds of %d steps", cfg.host, running.port,
+             cfg.clients, cfg.rounds, cfg.local_steps)
+    print(f"splitlora-server listening on {cfg.host}:{running.port}", flush=True)
+    finished = running.wait_finished(stop)
+    if finished:
+        running.export()
+        running.wait_for_final_fetches(cfg.finish_grace_seconds)
+    running.stop()
+    return 0 if finished else 1
+
+
+def aggregate(cfg: AggregateConfig) -> int:
+    """Run `splitlora-server aggregate`: the aggregator alone."""
+    stop = _stop_on_signals()
+    options = [("grpc.max_send_message_length", cfg.max_message_bytes),
+               ("grpc.max_receive_message_length", cfg.max_message_bytes)]
+    server = _grpc_server(cfg.max_workers, options)
+    aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes)
+    agrpc.add_AggregatorServicer_to_server(aggregator, server)
+    _add_health(server, "splitlora.v1.Aggregator")
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    server.start()
+    print(f"splitlora-server aggregate listening on {cfg.host}:{port}", flush=True)
+    while not stop.is_set() and not aggregator.finished:
+        stop.wait(0.2)
+    if aggregator.finished:
+        stop.wait(5.0)  # let clients fetch the last round
+    server.stop(2.0).wait()
+    return 0 if aggregator.finished else 1

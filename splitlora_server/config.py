@@ -1,0 +1,91 @@
+"""Typed configs of the server's commands: serve, aggregate, export."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import ModelOptions, TransportOptions
+from common.configuration import ConfigError, option
+from common.wire import CODEC_NAMES
+
+
+@dataclass
+class ServeConfig(ModelOptions, TransportOptions):
+    """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
+
+    host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
+    port: int = option(50051, "Port to listen on (0: pick a free one and print it).")
+    clients: int = option(3, "Clients expected in each round.")
+    rounds: int = option(5, "Federated rounds.")
+    local_steps: int = option(33, "Client steps per round between two aggregations.")
+    batch_size: int = option(8, "Examples per client step (the largest batch the server accepts).")
+    learning_rate: float = option(2e-4, "AdamW learning rate, on both sides.")
+    weight_decay: float = option(0.01, "AdamW weight decay.")
+    warmup_steps: int = option(500, "Linear warm-up steps of the learning rate.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
+    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy loss.")
+    max_seq_len: int = option(512, "Longest sequence (tokens) a client may send; capped by the model's positions.")
+    seed: int = option(0, "Seed of the LoRA initialization, server dropout and the clients' shared init.")
+    server_adapter_mode: str = option("shared", "shared: one server adapter updated by every client step; "
+                                      "per-client: a copy per client, averaged at each round end.",
+                                      choices=["shared", "per-client"])
+    device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...).")
+    output: str = option("runs/server", "Directory for the exported adapter, checkpoints and metrics.")
+    aggregator: str = option("", "Address host:port of a separate aggregator; empty: run it in this process.")
+    codecs: list[str] = option(["float32", "float16", "bfloat16", "int8"],
+                               "Activation/gradient codecs the server accepts, in its order of preference.")
+    max_workers: int = option(64, "gRPC handler threads (at least 2 per concurrent client).")
+    max_adapter_bytes: int = option(512 << 20, "Largest client adapter the aggregator accepts, in bytes.")
+    finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
+                                               "final adapter before shutting down.")
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, with the reason."""
+        self.validate_model()
+        self.validate_transport()
+        for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        unknown = [c for c in self.codecs if c not in CODEC_NAMES]
+        if unknown or not self.codecs:
+            raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
+
+
+@dataclass
+class AggregateConfig:
+    """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
+    see client adapters."""
+
+    host: str = option("127.0.0.1", "Address to listen on.")
+    port: int = option(50052, "Port to listen on.")
+    clients: int = option(3, "Clients expected in each round.")
+    rounds: int = option(5, "Federated rounds.")
+    output: str = option("runs/aggregator", "Directory for the global adapters of each round.")
+    max_adapter_bytes: int = option(512 << 20, "Largest client adapter accepted, in bytes.")
+    max_message_bytes: int = option(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
+    max_workers: int = option(64, "gRPC handler threads.")
+
+    def validate(self) -> None:
+        """Reject settings that cannot work."""
+        for name in ("clients", "rounds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ExportConfig(ModelOptions):
+    """`splitlora-server export`: merge a client global adapter and a server adapter into one PEFT adapter."""
+
+    client_adapter: str = option("", "Client-side global adapter (.safetensors), e.g. <aggregator output>/global/"
+                                     "round-0004.safetensors. Empty: the newest under --aggregator-dir.")
+    aggregator_dir: str = option("runs/aggregator", "Aggregator output directory (used when --client-adapter "
+                                                    "is empty).")
+    server_adapter: str = option("runs/server/server_adapter.safetensors", "Server-side adapter (.safetensors).")
+    output: str = option("runs/export", "Directory to write the whole-model PEFT adapter to.")
+
+    def validate(self) -> None:
+        """Checks of the model options."""
+        self.validate_model()

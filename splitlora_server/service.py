@@ -1,0 +1,154 @@
+"""The SplitTraining gRPC servicer: handshake, the per-step training stream, and status."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterator
+
+import grpc
+
+from common.rpc.splitlora.v1 import split_pb2 as spb
+from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
+from common.rpc.splitlora.v1 import tensor_pb2 as tpb
+from common.fingerprint import differences
+from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
+from splitlora_server.engine import ServerEngine, StepInputs
+from splitlora_server.frames import FrameLimits, decode_step
+from splitlora_server.registry import ClientRecord, Registry, RegistryError
+
+log = logging.getLogger(__name__)
+CLIENT_ID_KEY = "x-splitlora-client-id"
+SESSION_KEY = "x-splitlora-session"
+VERSION = "0.1.0"
+_STATUS_BY_KIND = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "full": grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   "unknown": grpc.StatusCode.FAILED_PRECONDITION, "session": grpc.StatusCode.UNAUTHENTICATED}
+
+
+class SplitTrainingService(sgrpc.SplitTrainingServicer):
+    """Serves many clients at once; every computation goes through the one engine."""
+
+    def __init__(self, engine: ServerEngine, registry: Registry, fingerprint: spb.Fingerprint,
+                 schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
+                 max_message_bytes: int, chunk_bytes: int) -> None:
+        self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
+        self.schedule, self.limits = schedule, limits
+        self.codecs = [codec_from_name(c) for c in codecs]
+        self.aggregator_address = aggregator_address
+        self.max_message_bytes, self.chunk_bytes = max_message_bytes, chunk_bytes
+
+    # -- handshake -------------------------------------------------------------------------------------------
+    def Join(self, request: spb.JoinRequest, context: grpc.ServicerContext) -> spb.JoinReply:
+        diff = differences(self.fingerprint, request.fingerprint)
+        if diff:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "the client's model does not match the server's: " + "; ".join(diff))
+        try:
+            record = self.registry.join(request.client_id)
+        except RegistryError as err:
+            context.abort(_STATUS_BY_KIND[err.kind], str(err))
+        record.codec = self._negotiate(list(request.codecs))
+        self.engine.add_client(record.client_id).result()
+        log.info("client %s joined (codec %s, next step %d)", record.client_id, codec_name(record.codec),
+                 record.next_step)
+        return spb.JoinReply(session=record.session, schedule=self.schedule,
+                             aggregator_address=self.aggregator_address, codec=record.codec,
+                             max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes,
+                             start_round=self.registry.round_of(record.next_step),
+                             num_clients=self.registry.expected, server_version=VERSION)
+
+    def _negotiate(self, offered: list[int]) -> int:
+        for codec in offered or [tpb.CODEC_RAW]:
+            if codec in self.codecs:
+                return codec
+        return tpb.CODEC_RAW if tpb.CODEC_RAW in self.codecs else self.codecs[0]
+
+    # -- training stream -------------------------------------------------------------------------------------
+    def _authenticate(self, context: grpc.ServicerContext) -> ClientRecord:
+        metadata = dict(context.invocation_metadata())
+        client_id, session = metadata.get(CLIENT_ID_KEY, ""), metadata.get(SESSION_KEY, "")
+        if not client_id or not session:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"missing {CLIENT_ID_KEY} / {SESSION_KEY} metadata; call Join first")
+        try:
+            return self.registry.authenticate(client_id, session)
+        except RegistryError as err:
+            context.abort(_STATUS_BY_KIND[err.kind], str(err))
+
+    def _fail(self, context: grpc.ServicerContext, record: ClientRecord, code: grpc.StatusCode, message: str):
+        record.last_error = f"{code.name}: {message}"
+        log.warning("client %s: %s", record.client_id, record.last_error)
+        context.abort(code, message)
+
+    def Train(self, request_iterator: Iterator[spb.ClientFrame], context: grpc.ServicerContext
+              ) -> Iterator[spb.ServerFrame]:
+        record = self._authenticate(context)
+        record.connected = True
+        parts = Reassembler(max_bytes=self.max_message_bytes * 64)
+        try:
+            for frame in request_iterator:
+                nbytes = frame.ByteSize()
+                record.bytes_in += nbytes
+                kind = frame.WhichOneof("kind")
+                if kind == "part":
+                    try:
+                        data = parts.add(frame.part)
+                        if data is None:
+                            continue
+                        frame = spb.ClientFrame.FromString(data)
+                    except (WireError, ValueError) as err:  # protobuf DecodeError is a ValueError
+                        self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame part: {err}")
+                    if frame.WhichOneof("kind") != "forward":
+                        self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                                   "a reassembled frame must hold a StepForward")
+                elif kind != "forward":
+                    self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, "empty frame: set forward or part")
+                reply = self._step(record, frame.forward, context)
+                for out in chunked([spb.ServerFrame(backward=reply)], spb.ServerFrame, self.chunk_bytes):
+                    record.bytes_out += out.ByteSize()
+                    yield out
+        finally:
+            record.connected = False
+
+    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext) -> spb.StepBackward:
+        total = self.schedule.rounds * self.schedule.local_steps
+        if fwd.step >= total:
+            self._fail(context, record, grpc.StatusCode.OUT_OF_RANGE,
+                       f"step {fwd.step} is past the end of training ({total} steps)")
+        if fwd.step != record.next_step:
+            self._fail(context, record, grpc.StatusCode.FAILED_PRECONDITION,
+                       f"step {fwd.step} is out of order: the server expects step {record.next_step} "
+                       f"from client {record.client_id}")
+        if fwd.round != self.registry.round_of(fwd.step):
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                       f"step {fwd.step} belongs to round {self.registry.round_of(fwd.step)}, frame says {fwd.round}")
+        try:
+            step = decode_step(fwd, self.limits)
+        except WireError as err:
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
+        try:
+            outcome = self.engine.submit_step(StepInputs(record.client_id, step.hidden, step.attention_mask,
+                                                         step.position_ids, step.labels)).result()
+        except Exception as err:  # a failure inside the engine is reported, never fatal to the server
+            self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
+        if not math.isfinite(outcome.loss):
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                       f"step {fwd.step} produced a non-finite loss; the update was skipped")
+        completed = self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens,
+                                            samples=int(step.hidden.shape[0]))
+        if completed is not None:
+            log.info("round %d: every client finished its local steps", completed)
+            self.engine.end_round(self.registry.round_weights(completed))
+        return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
+                                tokens=outcome.tokens, bytes_received=fwd.ByteSize())
+
+    # -- status ----------------------------------------------------------------------------------------------
+    def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusReply:
+        reg = self.registry
+        with reg.lock:
+            clients = [spb.ClientStatus(client_id=r.client_id, connected=r.connected, round=reg.round_of(r.next_step),
+                                        steps=r.next_step, last_loss=r.last_loss, bytes_in=r.bytes_in,
+                                        bytes_out=r.bytes_out, last_error=r.last_error)
+                       for r in sorted(reg.clients.values(), key=lambda r: r.client_id)]
+        return spb.StatusReply(round=reg.current_round(), rounds=reg.rounds, steps=reg.total_steps,
+                               steps_per_second=reg.steps_per_second(), clients=clients,
+                               server_adapter_mode=self.engine.mode, finished=reg.finished.is_set())
