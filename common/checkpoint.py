@@ -1,9 +1,11 @@
 """Read Hugging Face safetensors checkpoints tensor by tensor, single-file or sharded.
 
-Only safetensors is read: `.bin` checkpoints are pickles and are refused.
+Only safetensors is read: `.bin` checkpoints are pickles and are refused. A model may be named by a local
+directory or by a Hugging Face hub id (`resolve_model_dir`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -15,10 +17,54 @@ from safetensors import safe_open
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 
 class CheckpointError(ValueError):
     """The model directory or its checkpoint cannot be used; the message says why."""
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _hub_reason(err: Exception) -> str:
+    """A one-line reason for a failed hub download."""
+    from huggingface_hub import errors
+
+    if isinstance(err, errors.GatedRepoError):
+        return "the repository is gated (accept its terms and log in first)"
+    if isinstance(err, errors.RepositoryNotFoundError):
+        return "no such repository on the hub (or it is private)"
+    if isinstance(err, errors.RevisionNotFoundError):
+        return "the requested revision does not exist"
+    if isinstance(err, errors.HFValidationError):
+        return "not a valid hub repository id"
+    if isinstance(err, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+        return "offline or the hub is unreachable, and no cached copy was found"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+@functools.lru_cache(maxsize=32)
+def _download(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as err:  # any failure of the hub client becomes one clear message
+        raise CheckpointError(f"model {name!r} is not a local directory and could not be downloaded from the "
+                              f"Hugging Face hub: {_hub_reason(err)}; pass a local directory") from None
+
+
+def resolve_model_dir(name: str | Path) -> Path:
+    """A local model directory as is; otherwise the snapshot of hub id `name` (config, safetensors, tokenizer)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if _looks_local(str(name)):
+        raise CheckpointError(f"model {str(name)!r} is not a local directory and could not be downloaded from the "
+                              "Hugging Face hub: no such directory, and not a hub id; pass a local directory")
+    return _download(str(name))
 
 
 @dataclass(frozen=True)
@@ -45,22 +91,32 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             for name, meta in header.items() if name != "__metadata__"}
 
 
+def _read_sharded(model_dir: Path, index_path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a sharded checkpoint, checking the index against the shards' own headers."""
+    try:
+        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_path}: not a readable checkpoint index ({err!r})") from err
+    tensors: dict[str, TensorInfo] = {}
+    for file in sorted(set(weight_map.values())):
+        shard = model_dir / file
+        if not shard.is_file():
+            raise CheckpointError(f"{index_path} names shard {file}, which is missing")
+        tensors.update(_read_header(shard))
+    for name, file in weight_map.items():
+        if name not in tensors or tensors[name].file.name != Path(file).name:
+            raise CheckpointError(f"{index_path} places tensor {name} in {file}, but that shard does not hold it")
+    return tensors
+
+
 class CheckpointIndex:
     """The tensors of a checkpoint directory: names, dtypes, shapes and where their bytes are."""
 
     def __init__(self, model_dir: str | Path) -> None:
-        self.model_dir = Path(model_dir)
-        if not self.model_dir.is_dir():
-            raise CheckpointError(f"model directory {self.model_dir} does not exist")
-        self.tensors: dict[str, TensorInfo] = {}
+        self.model_dir = resolve_model_dir(model_dir)
         index_path, single = self.model_dir / INDEX_FILE, self.model_dir / SINGLE_FILE
         if index_path.exists():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            for file in sorted(set(weight_map.values())):
-                shard = self.model_dir / file
-                if not shard.exists():
-                    raise CheckpointError(f"{index_path} names shard {file}, which is missing")
-                self.tensors.update(_read_header(shard))
+            self.tensors = _read_sharded(self.model_dir, index_path)
         elif single.exists():
             self.tensors = _read_header(single)
         else:
@@ -73,7 +129,7 @@ class CheckpointIndex:
         return name in self.tensors
 
     def index_sha256(self) -> str:
-        """Hash of every tensor's name, dtype and shape."""
+        """Hash of every tensor's name, dtype and shape (the same for a sharded and a single-file copy)."""
         listing = [[n, t.dtype, list(t.shape)] for n, t in sorted(self.tensors.items())]
         return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
@@ -81,7 +137,7 @@ class CheckpointIndex:
         """Hash of the stored bytes of the named tensors, read straight from the files."""
         digest = hashlib.sha256()
         for name in sorted(names):
-            info = self.tensors[name]
+            info = self._info(name)
             digest.update(name.encode())
             with info.file.open("rb") as f:
                 f.seek(info.start)
@@ -94,14 +150,20 @@ class CheckpointIndex:
                     remaining -= len(block)
         return digest.hexdigest()
 
-    def load(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Load only the named tensors (optionally cast floats to `dtype`)."""
+    def _info(self, name: str) -> TensorInfo:
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.model_dir}: tensor {name} is not in the checkpoint")
+        return self.tensors[name]
+
+    def load(self, names: list[str], dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Load only the named tensors onto `device`, shard by shard (floats optionally cast to `dtype`)."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
-            by_file.setdefault(self.tensors[name].file, []).append(name)
+            by_file.setdefault(self._info(name).file, []).append(name)
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for name in file_names:
                     t = f.get_tensor(name)
                     out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t

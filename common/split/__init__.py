@@ -1,14 +1,14 @@
 """Model split: one module per model family behind one interface, and the loader that builds one side."""
 from __future__ import annotations
 
-from common.split.base import ModelFamily
+from common.split.base import ModelFamily, UnsupportedModelError
 from common.split.gpt2 import GPT2Family
+from common.split.gpt_neox import GPTNeoXFamily
+from common.split.llama_like import LlamaFamily, MistralFamily, Qwen2Family
 
-FAMILIES: tuple[ModelFamily, ...] = (GPT2Family(),)
+FAMILIES: tuple[ModelFamily, ...] = (GPT2Family(), LlamaFamily(), Qwen2Family(), MistralFamily(), GPTNeoXFamily())
 
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's model family has no split implementation."""
+__all__ = ["FAMILIES", "ModelFamily", "UnsupportedModelError", "family_for", "supported_model_types"]
 
 
 def supported_model_types() -> list[str]:

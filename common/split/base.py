@@ -8,10 +8,16 @@ import torch
 from torch import nn
 
 
+class UnsupportedModelError(ValueError):
+    """The checkpoint's model family (or one of its options) has no split implementation."""
+
+
 class ModelFamily(ABC):
     """How to cut one family of causal LMs: where its embeddings, blocks and head live, and how to run them.
 
     Module paths are the full model's, so parameter names on each side are the unsplit model's names.
+    Modules listed in neither `embedding_modules` nor `final_modules` nor the blocks (rotary tables,
+    dropout) stay on both sides; they must hold no checkpoint tensors.
     """
 
     name: str
@@ -21,7 +27,8 @@ class ModelFamily(ABC):
     layers_path: str                       # e.g. "transformer.h"
     embedding_modules: tuple[str, ...]     # modules the client holds before the blocks
     final_modules: tuple[str, ...]         # modules the server holds after the blocks
-    tied_head: tuple[str, str] | None = None  # (head weight, embedding weight) when the config ties them
+    tied_head: tuple[str, str] | None = None  # (head weight, embedding weight), used when the config ties them
+    checkpoint_aliases: tuple[tuple[str, str], ...] = ()  # (model name prefix, prefix some checkpoints use)
 
     @abstractmethod
     def embed(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -30,7 +37,8 @@ class ModelFamily(ABC):
     @abstractmethod
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
                       position_ids: torch.Tensor) -> dict[str, Any]:
-        """Keyword arguments every block needs (causal+padding mask, positions, rotary tables)."""
+        """Keyword arguments every block needs (causal+padding mask, positions, rotary tables), rebuilt on
+        each side from the attention mask and position ids alone."""
 
     @abstractmethod
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
@@ -43,3 +51,7 @@ class ModelFamily(ABC):
     def num_layers(self, config: Any) -> int:
         """Number of transformer blocks in the full model."""
         return int(config.num_hidden_layers)
+
+    def ties_head(self, config: Any) -> bool:
+        """Whether this checkpoint's LM head is the token embedding matrix."""
+        return self.tied_head is not None and bool(getattr(config, "tie_word_embeddings", False))

@@ -1,28 +1,23 @@
-"""Build one side of the split model from a local checkpoint, holding only that side's weights."""
+"""One side of the split model (`SplitPart`) and the LoRA settings both sides share."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from accelerate import init_empty_weights
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from torch.utils.checkpoint import checkpoint
 
-from common.checkpoint import CheckpointError, CheckpointIndex
+from common.checkpoint import resolve_model_dir
 from common.split import ModelFamily, family_for
+from common.split.loading import (DTYPES, Side, SplitError, check_split_layer, load_config, load_side,
+                                  side_tensor_names)
 
-Side = Literal["client", "server"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class SplitError(ValueError):
-    """The requested split cannot be built; the message says why."""
+__all__ = ["DTYPES", "LoraSettings", "Side", "SplitError", "SplitPart", "check_split_layer", "load_config",
+           "resolve_model_dir", "side_tensor_names"]
 
 
 @dataclass(frozen=True)
@@ -50,101 +45,36 @@ class LoraSettings:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _get(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
-
-
-def _drop(model: nn.Module, path: str) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(_get(model, parent) if parent else model, child, None)
-
-
-def prune(model: nn.Module, family: ModelFamily, side: Side, split_layer: int) -> None:
-    """Remove every module the given side does not own; kept modules keep their full-model names."""
-    layers = _get(model, family.layers_path)
-    if side == "client":
-        for path in family.final_modules:
-            _drop(model, path)
-        del layers[split_layer:]
-    else:
-        for path in family.embedding_modules:
-            _drop(model, path)
-        for i in range(split_layer):
-            layers[i] = nn.Module()
-
-
-def _skeleton(config, family: ModelFamily, side: Side, split_layer: int) -> nn.Module:
-    config = copy.deepcopy(config)
-    config.tie_word_embeddings = False  # each part holds one end of a tie at most; the head is loaded explicitly
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    prune(model, family, side, split_layer)
-    return model
-
-
-def _checkpoint_name(name: str, model: nn.Module, family: ModelFamily, index: CheckpointIndex) -> str:
-    candidates = [name]
-    if family.tied_head and name == family.tied_head[0]:
-        candidates.append(family.tied_head[1])
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    candidates += [c[len(prefix):] for c in list(candidates) if c.startswith(prefix)]
-    for cand in candidates:
-        if cand in index:
-            return cand
-    raise CheckpointError(f"{index.model_dir}: tensor {name} not found in the checkpoint (tried {candidates})")
-
-
-def load_config(model_dir: str | Path):
-    """The Hugging Face config of a local model directory, with a clear error when it is missing."""
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} is not a model directory: config.json is missing")
-    return AutoConfig.from_pretrained(str(path), local_files_only=True)
-
-
-def side_tensor_names(model_dir: str | Path, side: Side, split_layer: int) -> list[str]:
-    """Checkpoint names of the tensors one side loads (computed without loading anything)."""
-    config = load_config(model_dir)
-    family = family_for(config.model_type)
-    check_split_layer(split_layer, family.num_layers(config))
-    index = CheckpointIndex(model_dir)
-    model = _skeleton(config, family, side, split_layer)
-    return sorted({_checkpoint_name(n, model, family, index) for n, _ in model.named_parameters()})
-
-
-def check_split_layer(split_layer: int, num_layers: int) -> None:
-    """Refuse split layers outside [1, L-1]."""
-    if not 1 <= split_layer <= num_layers - 1:
-        raise SplitError(f"split layer {split_layer} is outside [1, {num_layers - 1}]: the model has {num_layers} "
-                         "blocks and each side needs at least one")
-
-
 class SplitPart(nn.Module):
-    """One side of the split model: its own blocks with LoRA adapters, nothing of the other side."""
+    """One side of the split model: its own blocks with LoRA adapters, nothing of the other side.
+
+    `model_dir` is a local directory or a hub id. Base weights are frozen in `dtype`; LoRA weights are
+    float32. With `gradient_checkpointing`, each block's activations are recomputed in the backward pass.
+    """
 
     def __init__(self, model_dir: str | Path, side: Side, split_layer: int, lora: LoraSettings = LoraSettings(),
-                 dtype: str = "float32", device: str = "cpu", lora_seed: int = 0) -> None:
+                 dtype: str = "float32", device: str = "cpu", lora_seed: int = 0,
+                 gradient_checkpointing: bool = False) -> None:
         super().__init__()
         if dtype not in DTYPES:
             raise SplitError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-        self.model_dir, self.side, self.split_layer = Path(model_dir), side, split_layer
-        self.config = load_config(model_dir)
+        if side not in ("client", "server"):
+            raise SplitError(f"side {side!r} is not 'client' or 'server'")
+        self.model_dir, self.side, self.split_layer = resolve_model_dir(model_dir), side, split_layer
+        self.config = load_config(self.model_dir)
         self.family = family_for(self.config.model_type)
         self.num_layers = self.family.num_layers(self.config)
         check_split_layer(split_layer, self.num_layers)
         self.lora = lora.resolved(self.family)
-        index = CheckpointIndex(model_dir)
-        base = _skeleton(self.config, self.family, side, split_layer)
-        names = {n: _checkpoint_name(n, base, self.family, index) for n, _ in base.named_parameters()}
-        loaded = index.load(sorted(set(names.values())), DTYPES[dtype])
-        base.load_state_dict({n: loaded[c] for n, c in names.items()}, strict=False, assign=True)
-        if any(p.is_meta for p in base.parameters()):
-            raise CheckpointError(f"{model_dir}: some {side} weights were not in the checkpoint")
-        base.to(device).requires_grad_(False)
+        self.device = torch.device(device)
+        self.gradient_checkpointing = gradient_checkpointing
+        base = load_side(self.model_dir, self.config, self.family, side, split_layer, DTYPES[dtype], self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(lora_seed)
             self.peft = get_peft_model(base, lora.peft_config(self.family))
-        self.device = torch.device(device)
+        for name, param in self.peft.named_parameters():
+            if "lora_" in name and param.dtype != torch.float32:
+                param.data = param.data.float()  # adapters train in float32 whatever the base dtype
 
     @property
     def base(self) -> nn.Module:
@@ -156,11 +86,15 @@ class SplitPart(nn.Module):
         return range(0, self.split_layer) if self.side == "client" else range(self.split_layer, self.num_layers)
 
     def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Run this side's blocks on `hidden`."""
+        """Run this side's blocks on `hidden` (mask and rotary tables rebuilt here from mask and positions)."""
         context = self.family.block_context(self.base, hidden, attention_mask, position_ids)
         layers = self.base.get_submodule(self.family.layers_path)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i in self.layer_range():
-            hidden = self.family.run_block(layers[i], hidden, context)
+            if recompute:
+                hidden = checkpoint(self.family.run_block, layers[i], hidden, context, use_reentrant=False)
+            else:
+                hidden = self.family.run_block(layers[i], hidden, context)
         return hidden
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny models saved to temp dirs and loaded through the real path, a private SPLITLORA_HOME,
+and in-process servers on loopback."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from common.builtin import build_tiny_model, ensure_builtin_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def splitlora_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test (and every process it starts) builds the built-in model under a private home."""
+    home = Path(os.environ.get("SPLITLORA_TEST_HOME") or tmp_path_factory.mktemp("splitlora-home"))
+    os.environ["SPLITLORA_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def builtin_model_dir(splitlora_home: Path) -> Path:
+    """The built-in tiny GPT-2 (6 blocks, 128 wide) with its word-level tokenizer."""
+    return ensure_builtin_model(splitlora_home)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block, 32-wide GPT-2 without dropout, saved as safetensors (for exact split == unsplit checks)."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    model = build_tiny_model(96, seed=1, n_layer=4, n_embd=32, n_head=4, n_positions=64,
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model.save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,74 @@
+"""Real processes through the console scripts: a server (with its aggregator) and two clients train two rounds."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+BIN = Path(sys.executable).parent
+TRAINING = ["--rounds", "2", "--local-steps", "6", "--batch-size", "4", "--learning-rate", "1e-2",
+            "--warmup-steps", "1", "--seed", "0", "--lora-targets", "c_attn,c_fc"]
+
+
+def _start_server(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    log = (tmp / "server.log").open("w")
+    proc = subprocess.Popen([str(BIN / "splitlora-server"), "serve", "--port", "0", "--clients", "2", "--output",
+                             str(tmp / "server"), "--finish-grace-seconds", "10", *TRAINING],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    line = proc.stdout.readline()
+    match = re.search(r"listening on [\d.]+:(\d+)", line)
+    assert match, f"server did not start: {line!r} {(tmp / 'server.log').read_text()}"
+    return proc, int(match.group(1))
+
+
+def _losses(path: Path) -> dict[int, list[float]]:
+    by_round: dict[int, list[float]] = {}
+    for record in map(json.loads, path.read_text().splitlines()):
+        if record["event"] == "step":
+            by_round.setdefault(record["round"], []).append(record["loss"])
+    return by_round
+
+
+def test_two_clients_two_rounds_through_console_scripts(tmp_path: Path, builtin_model_dir: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server, port = _start_server(tmp_path, env)
+    clients = [subprocess.Popen([str(BIN / "splitlora-client"), "train", "--server", f"127.0.0.1:{port}",
+                                 "--client-id", name, "--seed", str(i), "--output", str(tmp_path / name),
+                                 "--no-progress", "--lora-targets", "c_attn,c_fc"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+               for i, name in enumerate(("alice", "bob"))]
+    try:
+        outputs = [c.communicate(timeout=240)[0] for c in clients]
+        assert [c.returncode for c in clients] == [0, 0], outputs
+        assert server.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()
+    finally:
+        for proc in (server, *clients):
+            proc.kill() if proc.poll() is None else None
+
+    for name in ("alice", "bob"):
+        losses = _losses(tmp_path / name / "metrics.jsonl")
+        assert sorted(losses) == [0, 1] and all(len(v) == 6 for v in losses.values())
+        assert sum(losses[1]) / 6 < sum(losses[0]) / 6, losses  # the loss fell from round 1 to round 2
+
+    adapter_dir = tmp_path / "server" / "adapter"
+    exported = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    alice = load_file(str(tmp_path / "alice" / "client_adapter.safetensors"))
+    bob = load_file(str(tmp_path / "bob" / "client_adapter.safetensors"))
+    assert set(alice) < set(exported) and set(alice) == set(bob)
+    for key in alice:  # both clients ended on the global adapter, which is what was exported
+        assert torch.equal(alice[key], bob[key]) and torch.equal(alice[key], exported[key])
+    assert any(".h.5." in k for k in exported) and any(".h.0." in k for k in exported)
+
+    base = AutoModelForCausalLM.from_pretrained(builtin_model_dir)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    lora_keys = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert len(lora_keys) == len(exported)
