@@ -116,7 +116,7 @@ class ServerEngine:
         self.part.peft.set_adapter(slot.name)
         self.part.train()
         device = self.part.device
-        hidden = step.hidden.to(device).requires_grad_(True)
+        hidden = step.hidden.detach().to(device).requires_grad_(True)
         logits = self.part(hidden, step.attention_mask.to(device), step.position_ids.to(device))
         loss, tokens = causal_lm_loss(logits, step.labels.to(device), self.label_smoothing)
         loss.backward()
