@@ -1,13 +1,12 @@
 """LoRA adapter state in and out: extraction, validated loading, safetensors bytes and whole-model export."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -51,9 +50,8 @@ def load_adapter_state(model: PeftModel, state: AdapterState, adapter_name: str 
     with torch.no_grad():
         for key, param in current.items():
             param.copy_(state[key].to(param.dtype))
-    # get_peft_model_state_dict returns the live parameters, so the copies above already landed;
-    # set_peft_model_state_dict is not needed and would replace tensors under the optimizer.
-    _ = set_peft_model_state_dict  # documented alternative kept importable for readers
+    # get_peft_model_state_dict returns the live parameters, so copying in place keeps optimizer references valid
+    # (peft's set_peft_model_state_dict would swap tensors under the optimizer).
 
 
 def to_bytes(state: AdapterState) -> bytes:
@@ -92,5 +90,4 @@ def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterStat
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
     write_adapter_file(out / ADAPTER_WEIGHTS, merged)
-    json.loads((out / ADAPTER_CONFIG).read_text())  # fail loudly if the config did not serialize
     return out

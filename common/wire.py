@@ -171,7 +171,7 @@ class Reassembler:
                             f" expected message {self._id} part {len(self._parts)}/{self._count}")
         self._size += len(part.data)
         if self._size > self.max_bytes:
-            raise WireError(f"reassembled frame exceeds {self.max_bytes} bytes (server limit max_frame_bytes)")
+            raise WireError(f"reassembled frame exceeds {self.max_bytes} bytes (64 x --max-message-bytes)")
         self._parts.append(part.data)
         if len(self._parts) < self._count:
             return None

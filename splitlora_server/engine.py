@@ -120,7 +120,8 @@ class ServerEngine:
         logits = self.part(hidden, step.attention_mask.to(device), step.position_ids.to(device))
         loss, tokens = causal_lm_loss(logits, step.labels.to(device), self.label_smoothing)
         loss.backward()
-        if tokens and torch.isfinite(loss):
+        finite = torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in slot.params)
+        if tokens and finite:
             optimizer_step(slot.params, slot.opt, slot.sched, self.optim.max_grad_norm)
         else:
             slot.opt.zero_grad(set_to_none=True)

@@ -33,6 +33,7 @@ class ClientRecord:
     tokens: int = 0
     samples_by_round: dict[int, int] = field(default_factory=dict)
     codec: int = 1  # negotiated activation/gradient codec (CODEC_RAW)
+    step_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 class Registry:

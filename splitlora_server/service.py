@@ -6,6 +6,7 @@ import math
 from typing import Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
@@ -95,7 +96,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                         if data is None:
                             continue
                         frame = spb.ClientFrame.FromString(data)
-                    except (WireError, ValueError) as err:  # protobuf DecodeError is a ValueError
+                    except (WireError, DecodeError) as err:
                         self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame part: {err}")
                     if frame.WhichOneof("kind") != "forward":
                         self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
@@ -110,6 +111,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             record.connected = False
 
     def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext) -> spb.StepBackward:
+        with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
+            return self._step_locked(record, fwd, context)
+
+    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext
+                     ) -> spb.StepBackward:
         total = self.schedule.rounds * self.schedule.local_steps
         if fwd.step >= total:
             self._fail(context, record, grpc.StatusCode.OUT_OF_RANGE,
