@@ -19,6 +19,7 @@ from common.fingerprint import compute_fingerprint
 from common.lora import adapter_state, load_adapter_state, write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
+from common.seeding import seed_step
 from common.split.parts import SplitPart
 from common.wire import codec_from_name, codec_name
 from splitlora_client.config import TrainConfig
@@ -72,7 +73,6 @@ def train(cfg: TrainConfig) -> Path:
     aggregator = agrpc.AggregatorStub(agg_channel)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
-    torch.manual_seed(cfg.seed)
     part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=sched.seed)
     part.train()
     batches = BatchStream(load_private_data(cfg, tokenizer, sched.max_seq_len), sched.batch_size,
@@ -91,6 +91,7 @@ def train(cfg: TrainConfig) -> Path:
             for local in range(sched.local_steps):
                 step = rnd * sched.local_steps + local
                 started = time.perf_counter()
+                seed_step(cfg.seed, "client", cfg.client_id, step)
                 batch = batches.next_batch()
                 hidden = part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
                 result = session.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],

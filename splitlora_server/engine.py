@@ -18,6 +18,7 @@ from common.lora import AdapterState, adapter_state, load_adapter_state
 from common.aggregation import aggregate
 from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
+from common.seeding import seed_step
 from common.split.parts import SplitPart
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class StepInputs:
     """One client step as it arrives at the server (already validated)."""
 
     client_id: str
+    step: int
     hidden: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
@@ -70,7 +72,6 @@ class ServerEngine:
 
     def start(self) -> "ServerEngine":
         """Start the worker thread."""
-        torch.manual_seed(self.seed)
         self._thread.start()
         return self
 
@@ -115,6 +116,7 @@ class ServerEngine:
         slot = self.slots[step.client_id if self.mode == "per-client" else SHARED]
         self.part.peft.set_adapter(slot.name)
         self.part.train()
+        seed_step(self.seed, "server", step.client_id, step.step)
         device = self.part.device
         hidden = step.hidden.detach().to(device).requires_grad_(True)
         logits = self.part(hidden, step.attention_mask.to(device), step.position_ids.to(device))

@@ -132,7 +132,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
         try:
-            outcome = self.engine.submit_step(StepInputs(record.client_id, step.hidden, step.attention_mask,
+            outcome = self.engine.submit_step(StepInputs(record.client_id, fwd.step, step.hidden, step.attention_mask,
                                                          step.position_ids, step.labels)).result()
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
             self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")

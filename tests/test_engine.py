@@ -20,7 +20,7 @@ def _inputs(client: str, seed: int, hidden_size: int, vocab: int) -> StepInputs:
     mask[1, 3:] = 0
     labels = torch.randint(0, vocab, (2, 5), generator=g)
     labels[mask == 0] = -100
-    return StepInputs(client, torch.randn(2, 5, hidden_size, generator=g), mask,
+    return StepInputs(client, seed, torch.randn(2, 5, hidden_size, generator=g), mask,
                       (mask.cumsum(-1) - 1).clamp(min=0), labels)
 
 
