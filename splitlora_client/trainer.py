@@ -8,7 +8,6 @@ import zlib
 from pathlib import Path
 
 import grpc
-import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,8 +32,14 @@ def check_split_layer(split_layer: int, num_layers: int) -> None:
 def load_config(model: str | Path) -> Any:
     """The Hugging Face config of a local model directory or hub id, with a clear error when it is missing."""
     path = resolve_model_dir(model)
-    if not (path / "config.json").is_file():
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise CheckpointError(f"{path} is not a model directory: config.json is missing")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise CheckpointError(f"{config_file} is not a readable JSON object ({err})") from err
+    family_for(str(model_type))  # a clear error, listing the supported types, before transformers sees it
     return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 

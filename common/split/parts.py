@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,8 @@ class SplitPart(nn.Module):
         self.device = torch.device(device)
         self.gradient_checkpointing = gradient_checkpointing
         base = load_side(self.model_dir, self.config, self.family, side, split_layer, DTYPES[dtype], self.device)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft
             torch.manual_seed(lora_seed)
             self.peft = get_peft_model(base, lora.peft_config(self.family))
         for name, param in self.peft.named_parameters():
