@@ -108,9 +108,10 @@ class ServerEngine:
     def _add_client(self, client_id: str) -> None:
         if self.mode != "per-client" or client_id in self.slots:
             return
-        self.part.peft.add_adapter(client_id, self.part.lora.peft_config(self.part.family))
-        load_adapter_state(self.part.peft, adapter_state(self.part.peft, SHARED), client_id)
-        self.slots[client_id] = _Slot(self.part, client_id, self.optim)
+        name = f"client{len(self.slots)}"  # client ids may hold '.', which peft adapter names must not
+        self.part.peft.add_adapter(name, self.part.lora.peft_config(self.part.family))
+        load_adapter_state(self.part.peft, adapter_state(self.part.peft, SHARED), name)
+        self.slots[client_id] = _Slot(self.part, name, self.optim)
 
     def _step(self, step: StepInputs) -> StepOutcome:
         slot = self.slots[step.client_id if self.mode == "per-client" else SHARED]
@@ -137,12 +138,18 @@ class ServerEngine:
     def _end_round(self, weights: dict[str, float]) -> None:
         if self.mode != "per-client":
             return
-        names = [c for c in weights if c in self.slots]
-        if not names:
+        clients = [c for c in weights if c in self.slots and c != SHARED]
+        if not clients:
             return
-        merged = aggregate([adapter_state(self.part.peft, c) for c in names], [weights[c] for c in names])
-        for name in self.slots:
-            load_adapter_state(self.part.peft, merged, name)
+        merged = aggregate([adapter_state(self.part.peft, self.slots[c].name) for c in clients],
+                           [weights[c] for c in clients])
+        for slot in self.slots.values():
+            load_adapter_state(self.part.peft, merged, slot.name)
+
+    def adapter_of(self, client_id: str) -> AdapterState:
+        """A copy of the server adapter a client's steps update (the shared one in shared mode)."""
+        slot = self.slots.get(client_id, self.slots[SHARED])
+        return self.call(lambda: adapter_state(self.part.peft, slot.name)).result()
 
     def server_adapter(self) -> AdapterState:
         """The server adapter to export (the shared one, or the average after the last round)."""

@@ -60,14 +60,15 @@ def test_per_client_mode_keeps_copies_and_averages_them_at_round_end(tiny_gpt2_d
     try:
         for client in ("a", "b"):
             engine.add_client(client).result()
+        assert [s.name for s in engine.slots.values()] == [SHARED, "client1", "client2"]
         for i, client in enumerate(("a", "b", "a")):
             engine.submit_step(_inputs(client, i, 32, 96)).result()
-        states = {c: engine.call(lambda c=c: adapter_state(engine.part.peft, c)).result() for c in ("a", "b")}
+        states = {c: engine.adapter_of(c) for c in ("a", "b")}
         assert any(not torch.equal(states["a"][k], states["b"][k]) for k in states["a"])
         engine.end_round({"a": 2.0, "b": 1.0}).result()
         expected = fedavg([states["a"], states["b"]], [2.0, 1.0])
         for name in ("a", "b", SHARED):
-            merged = engine.call(lambda n=name: adapter_state(engine.part.peft, n)).result()
+            merged = engine.adapter_of(name)
             for key, value in expected.items():
                 torch.testing.assert_close(merged[key], value, atol=1e-7, rtol=0)
     finally:
