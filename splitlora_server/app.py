@@ -169,7 +169,9 @@ def aggregate(cfg: AggregateConfig) -> int:
     print(f"splitlora-server aggregate listening on {cfg.host}:{port}", flush=True)
     while not stop.is_set() and not aggregator.finished:
         stop.wait(0.2)
-    if aggregator.finished:
-        stop.wait(5.0)  # let clients fetch the last round
+    deadline = time.monotonic() + cfg.finish_grace_seconds
+    while aggregator.finished and len(aggregator.fetched(cfg.rounds - 1)) < cfg.clients \
+            and time.monotonic() < deadline and not stop.is_set():
+        stop.wait(0.1)  # let every client download the last global adapter
     server.stop(2.0).wait()
     return 0 if aggregator.finished else 1

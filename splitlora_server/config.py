@@ -67,6 +67,8 @@ class AggregateConfig:
     max_adapter_bytes: int = option(512 << 20, "Largest client adapter accepted, in bytes.")
     max_message_bytes: int = option(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
     max_workers: int = option(64, "gRPC handler threads.")
+    finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
+                                               "final adapter before shutting down.")
 
     def validate(self) -> None:
         """Reject settings that cannot work."""

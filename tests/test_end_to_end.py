@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,15 +18,32 @@ TRAINING = ["--rounds", "2", "--local-steps", "6", "--batch-size", "4", "--learn
             "--warmup-steps", "1", "--seed", "0", "--lora-targets", "c_attn,c_fc"]
 
 
-def _start_server(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen([str(BIN / "splitlora-server"), "serve", "--port", "0", "--clients", "2", "--output",
-                             str(tmp / "server"), "--finish-grace-seconds", "10", *TRAINING],
-                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+def _start(tmp: Path, name: str, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """Start a server command on port 0 and read the port it prints."""
+    log = (tmp / f"{name}.log").open("w")
+    proc = subprocess.Popen([str(BIN / "splitlora-server"), *args, "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=log, text=True, env=env)
     line = proc.stdout.readline()
     match = re.search(r"listening on [\d.]+:(\d+)", line)
-    assert match, f"server did not start: {line!r} {(tmp / 'server.log').read_text()}"
+    assert match, f"{name} did not start: {line!r} {(tmp / f'{name}.log').read_text()}"
     return proc, int(match.group(1))
+
+
+def _clients(port: int, tmp: Path, env: dict[str, str], extra: list[str] = ()) -> list[subprocess.Popen]:
+    return [subprocess.Popen([str(BIN / "splitlora-client"), "train", "--server", f"127.0.0.1:{port}",
+                              "--client-id", name, "--seed", str(i), "--output", str(tmp / name),
+                              "--no-progress", "--lora-targets", "c_attn,c_fc", *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for i, name in enumerate(("alice", "bob"))]
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float = 240) -> None:
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0] * len(procs), outputs
+    finally:
+        for proc in procs:
+            proc.kill() if proc.poll() is None else None
 
 
 def _losses(path: Path) -> dict[int, list[float]]:
@@ -40,19 +56,9 @@ def _losses(path: Path) -> dict[int, list[float]]:
 
 def test_two_clients_two_rounds_through_console_scripts(tmp_path: Path, builtin_model_dir: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server, port = _start_server(tmp_path, env)
-    clients = [subprocess.Popen([str(BIN / "splitlora-client"), "train", "--server", f"127.0.0.1:{port}",
-                                 "--client-id", name, "--seed", str(i), "--output", str(tmp_path / name),
-                                 "--no-progress", "--lora-targets", "c_attn,c_fc"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-               for i, name in enumerate(("alice", "bob"))]
-    try:
-        outputs = [c.communicate(timeout=240)[0] for c in clients]
-        assert [c.returncode for c in clients] == [0, 0], outputs
-        assert server.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()
-    finally:
-        for proc in (server, *clients):
-            proc.kill() if proc.poll() is None else None
+    server, port = _start(tmp_path, "server", ["serve", "--clients", "2", "--output", str(tmp_path / "server"),
+                                                "--finish-grace-seconds", "10", *TRAINING], env)
+    _wait_all([*_clients(port, tmp_path, env), server])
 
     for name in ("alice", "bob"):
         losses = _losses(tmp_path / name / "metrics.jsonl")
@@ -72,3 +78,27 @@ def test_two_clients_two_rounds_through_console_scripts(tmp_path: Path, builtin_
     model = PeftModel.from_pretrained(base, adapter_dir)
     lora_keys = [n for n, _ in model.named_parameters() if "lora_" in n]
     assert len(lora_keys) == len(exported)
+
+
+def test_separate_aggregator_then_export_command(tmp_path: Path, builtin_model_dir: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    training = ["--rounds", "1", "--local-steps", "3", "--batch-size", "4", "--warmup-steps", "1"]
+    aggregator, agg_port = _start(tmp_path, "aggregator", ["aggregate", "--clients", "2", "--rounds", "1",
+                                                           "--output", str(tmp_path / "aggregator")], env)
+    server, port = _start(tmp_path, "server", ["serve", "--clients", "2", "--aggregator", f"127.0.0.1:{agg_port}",
+                                               "--output", str(tmp_path / "server"), *training,
+                                               "--lora-targets", "c_attn,c_fc"], env)
+    _wait_all([*_clients(port, tmp_path, env), server, aggregator])
+    assert not (tmp_path / "server" / "adapter").exists()  # the split server never saw the client adapters
+    export = subprocess.run([str(BIN / "splitlora-server"), "export", "--aggregator-dir", str(tmp_path / "aggregator"),
+                             "--server-adapter", str(tmp_path / "server" / "server_adapter.safetensors"),
+                             "--output", str(tmp_path / "export"), "--lora-targets", "c_attn,c_fc"],
+                            capture_output=True, text=True, env=env)
+    assert export.returncode == 0, export.stderr
+    exported = load_file(str(tmp_path / "export" / "adapter_model.safetensors"))
+    alice = load_file(str(tmp_path / "alice" / "client_adapter.safetensors"))
+    server_half = load_file(str(tmp_path / "server" / "server_adapter.safetensors"))
+    assert set(exported) == set(alice) | set(server_half)
+    assert all(torch.equal(exported[k], v) for k, v in {**alice, **server_half}.items())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_model_dir), tmp_path / "export")
+    assert sum("lora_" in n for n, _ in model.named_parameters()) == len(exported)
