@@ -87,7 +87,8 @@ class SplitPart(nn.Module):
         """Indices of the blocks this side runs."""
         return range(0, self.split_layer) if self.side == "client" else range(self.split_layer, self.num_layers)
 
-    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor) -> torch.Tensor:
         """Run this side's blocks on `hidden` (mask and rotary tables rebuilt here from mask and positions)."""
         context = self.family.block_context(self.base, hidden, attention_mask, position_ids)
         layers = self.base.get_submodule(self.family.layers_path)
