@@ -24,7 +24,8 @@ class CheckpointError(ValueError):
     """The model directory or its checkpoint cannot be used; the message says why."""
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
+    """True for names that can only be a local path (never a hub id)."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
@@ -61,7 +62,7 @@ def resolve_model_dir(name: str | Path) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if _looks_local(str(name)):
+    if looks_local(str(name)):
         raise CheckpointError(f"model {str(name)!r} is not a local directory and could not be downloaded from the "
                               "Hugging Face hub: no such directory, and not a hub id; pass a local directory")
     return _download(str(name))

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.builtin import ensure_builtin_model
+from common.checkpoint import looks_local, resolve_model_dir
 from common.configuration import ConfigError, option
 from common.split.parts import DTYPES, LoraSettings
 
@@ -12,8 +14,8 @@ from common.split.parts import DTYPES, LoraSettings
 class ModelOptions:
     """Which model, where it is cut, and the LoRA adapters on it."""
 
-    model: str = option("", "Local Hugging Face model directory (config.json + safetensors). "
-                            "Empty: the built-in tiny GPT-2, created once under $SPLITLORA_HOME.")
+    model: str = option("", "Local Hugging Face model directory (config.json + safetensors), or a hub id (needs "
+                            "a network). Empty: the built-in tiny GPT-2, created once under $SPLITLORA_HOME.")
     split_layer: int = option(3, "Blocks [0, K) run on the client, [K, L) on the server.")
     dtype: str = option("float32", "dtype of the frozen base weights; LoRA weights stay float32.",
                         choices=sorted(DTYPES))
@@ -23,13 +25,17 @@ class ModelOptions:
     lora_targets: list[str] = option([], "Module names to adapt, comma-separated (empty: the family's default, "
                                          "c_attn for GPT-2).")
 
+    def model_dir(self) -> Path:
+        """The model directory: local as given, a hub snapshot, or the built-in tiny model when empty."""
+        return resolve_model_dir(self.model) if self.model else ensure_builtin_model()
+
     def lora_settings(self) -> LoraSettings:
         """The LoRA settings as the split code takes them."""
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
 
     def validate_model(self) -> None:
         """Checks shared by every role that loads a model."""
-        if self.model and not Path(self.model).is_dir():
+        if self.model and looks_local(self.model) and not Path(self.model).expanduser().is_dir():
             raise ConfigError(f"model: {self.model} is not a directory (give a local Hugging Face model directory)")
         if self.split_layer < 1:
             raise ConfigError(f"split_layer must be at least 1, got {self.split_layer}")

@@ -12,7 +12,6 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from common.aggregator_client import fetch_global, submit_adapter
-from common.builtin import ensure_builtin_model
 from common.data import BatchStream, encode, load_examples, shard, synthetic_e2e
 from common.fingerprint import compute_fingerprint
 from common.lora import adapter_state, load_adapter_state, write_adapter_file
@@ -57,7 +56,7 @@ class MetricsLog:
 
 def train(cfg: TrainConfig) -> Path:
     """Run every round of split training for this client; return the path of its final adapter."""
-    model_dir = Path(cfg.model) if cfg.model else ensure_builtin_model()
+    model_dir = cfg.model_dir()
     lora = cfg.lora_settings()
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
     channel = grpc.insecure_channel(cfg.server, options=cfg.grpc_options())

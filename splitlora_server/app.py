@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.builtin import ensure_builtin_model
 from common.fingerprint import compute_fingerprint
 from common.lora import export_adapter, write_adapter_file
 from common.optim import OptimSettings
@@ -29,11 +28,6 @@ from splitlora_server.service import SplitTrainingService
 
 log = logging.getLogger("splitlora.server")
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
-
-
-def model_dir_of(model: str) -> Path:
-    """The configured model directory, or the built-in tiny model."""
-    return Path(model) if model else ensure_builtin_model()
 
 
 def _grpc_server(max_workers: int, options: list[tuple[str, int]]) -> grpc.Server:
@@ -103,9 +97,10 @@ class RunningServer:
 
 def start_server(cfg: ServeConfig) -> RunningServer:
     """Load the server part, start the engine and serve SplitTraining (+ Aggregator, + health)."""
-    model_dir = model_dir_of(cfg.model)
+    model_dir = cfg.model_dir()
     lora = cfg.lora_settings()
-    part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed)
+    part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
+                     gradient_checkpointing=cfg.gradient_checkpointing)
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
     max_positions = int(getattr(part.config, "max_position_embeddings", cfg.max_seq_len))
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)

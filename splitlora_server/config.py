@@ -29,6 +29,8 @@ class ServeConfig(ModelOptions, TransportOptions):
                                       "per-client: a copy per client, averaged at each round end.",
                                       choices=["shared", "per-client"])
     device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...).")
+    gradient_checkpointing: bool = option(False, "Recompute the server blocks' activations in the backward pass "
+                                                 "instead of keeping them (less memory, more compute).")
     output: str = option("runs/server", "Directory for the exported adapter, checkpoints and metrics.")
     aggregator: str = option("", "Address host:port of a separate aggregator; empty: run it in this process.")
     codecs: list[str] = option(["float32", "float16", "bfloat16", "int8"],

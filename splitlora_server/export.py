@@ -5,7 +5,6 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from common.builtin import ensure_builtin_model
 from common.lora import export_adapter
 from common.split import family_for
 from common.split.parts import load_config
@@ -22,7 +21,7 @@ def newest_global_adapter(aggregator_dir: str | Path) -> Path:
 
 def export(cfg: ExportConfig) -> Path:
     """Merge the two adapters and write a PEFT adapter directory loadable on the unsplit base model."""
-    model_dir = Path(cfg.model) if cfg.model else ensure_builtin_model()
+    model_dir = cfg.model_dir()
     client_path = Path(cfg.client_adapter) if cfg.client_adapter else newest_global_adapter(cfg.aggregator_dir)
     for path in (client_path, Path(cfg.server_adapter)):
         if not path.is_file():

@@ -60,3 +60,10 @@ def test_bad_server_address_is_a_config_error(capsys):
 @pytest.mark.parametrize("argv", [[], ["bogus"]])
 def test_no_or_unknown_command(argv, capsys):
     assert _exit_code(server_main, argv) == 2
+
+
+def test_hub_id_offline_is_one_clear_line(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _exit_code(server_main, ["serve", "--model", "no-such-org/no-such-model", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "could not be downloaded from the Hugging Face hub" in err and "Traceback" not in err
