@@ -38,8 +38,10 @@ RPC_TIMEOUT = 30.0
 
 
 def serve_config(model_dir: Path, output: Path, **overrides: object) -> ServeConfig:
-    """A ServeConfig for the built-in model on 127.0.0.1:0 with the small schedule (plus `overrides`)."""
-    values = {"model": str(model_dir), "host": "127.0.0.1", "port": 0, "output": str(output),
+    """A ServeConfig for the built-in model on 127.0.0.1:0 with the small schedule (plus `overrides`); plaintext
+    unless the overrides give TLS files."""
+    tls = any(k.startswith("tls_") for k in overrides)
+    values = {"model": str(model_dir), "host": "127.0.0.1", "port": 0, "output": str(output), "insecure": not tls,
               **SMALL_SCHEDULE, **overrides}
     cfg = ServeConfig(**values)  # type: ignore[arg-type]
     cfg.validate()

@@ -1,4 +1,5 @@
-"""Real processes through the console scripts: a server (with its aggregator) and two clients train two rounds."""
+"""Real processes through the console scripts: `splitlora-server certs` makes the certificates, then a server (with
+its aggregator) and two clients train two rounds over mutual TLS."""
 from __future__ import annotations
 
 import json
@@ -19,10 +20,23 @@ TRAINING = ["--rounds", "2", "--local-steps", "6", "--batch-size", "4", "--learn
             "--warmup-steps", "1", "--seed", "0", "--lora-targets", "c_attn,c_fc"]
 
 
+def _make_certs(certs: Path, env: dict[str, str]) -> None:
+    done = subprocess.run([str(BIN / "splitlora-server"), "certs", "--output", str(certs), "--server-names",
+                           "server,localhost,127.0.0.1", "--clients", "alice,bob", "--days", "2"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    names = {"ca", "server", "alice", "bob", "admin"}
+    assert {p.name for p in certs.iterdir()} == {f"{n}.{ext}" for n in names for ext in ("pem", "key")}
+    assert all((certs / f"{n}.key").stat().st_mode & 0o777 == 0o600 for n in names)
+
+
 def _start_server(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     log = (tmp / "server.log").open("w")
+    certs = tmp / "certs"
     proc = subprocess.Popen([str(BIN / "splitlora-server"), "serve", "--port", "0", "--clients", "2", "--output",
-                             str(tmp / "server"), "--finish-grace-seconds", "10", *TRAINING],
+                             str(tmp / "server"), "--finish-grace-seconds", "10", "--tls-cert", str(certs / "server.pem"),
+                             "--tls-key", str(certs / "server.key"), "--tls-ca", str(certs / "ca.pem"),
+                             "--require-client-cert", *TRAINING],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     line = proc.stdout.readline()
     match = re.search(r"listening on [\d.]+:(\d+)", line)
@@ -38,18 +52,22 @@ def _losses(path: Path) -> dict[int, list[float]]:
     return by_round
 
 
-def test_two_clients_two_rounds_through_console_scripts(tmp_path: Path, builtin_model_dir: Path):
+def test_two_clients_two_rounds_over_mutual_tls_through_console_scripts(tmp_path: Path, builtin_model_dir: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    certs = tmp_path / "certs"
+    _make_certs(certs, env)
     server, port = _start_server(tmp_path, env)
-    clients = [subprocess.Popen([str(BIN / "splitlora-client"), "train", "--server", f"127.0.0.1:{port}",
+    clients = [subprocess.Popen([str(BIN / "splitlora-client"), "train", "--server", f"localhost:{port}",
                                  "--client-id", name, "--seed", str(i), "--output", str(tmp_path / name),
-                                 "--no-progress", "--lora-targets", "c_attn,c_fc"],
+                                 "--no-progress", "--lora-targets", "c_attn,c_fc", "--tls-ca", str(certs / "ca.pem"),
+                                 "--tls-cert", str(certs / f"{name}.pem"), "--tls-key", str(certs / f"{name}.key")],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
                for i, name in enumerate(("alice", "bob"))]
     try:
         outputs = [c.communicate(timeout=240)[0] for c in clients]
         assert [c.returncode for c in clients] == [0, 0], outputs
         assert server.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()
+        assert "serves TLS on" in (tmp_path / "server.log").read_text()
     finally:
         for proc in (server, *clients):
             proc.kill() if proc.poll() is None else None
