@@ -38,9 +38,9 @@ def explain_too_large(err: grpc.RpcError, peer: str, peer_command: str) -> str |
     if side == "SERVER":
         return (f"the {peer} refused a message of {size} bytes: its limit is {limit} bytes; raise it with "
                 f"`{peer_command} --max-message-bytes`, or send smaller pieces (this client's --chunk-bytes)")
-    verb = "receive" if direction == "Received" else "send"
-    return (f"this client cannot {verb} a message of {size} bytes from/to the {peer}: its own limit is {limit} "
-            f"bytes; raise this client's --max-message-bytes")
+    verb = "receive a message of {} bytes from" if direction == "Received" else "send a message of {} bytes to"
+    return (f"this client cannot {verb.format(size)} the {peer}: its own limit is {limit} bytes; raise this "
+            "client's --max-message-bytes")
 
 
 def raise_if_too_large(err: grpc.RpcError, peer: str, peer_command: str) -> None:

@@ -123,7 +123,8 @@ def server_credentials(opts: ServerTlsOptions) -> grpc.ServerCredentials | None:
     if opts.insecure:
         return None
     _warn_if_readable_by_others(opts.tls_key)
-    pair = (_read_pem(opts.tls_key, "--tls-key"), _read_pem(opts.tls_cert, "--tls-cert"))
+    cert = _read_pem(opts.tls_cert, "--tls-cert")
+    pair = (_read_pem(opts.tls_key, "--tls-key"), cert)
     ca = _read_pem(opts.tls_ca, "--tls-ca") if opts.tls_ca else None
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=opts.require_client_cert)
 
