@@ -1,9 +1,9 @@
 """Bearer tokens held as hashes: the tokens file and `splitlora-server tokens add|remove`.
 
-The tokens file is a YAML (or JSON) mapping of identity -> `sha256:<hex>` (a bare 64-digit hex, quoted in YAML,
-is read the same way). Tokens are 256-bit random strings, so an unsalted SHA-256 cannot be reversed by guessing; the file
-reveals no token and can be read without harm, but only its owner should be able to change it. The identity
-`admin` holds the admin credential.
+The tokens file is a YAML (or JSON) mapping of identity -> `sha256:<hex>` (a bare 64-digit hex, quoted in
+YAML, is read the same way). Tokens are 256-bit random strings, so an unsalted SHA-256 cannot be reversed by
+guessing: the file reveals no token, but only its owner should be able to change it. The identity `admin`
+holds the admin credential.
 """
 from __future__ import annotations
 

@@ -153,7 +153,8 @@ def test_aggregation_settings_reach_the_in_process_aggregator(builtin_model_dir:
 
 # -- nothing is unpickled -------------------------------------------------------------------------------------
 UNSAFE = re.compile(r"\bimport pickle\b|\bpickle\.|\bcPickle\b|\bdill\b|torch\.load\(|allow_pickle\s*=\s*True|"
-                    r"yaml\.load\(|yaml\.unsafe_load|\bmarshal\.loads|weights_only\s*=\s*False|use_safetensors\s*=\s*False")
+                    r"yaml\.load\(|yaml\.unsafe_load|\bmarshal\.loads|weights_only\s*=\s*False|"
+                    r"use_safetensors\s*=\s*False")
 
 
 def test_no_unsafe_deserialization_in_the_code() -> None:
