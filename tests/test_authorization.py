@@ -9,6 +9,9 @@ On both, acting as another client and non-admin administrative calls are PERMISS
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,11 +29,13 @@ from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.tls import ClientTlsOptions, bearer_metadata, open_channel
 from splitlora_client.session import SplitSession
+from splitlora_server.cli import main as server_main
 from splitlora_server.tokens import TokenAddConfig, add_token
 from tests.servers import RPC_TIMEOUT, ClientSide, Harness, metadata, running_server, server_fingerprint
 
 Code = grpc.StatusCode
 OK = "OK"
+BIN = Path(sys.executable).parent
 CALLS = ("Join", "Train", "Submit", "FetchGlobal", "Status", "Shutdown")
 ADAPTER = to_bytes({"m.lora_A.weight": torch.zeros(2, 3)})
 
@@ -251,3 +256,50 @@ def test_refusals_say_why(token_server: Harness, deployment_certs: Path, tokens:
         stub.Status(spb.StatusRequest(), metadata=[bearer_metadata(issued["bob"])], timeout=5)
     assert "'bob' may not make administrative calls; use the admin credential" in info.value.details()
     channel.close()
+
+
+def test_admin_commands_need_the_admin_credential(mtls_server: Harness, deployment_certs: Path, capsys) -> None:
+    c, address = deployment_certs, f"localhost:{mtls_server.running.port}"
+
+    def status(who: str) -> int:
+        return server_main(["status", "--server", address, "--tls-ca", str(c / "ca.pem"), "--tls-cert",
+                            str(c / f"{who}.pem"), "--tls-key", str(c / f"{who}.key"), "--log-level", "WARNING"])
+
+    assert status("admin") == 0
+    assert re.search(r"round \d/2, \d+ steps", capsys.readouterr().out)
+    assert status("bob") == 1
+    assert "PERMISSION_DENIED: 'bob' may not make administrative calls" in capsys.readouterr().err
+
+
+def test_standalone_aggregator_process_checks_tokens(deployment_certs: Path, tokens: tuple[Path, dict[str, str]],
+                                                     tmp_path: Path) -> None:
+    c, (path, issued) = deployment_certs, tokens
+    proc = subprocess.Popen([str(BIN / "splitlora-server"), "aggregate", "--port", "0", "--clients", "1", "--rounds",
+                             "1", "--output", str(tmp_path / "agg"), "--tls-cert", str(c / "server.pem"), "--tls-key",
+                             str(c / "server.key"), "--tokens-file", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(re.search(r"listening on [\d.]+:(\d+)", proc.stdout.readline()).group(1))
+        state = {"m.lora_A.weight": torch.ones(2, 3)}
+
+        def submit(token: str | None, client_id: str) -> str | grpc.StatusCode:
+            tls = ClientTlsOptions(tls_ca=str(c / "ca.pem"))
+            channel = open_channel(f"127.0.0.1:{port}", tls)
+            md = [bearer_metadata(token)] if token else None
+            try:
+                submit_adapter(agrpc.AggregatorStub(channel), client_id, 0, 1, state, timeout=10, metadata=md)
+                return OK
+            except grpc.RpcError as err:
+                return err.code()
+            finally:
+                channel.close()
+
+        assert submit(None, "alice") == Code.UNAUTHENTICATED
+        assert submit("wrong", "alice") == Code.UNAUTHENTICATED
+        assert submit(issued["bob"], "alice") == Code.PERMISSION_DENIED
+        assert submit(issued["admin"], "admin") == Code.PERMISSION_DENIED
+        assert submit(issued["alice"], "alice") == OK
+        assert proc.wait(timeout=30) == 0  # its one round closed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
