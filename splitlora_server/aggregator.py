@@ -26,6 +26,7 @@ from common.lora import AdapterError, AdapterState, check_adapter, from_bytes, t
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from splitlora_server.auth import AccessDenied, Authenticator
+from splitlora_server.registry import CLIENT_ID_PATTERN
 
 log = logging.getLogger(__name__)
 KEEP_IN_MEMORY = 3  # latest global adapters kept as bytes; older ones are read back from output_dir
@@ -171,6 +172,9 @@ class AggregatorService(agrpc.AggregatorServicer):
         """Checks shared by Submit and FetchGlobal that need no round state."""
         if not client_id:
             raise _Refusal(_Code.INVALID_ARGUMENT, "client_id is empty; set it to this client's id")
+        if not CLIENT_ID_PATTERN.match(client_id):
+            raise _Refusal(_Code.INVALID_ARGUMENT, f"client id {client_id[:80]!r} must be 1-64 characters of letters, "
+                                                   "digits, '.', '_' or '-', starting with a letter or digit")
         try:
             self._auth.check_client(context, client_id)
         except AccessDenied as denied:

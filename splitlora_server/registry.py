@@ -52,7 +52,7 @@ class Registry:
     def join(self, client_id: str) -> ClientRecord:
         """Enrol a new client or renew a known one's session."""
         if not CLIENT_ID_PATTERN.match(client_id):
-            raise RegistryError("invalid", f"client id {client_id!r} must be 1-64 characters of letters, digits, "
+            raise RegistryError("invalid", f"client id {client_id[:80]!r} must be 1-64 characters of letters, digits, "
                                            "'.', '_' or '-', starting with a letter or digit")
         with self.lock:
             record = self.clients.get(client_id)

@@ -174,6 +174,6 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def Shutdown(self, request: spb.ShutdownRequest, context: grpc.ServicerContext) -> spb.ShutdownReply:
         if self.on_shutdown is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server cannot be shut down remotely")
-        log.warning("shutdown requested by %s: %s", context.peer(), request.reason[:200] or "(no reason given)")
+        log.warning("shutdown requested by %s: %r", context.peer(), request.reason[:200] or "(no reason given)")
         self.on_shutdown(request.reason)
         return spb.ShutdownReply()

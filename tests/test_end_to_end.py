@@ -34,8 +34,9 @@ def _start_server(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int
     log = (tmp / "server.log").open("w")
     certs = tmp / "certs"
     proc = subprocess.Popen([str(BIN / "splitlora-server"), "serve", "--port", "0", "--clients", "2", "--output",
-                             str(tmp / "server"), "--finish-grace-seconds", "10", "--tls-cert", str(certs / "server.pem"),
-                             "--tls-key", str(certs / "server.key"), "--tls-ca", str(certs / "ca.pem"),
+                             str(tmp / "server"), "--finish-grace-seconds", "10",
+                             "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
+                             "--tls-ca", str(certs / "ca.pem"),
                              "--require-client-cert", *TRAINING],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     line = proc.stdout.readline()

@@ -127,3 +127,22 @@ def test_int8_codec_decodes_empty_tensors() -> None:
         rows = 0 if 0 in shape[-1:] else math.prod(shape) // shape[-1]
         msg = tpb.Tensor(shape=shape, dtype=tpb.DTYPE_FLOAT32, codec=tpb.CODEC_INT8, scales=b"\0\0\x80?" * rows)
         assert decode_tensor(msg).shape == tuple(shape)
+
+
+def test_huge_strings_are_not_echoed_back(builtin_model_dir: Path, tmp_path: Path) -> None:
+    """A refusal quotes at most a bounded part of what it refuses, so its status fits in the reply."""
+    with running_server(builtin_model_dir, tmp_path) as server:
+        fp = spb.Fingerprint()
+        fp.CopyFrom(server_fingerprint(server))
+        fp.family = "f" * (1 << 20)
+        cases = [(spb.JoinRequest(client_id="ok", fingerprint=fp), grpc.StatusCode.FAILED_PRECONDITION),
+                 (spb.JoinRequest(client_id="x" * (1 << 20), fingerprint=server_fingerprint(server)),
+                  grpc.StatusCode.INVALID_ARGUMENT)]
+        for request, code in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                server.stub.Join(request, timeout=10)
+            assert info.value.code() == code and len(info.value.details()) < 1000
+        with pytest.raises(grpc.RpcError) as info:
+            submit_adapter(agrpc.AggregatorStub(server.channel), "x" * (1 << 20), 0, 1, {"w": torch.ones(1)},
+                           timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(info.value.details()) < 1000
