@@ -4,7 +4,8 @@ Rounds run 0..rounds-1, one open at a time. A round closes once `expected_client
 clients have submitted to it: their adapters are combined (sample-weighted FedAvg, or a robust mode, with
 optional update-norm clipping against the previous global adapter; see common.aggregation), the result
 is kept (and written to `output_dir/global/round-NNNN.safetensors` when an output directory is
-set), and clients waiting in FetchGlobal receive it. All state sits behind one Condition, so the
+set), and clients waiting in FetchGlobal receive it. Only enrolled clients submit and fetch: those the split
+server enrolled (`is_enrolled`), or else the first `expected_clients` ids whose submissions were accepted. All state sits behind one Condition, so the
 servicer is safe under grpc's thread pool; a refused submission never changes that state.
 """
 from __future__ import annotations
@@ -84,6 +85,7 @@ class AggregatorService(agrpc.AggregatorServicer):
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._summary: dict[int, tuple[int, int]] = {}  # round -> (num_clients, total_samples)
         self._fetched: dict[int, set[str]] = {}
+        self._members: set[str] = set()  # without `is_enrolled`: the first `expected_clients` ids accepted
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -198,6 +200,15 @@ class AggregatorService(agrpc.AggregatorServicer):
         if header.client_id in self._pending:
             raise _Refusal(_Code.ALREADY_EXISTS, f"client {header.client_id!r} already submitted for round {r}; "
                                                  "wait for the round to close and fetch its global adapter")
+        self._check_member(header.client_id)
+
+    def _check_member(self, client_id: str) -> None:
+        """Without an enrolment check, the first `expected_clients` ids accepted are the only ones served."""
+        if (self._is_enrolled is None and client_id not in self._members
+                and len(self._members) >= self.expected_clients):
+            raise _Refusal(_Code.PERMISSION_DENIED, f"client {client_id!r} is not enrolled: this aggregator serves "
+                                                    f"the {self.expected_clients} clients that submitted first "
+                                                    f"({', '.join(sorted(self._members))})")
 
     def _parse(self, header: _Header, data: bytes) -> tuple[AdapterState, AdapterState | None]:
         """Decode and check the adapter outside the lock; return it and the reference it was checked against."""
@@ -225,6 +236,7 @@ class AggregatorService(agrpc.AggregatorServicer):
                 self._close_round(pending)
             else:
                 self._pending = pending
+            self._members.add(header.client_id)
             if self._reference is None:
                 self._reference = {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
             return len(pending)
@@ -265,6 +277,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         """Wait for the round to close, then stream its global adapter in `chunk_bytes` pieces."""
         try:
             self._check_client(request.client_id, request.round, context)
+            with self._cond:
+                self._check_member(request.client_id)
             chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
             if chunk is None:
                 raise _Refusal(_Code.INVALID_ARGUMENT, f"the client accepts messages of at most "
