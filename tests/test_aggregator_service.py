@@ -224,6 +224,7 @@ def test_without_enrolment_the_first_clients_are_the_only_ones_served(start: Sta
     for call in (lambda: submit_adapter(stub, "intruder", 1, 1, adapter(9.0), timeout=5),
                  lambda: fetch_global(stub, "intruder", 0, timeout=5)):
         err = rpc_error(call)
-        assert err.code() == Code.PERMISSION_DENIED and "serves the 2 clients that submitted first (a, b)" in err.details()
+        assert err.code() == Code.PERMISSION_DENIED
+        assert "serves the 2 clients that submitted first (a, b)" in err.details()
     assert submit_adapter(stub, "a", 1, 1, adapter(2.0), timeout=5).submitted == 1
     assert fetch_global(stub, "b", 0, timeout=5)[1] == 2
