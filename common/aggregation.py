@@ -1,11 +1,14 @@
 """Averaging of client LoRA adapters into a global adapter: pure maths, no I/O.
 
-`aggregate` is the public entry and dispatches on a mode name. Only sample-weighted FedAvg
-exists today; robust modes (norm clipping, coordinate-wise median, trimmed mean) plug in by
-adding a function with the same signature to `MODES`.
+`aggregate` is the public entry and dispatches on a mode name (`MODES`): sample-weighted `fedavg`, and two
+modes a minority of bad clients cannot drag far: coordinate-wise `median` and `trimmed-mean`. These count
+each client once and ignore sample counts, which a client could inflate. Any mode can be combined with
+update-norm clipping (`clip_norm`): each adapter's difference from a reference (the previous global adapter)
+is scaled down to at most that L2 norm, so no single client moves the result by more than the bound.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -14,6 +17,7 @@ import torch
 from common.lora import AdapterState
 
 Aggregator = Callable[[Sequence[AdapterState], Sequence[float]], AdapterState]
+DEFAULT_TRIM_FRACTION = 0.2
 
 
 def _check_inputs(states: Sequence[AdapterState], weights: Sequence[float]) -> list[float]:
@@ -60,13 +64,72 @@ def fedavg(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterS
     return out
 
 
-MODES: dict[str, Aggregator] = {"fedavg": fedavg}
+def _sorted_mean(states: Sequence[AdapterState], trim: int) -> AdapterState:
+    """Per coordinate: drop the `trim` lowest and highest values and average the rest (float64 maths)."""
+    out: AdapterState = {}
+    for key in states[0]:
+        stacked = torch.stack([s[key].detach().to("cpu", torch.float64) for s in states])
+        kept = stacked.sort(dim=0).values[trim:len(states) - trim]
+        out[key] = kept.mean(dim=0).to(torch.float32)
+    return out
 
 
-def aggregate(states: Sequence[AdapterState], weights: Sequence[float], mode: str = "fedavg") -> AdapterState:
-    """Combine client adapters into one with the named mode (see `MODES`)."""
+def median(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
+    """Coordinate-wise median, each client counted once (an even count averages the two middle values)."""
+    _check_inputs(states, weights)
+    return _sorted_mean(states, (len(states) - 1) // 2)
+
+
+def trimmed_mean(states: Sequence[AdapterState], weights: Sequence[float],
+                 trim_fraction: float = DEFAULT_TRIM_FRACTION) -> AdapterState:
+    """Coordinate-wise mean after dropping floor(trim_fraction * n) values at each end, each client once."""
+    _check_inputs(states, weights)
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    return _sorted_mean(states, math.floor(trim_fraction * len(states)))
+
+
+def update_norm(state: AdapterState, reference: AdapterState) -> float:
+    """L2 norm of `state - reference` over every tensor together."""
+    total = sum(float((state[k].detach().to("cpu", torch.float64) - ref.detach().to("cpu", torch.float64))
+                      .pow(2).sum()) for k, ref in reference.items())
+    return math.sqrt(total)
+
+
+def clip_updates(states: Sequence[AdapterState], reference: AdapterState, clip_norm: float) -> list[AdapterState]:
+    """Each adapter moved towards `reference` until its update norm is at most `clip_norm`."""
+    if not clip_norm > 0 or not math.isfinite(clip_norm):
+        raise ValueError(f"clip_norm must be a positive number, got {clip_norm}")
+    _check_same_layout([reference, *states])
+    clipped = []
+    for state in states:
+        norm = update_norm(state, reference)
+        scale = 1.0 if norm <= clip_norm else clip_norm / norm
+        clipped.append({k: (ref.detach().to("cpu", torch.float64) + scale * (state[k].detach().to(
+            "cpu", torch.float64) - ref.detach().to("cpu", torch.float64))).to(torch.float32)
+            for k, ref in reference.items()})
+    return clipped
+
+
+MODES: dict[str, Aggregator] = {"fedavg": fedavg, "median": median, "trimmed-mean": trimmed_mean}
+
+
+def aggregate(states: Sequence[AdapterState], weights: Sequence[float], mode: str = "fedavg", *,
+              clip_norm: float = 0.0, reference: AdapterState | None = None,
+              trim_fraction: float = DEFAULT_TRIM_FRACTION) -> AdapterState:
+    """Combine client adapters into one with the named mode (see `MODES`).
+
+    `clip_norm` > 0 first clips every adapter's update relative to `reference` (the previous global adapter);
+    without a reference (the first round) it is taken relative to the coordinate-wise median of `states`,
+    since every client starts from the same initialization. `trim_fraction` is used by `trimmed-mean`.
+    """
     try:
         fn = MODES[mode]
     except KeyError:
         raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {sorted(MODES)}") from None
+    if fn is trimmed_mean:
+        fn = functools.partial(trimmed_mean, trim_fraction=trim_fraction)
+    if clip_norm:
+        _check_inputs(states, weights)
+        states = clip_updates(states, reference if reference is not None else median(states, weights), clip_norm)
     return fn(states, weights)

@@ -11,8 +11,9 @@ from common.configuration import ConfigError, add_arguments, format_config, reso
 log = logging.getLogger("splitlora")
 
 
-def add_command(subparsers, name: str, cls: type, run: Callable[[object], int], help: str) -> None:
-    """Add a sub-command whose options are the fields of `cls` plus --config and --log-level."""
+def add_command(subparsers, name: str, cls: type, run: Callable[[object], int], help: str
+                ) -> argparse.ArgumentParser:
+    """Add a sub-command whose options are the fields of `cls` plus --config and --log-level; return its parser."""
     parser = subparsers.add_parser(name, help=help, description=(cls.__doc__ or help).strip(),
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with any of these options (flags win)")
@@ -20,6 +21,7 @@ def add_command(subparsers, name: str, cls: type, run: Callable[[object], int], 
                         help="logging verbosity")
     add_arguments(parser, cls)
     parser.set_defaults(_config_cls=cls, _run=run)
+    return parser
 
 
 def setup_logging(level: str) -> None:

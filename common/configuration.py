@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **extra: Any) -> Any:
-    """Build a dataclass field; ``extra`` goes to metadata (choices, flag, short, secret, metavar)."""
+    """Build a dataclass field; ``extra`` goes to metadata (choices, flag, short, secret, metavar, positional)."""
     metadata = {"help": help, **extra}
     if isinstance(default, (list, dict, set)):
         value = default
@@ -157,6 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             text += f" (default: {'***' if field.metadata.get('secret') and default else _show(default)})"
         flags = [f for f in (field.metadata.get("short"), flag_name(field)) if f]
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+        if field.metadata.get("positional"):  # a required positional argument named by its metavar
+            flags = []
+            kwargs.pop("default")
         if spec.base is bool and not spec.is_list:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

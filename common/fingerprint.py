@@ -46,6 +46,6 @@ def differences(expected: spb.Fingerprint, got: spb.Fingerprint) -> list[str]:
     for name, label in _FIELDS.items():
         want, have = getattr(expected, name), getattr(got, name)
         if want != have:
-            show = (lambda v: str(v)[:12]) if name.endswith("sha256") else str
+            show = (lambda v: str(v)[:12]) if name.endswith("sha256") else (lambda v: str(v)[:64])  # bounded echo
             out.append(f"{label}: server {show(want)}, client {show(have)}")
     return out

@@ -129,7 +129,7 @@ def decode_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int | N
         scales = _from_raw(msg.scales, torch.float32, [rows])
         if not torch.isfinite(scales).all():
             raise WireError(f"{name}: int8 row scales contain NaN or Inf")
-        values = (values.reshape(rows, -1).float() * scales[:, None]).reshape(shape)
+        values = (values.reshape(rows, -1).float() * scales[:, None]).reshape(shape) if numel else values.float()
     out = values.to(dtype)
     if require_finite and out.is_floating_point() and not torch.isfinite(out).all():
         raise WireError(f"{name}: contains NaN or Inf values")

@@ -1,7 +1,8 @@
 """`make demo`: an aggregator, a split server and three clients on loopback, with the built-in tiny model and
 data; shows progress and ends with an exported whole-model adapter.
 
-Every role runs as its own process through the console scripts, exactly as on separate machines.
+Every role runs as its own process through the console scripts, exactly as on separate machines, and every
+connection is mutual TLS with certificates made by `splitlora-server certs` into <output>/certs.
 """
 from __future__ import annotations
 
@@ -26,6 +27,22 @@ def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
+def _make_certs(certs: Path, env: dict[str, str]) -> None:
+    subprocess.run([str(BIN / "splitlora-server"), "certs", "--output", str(certs), "--server-names",
+                    "localhost,127.0.0.1", "--clients", ",".join(CLIENTS), "--log-level", "WARNING"],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def _server_tls(certs: Path) -> list[str]:
+    return ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
+            "--tls-ca", str(certs / "ca.pem"), "--require-client-cert"]
+
+
+def _client_tls(certs: Path, name: str) -> list[str]:
+    return ["--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / f"{name}.pem"),
+            "--tls-key", str(certs / f"{name}.key")]
+
+
 def _steps(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -42,19 +59,22 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     server, aggregator = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
     rounds, local_steps = int(TRAINING[1]), int(TRAINING[3])
-    print(f"SplitLoRA demo: aggregator {aggregator}, server {server}, clients {', '.join(CLIENTS)}; logs in {out}/logs")
+    certs = out / "certs"
+    _make_certs(certs, env)
+    print(f"SplitLoRA demo: aggregator {aggregator}, server {server}, clients {', '.join(CLIENTS)}; mutual TLS with "
+          f"certificates in {certs}; logs in {out}/logs")
     procs = {
         "aggregator": _spawn([str(BIN / "splitlora-server"), "aggregate", "--port", str(args.port + 1), "--clients",
-                              str(len(CLIENTS)), "--rounds", str(rounds), "--output", str(out / "aggregator")],
-                             out / "logs" / "aggregator.log", env),
+                              str(len(CLIENTS)), "--rounds", str(rounds), "--output", str(out / "aggregator"),
+                              *_server_tls(certs)], out / "logs" / "aggregator.log", env),
         "server": _spawn([str(BIN / "splitlora-server"), "serve", "--port", str(args.port), "--clients",
-                          str(len(CLIENTS)), "--aggregator", aggregator, "--output", str(out / "server"), *TRAINING, *LORA],
-                         out / "logs" / "server.log", env),
+                          str(len(CLIENTS)), "--aggregator", aggregator, "--output", str(out / "server"), *TRAINING,
+                          *LORA, *_server_tls(certs)], out / "logs" / "server.log", env),
     }
     for i, name in enumerate(CLIENTS):
         procs[name] = _spawn([str(BIN / "splitlora-client"), "train", "--server", server, "--client-id", name,
-                              "--seed", str(i), "--output", str(out / name), "--no-progress", *LORA],
-                             out / "logs" / f"{name}.log", env)
+                              "--seed", str(i), "--output", str(out / name), "--no-progress", *LORA,
+                              *_client_tls(certs, name)], out / "logs" / f"{name}.log", env)
     total = rounds * local_steps * len(CLIENTS)
     first_loss: float | None = None
     with tqdm(total=total, unit="step", desc="training", dynamic_ncols=True) as bar:

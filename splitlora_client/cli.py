@@ -15,6 +15,10 @@ def _train(cfg: TrainConfig) -> int:
         print(train(cfg))
     except grpc.RpcError as err:
         print(f"splitlora-client: the server refused: {err.code().name}: {err.details()}", flush=True)
+        if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not cfg.insecure:
+            print("splitlora-client: if the server is up, check TLS: --tls-ca must be the CA that signed the "
+                  "server's certificate, the address's host (or --tls-server-name) must be one of its names, and "
+                  "a server that requires client certificates needs --tls-cert/--tls-key signed by its CA", flush=True)
         return 1
     return 0
 

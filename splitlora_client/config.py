@@ -7,13 +7,14 @@ from pathlib import Path
 
 from common.config import ModelOptions, TransportOptions
 from common.configuration import ConfigError, option
+from common.tls import ClientTlsOptions
 from common.wire import CODEC_NAMES
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
 
 
 @dataclass
-class TrainConfig(ModelOptions, TransportOptions):
+class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
     """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server."""
 
     server: str = option("127.0.0.1:50051", "Split server address host:port.")
@@ -37,6 +38,7 @@ class TrainConfig(ModelOptions, TransportOptions):
         """Reject settings that cannot work, with the reason."""
         self.validate_model()
         self.validate_transport()
+        self.validate_tls()
         for name in ("server", "aggregator"):
             value = getattr(self, name)
             if value and not _ADDRESS.match(value):

@@ -10,6 +10,7 @@ from typing import Iterator
 import grpc
 import torch
 
+from common.limits import raise_if_too_large
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.wire import Reassembler, chunked, decode_tensor, encode_tensor
@@ -33,9 +34,9 @@ class StepResult:
 class SplitSession:
     """Join the server and exchange one activation/gradient pair per step over a single stream."""
 
-    def __init__(self, channel: grpc.Channel, client_id: str) -> None:
+    def __init__(self, channel: grpc.Channel, client_id: str, max_message_bytes: int = 0) -> None:
         self.stub = sgrpc.SplitTrainingStub(channel)
-        self.client_id = client_id
+        self.client_id, self.max_message_bytes = client_id, max_message_bytes
         self.reply: spb.JoinReply | None = None
         self._requests: queue.Queue = queue.Queue()
         self._responses: Iterator[spb.ServerFrame] | None = None
@@ -47,7 +48,8 @@ class SplitSession:
         for attempt in itertools.count():
             try:
                 self.reply = self.stub.Join(spb.JoinRequest(client_id=self.client_id, fingerprint=fingerprint,
-                                                            codecs=codecs), timeout=10.0, wait_for_ready=True)
+                                                            codecs=codecs, max_message_bytes=self.max_message_bytes),
+                                            timeout=10.0, wait_for_ready=True)
                 return self.reply
             except grpc.RpcError as err:
                 if err.code() not in _RETRYABLE or time.monotonic() > deadline:
@@ -78,6 +80,13 @@ class SplitSession:
         for piece in chunked([frame], spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
             sent += piece.ByteSize()
             self._requests.put(piece)
+        try:
+            return self._receive(step, sent)
+        except grpc.RpcError as err:
+            raise_if_too_large(err, "split server", "splitlora-server serve")
+            raise
+
+    def _receive(self, step: int, sent: int) -> StepResult:
         parts, received = Reassembler(max_bytes=1 << 34), 0
         for out in self._responses:
             received += out.ByteSize()

@@ -7,7 +7,6 @@ import time
 import zlib
 from pathlib import Path
 
-import grpc
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -19,6 +18,7 @@ from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.seeding import seed_step
 from common.split.parts import SplitPart
+from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
 from splitlora_client.config import TrainConfig
 from splitlora_client.session import SplitSession
@@ -59,15 +59,14 @@ def train(cfg: TrainConfig) -> Path:
     model_dir = cfg.model_dir()
     lora = cfg.lora_settings()
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
-    channel = grpc.insecure_channel(cfg.server, options=cfg.grpc_options())
-    session = SplitSession(channel, cfg.client_id)
+    channel = open_channel(cfg.server, cfg, cfg.grpc_options())
+    session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes)
     reply = session.join(fingerprint, [codec_from_name(c) for c in cfg.codecs], timeout=cfg.join_timeout)
     sched = reply.schedule
     log.info("joined %s as %s: %d rounds x %d steps, batch %d, codec %s", cfg.server, cfg.client_id, sched.rounds,
              sched.local_steps, sched.batch_size, codec_name(reply.codec))
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
-    agg_channel = channel if agg_address == cfg.server else grpc.insecure_channel(agg_address,
-                                                                                   options=cfg.grpc_options())
+    agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, cfg.grpc_options())
     aggregator = agrpc.AggregatorStub(agg_channel)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
@@ -107,7 +106,8 @@ def train(cfg: TrainConfig) -> Path:
                 bar.update(1)
             submit_adapter(aggregator, cfg.client_id, rnd, samples, adapter_state(part.peft),
                            chunk_bytes=cfg.chunk_bytes)
-            state, num_clients, total = fetch_global(aggregator, cfg.client_id, rnd, timeout=cfg.round_timeout)
+            state, num_clients, total = fetch_global(aggregator, cfg.client_id, rnd, timeout=cfg.round_timeout,
+                                                     max_message_bytes=cfg.max_message_bytes)
             load_adapter_state(part.peft, state)
             metrics.write(event="round", client=cfg.client_id, round=rnd, clients=num_clients, samples=total)
             log.info("round %d/%d closed: global adapter of %d clients (%d samples) loaded", rnd + 1, sched.rounds,

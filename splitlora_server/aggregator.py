@@ -1,9 +1,11 @@
 """The Aggregator gRPC service: collects client adapters round by round and serves their average.
 
 Rounds run 0..rounds-1, one open at a time. A round closes once `expected_clients` distinct
-clients have submitted to it: their adapters are averaged (weighted by sample count), the result
+clients have submitted to it: their adapters are combined (sample-weighted FedAvg, or a robust mode, with
+optional update-norm clipping against the previous global adapter; see common.aggregation), the result
 is kept (and written to `output_dir/global/round-NNNN.safetensors` when an output directory is
-set), and clients waiting in FetchGlobal receive it. All state sits behind one Condition, so the
+set), and clients waiting in FetchGlobal receive it. Only enrolled clients submit and fetch: those the split
+server enrolled (`is_enrolled`), or else the first `expected_clients` ids whose submissions were accepted. All state sits behind one Condition, so the
 servicer is safe under grpc's thread pool; a refused submission never changes that state.
 """
 from __future__ import annotations
@@ -19,10 +21,13 @@ from typing import Callable, Iterable, Iterator
 import grpc
 import torch
 
-from common.aggregation import aggregate
+from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, aggregate
+from common.limits import ENVELOPE_BYTES, MIN_CHUNK_BYTES, negotiated_chunk
 from common.lora import AdapterError, AdapterState, check_adapter, from_bytes, to_bytes, write_adapter_file
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
+from splitlora_server.auth import AccessDenied, Authenticator
+from splitlora_server.registry import CLIENT_ID_PATTERN
 
 log = logging.getLogger(__name__)
 KEEP_IN_MEMORY = 3  # latest global adapters kept as bytes; older ones are read back from output_dir
@@ -46,16 +51,29 @@ class _Header:
 
 
 class AggregatorService(agrpc.AggregatorServicer):
-    """Round-based FedAvg of client LoRA adapters over gRPC."""
+    """Round-based aggregation of client LoRA adapters over gRPC.
+
+    `mode`, `clip_norm`, `trim_fraction`: how a round's adapters are combined (common.aggregation).
+    `auth`: a client may submit and fetch only as itself. `verify_claim(client_id, round, num_samples)`:
+    an error message when the split server knows the claim to be false (round not trained, samples inflated).
+    """
 
     def __init__(self, expected_clients: int, rounds: int, output_dir: Path | None,
                  max_adapter_bytes: int = 512 << 20, is_enrolled: Callable[[str], bool] | None = None,
                  chunk_bytes: int = 1 << 20,
-                 on_round_closed: Callable[[int, AdapterState], None] | None = None) -> None:
+                 on_round_closed: Callable[[int, AdapterState], None] | None = None, *, mode: str = "fedavg",
+                 clip_norm: float = 0.0, trim_fraction: float = DEFAULT_TRIM_FRACTION,
+                 auth: Authenticator | None = None,
+                 verify_claim: Callable[[str, int, int], str | None] | None = None) -> None:
         for name, value in (("expected_clients", expected_clients), ("rounds", rounds),
                             ("max_adapter_bytes", max_adapter_bytes), ("chunk_bytes", chunk_bytes)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if mode not in MODES:
+            raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {sorted(MODES)}")
+        self.mode, self.clip_norm, self.trim_fraction = mode, clip_norm, trim_fraction
+        self._auth, self._verify_claim = auth or Authenticator(), verify_claim
+        self._previous: AdapterState | None = None  # the last global adapter: the clipping reference
         self.expected_clients, self.rounds = expected_clients, rounds
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.max_adapter_bytes, self.chunk_bytes = max_adapter_bytes, chunk_bytes
@@ -67,6 +85,7 @@ class AggregatorService(agrpc.AggregatorServicer):
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._summary: dict[int, tuple[int, int]] = {}  # round -> (num_clients, total_samples)
         self._fetched: dict[int, set[str]] = {}
+        self._members: set[str] = set()  # without `is_enrolled`: the first `expected_clients` ids accepted
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -113,7 +132,7 @@ class AggregatorService(agrpc.AggregatorServicer):
                context: grpc.ServicerContext) -> apb.SubmitReply:
         """Receive one client's adapter for the open round; close the round when all have come in."""
         try:
-            header, data = self._receive(request_iterator)
+            header, data = self._receive(request_iterator, context)
             state, checked_against = self._parse(header, data)
             submitted = self._accept(header, state, checked_against)
             return apb.SubmitReply(round=header.round, submitted=submitted, expected=self.expected_clients)
@@ -122,7 +141,8 @@ class AggregatorService(agrpc.AggregatorServicer):
             context.abort(refusal.code, refusal.message)
             raise  # unreachable: abort raises
 
-    def _receive(self, messages: Iterable[apb.AdapterUpload]) -> tuple[_Header, bytes]:
+    def _receive(self, messages: Iterable[apb.AdapterUpload], context: grpc.ServicerContext
+                 ) -> tuple[_Header, bytes]:
         """Read the stream: header checks as soon as the first message is in, then the bytes."""
         stream = iter(messages)
         first = next(stream, None)
@@ -130,10 +150,14 @@ class AggregatorService(agrpc.AggregatorServicer):
             raise _Refusal(_Code.INVALID_ARGUMENT, "Submit stream was empty; send AdapterUpload messages with "
                                                    "client_id, round, num_samples and the adapter bytes")
         header = _Header(first.client_id, first.round, first.num_samples)
-        self._check_client(header.client_id, header.round)
+        self._check_client(header.client_id, header.round, context)
         if header.num_samples == 0:
             raise _Refusal(_Code.INVALID_ARGUMENT, f"client {header.client_id!r} sent num_samples=0; set it to the "
                                                    "number of training samples behind the adapter (it weights the average)")
+        problem = self._verify_claim(header.client_id, header.round, header.num_samples) if self._verify_claim else None
+        if problem:
+            raise _Refusal(_Code.FAILED_PRECONDITION, f"submission of client {header.client_id!r} for round "
+                                                      f"{header.round} refused: {problem}")
         with self._cond:
             self._check_open(header)  # fail fast before reading a large upload; re-checked on accept
         pieces, size = [], 0
@@ -146,10 +170,17 @@ class AggregatorService(agrpc.AggregatorServicer):
             pieces.append(msg.safetensors_chunk)
         return header, b"".join(pieces)
 
-    def _check_client(self, client_id: str, round: int) -> None:
+    def _check_client(self, client_id: str, round: int, context: grpc.ServicerContext) -> None:
         """Checks shared by Submit and FetchGlobal that need no round state."""
         if not client_id:
             raise _Refusal(_Code.INVALID_ARGUMENT, "client_id is empty; set it to this client's id")
+        if not CLIENT_ID_PATTERN.match(client_id):
+            raise _Refusal(_Code.INVALID_ARGUMENT, f"client id {client_id[:80]!r} must be 1-64 characters of letters, "
+                                                   "digits, '.', '_' or '-', starting with a letter or digit")
+        try:
+            self._auth.check_client(context, client_id)
+        except AccessDenied as denied:
+            raise _Refusal(denied.code, denied.message) from None
         if self._is_enrolled is not None and not self._is_enrolled(client_id):
             raise _Refusal(_Code.PERMISSION_DENIED, f"client {client_id!r} is not enrolled with this aggregator; "
                                                     "check its client id and enrolment")
@@ -169,6 +200,15 @@ class AggregatorService(agrpc.AggregatorServicer):
         if header.client_id in self._pending:
             raise _Refusal(_Code.ALREADY_EXISTS, f"client {header.client_id!r} already submitted for round {r}; "
                                                  "wait for the round to close and fetch its global adapter")
+        self._check_member(header.client_id)
+
+    def _check_member(self, client_id: str) -> None:
+        """Without an enrolment check, the first `expected_clients` ids accepted are the only ones served."""
+        if (self._is_enrolled is None and client_id not in self._members
+                and len(self._members) >= self.expected_clients):
+            raise _Refusal(_Code.PERMISSION_DENIED, f"client {client_id!r} is not enrolled: this aggregator serves "
+                                                    f"the {self.expected_clients} clients that submitted first "
+                                                    f"({', '.join(sorted(self._members))})")
 
     def _parse(self, header: _Header, data: bytes) -> tuple[AdapterState, AdapterState | None]:
         """Decode and check the adapter outside the lock; return it and the reference it was checked against."""
@@ -196,6 +236,7 @@ class AggregatorService(agrpc.AggregatorServicer):
                 self._close_round(pending)
             else:
                 self._pending = pending
+            self._members.add(header.client_id)
             if self._reference is None:
                 self._reference = {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
             return len(pending)
@@ -206,7 +247,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         ids = sorted(pending)
         weights = [pending[c][0] for c in ids]
         try:
-            glob = aggregate([pending[c][1] for c in ids], weights, mode="fedavg")
+            glob = aggregate([pending[c][1] for c in ids], weights, mode=self.mode, clip_norm=self.clip_norm,
+                             reference=self._previous, trim_fraction=self.trim_fraction)
             data = to_bytes(glob)
             path = self.round_path(r)
             if path is not None:
@@ -218,8 +260,9 @@ class AggregatorService(agrpc.AggregatorServicer):
         while len(self._cache) > KEEP_IN_MEMORY:
             self._cache.popitem(last=False)
         self._summary[r] = (len(ids), sum(weights))
-        self._pending = {}
-        log.info("round %d closed: %d clients, %d samples", r, len(ids), sum(weights))
+        self._pending, self._previous = {}, glob
+        log.info("round %d closed (%s%s): %d clients, %d samples", r, self.mode,
+                 f", updates clipped to norm {self.clip_norm}" if self.clip_norm else "", len(ids), sum(weights))
         if self._on_round_closed is not None:
             try:
                 self._on_round_closed(r, glob)
@@ -233,7 +276,15 @@ class AggregatorService(agrpc.AggregatorServicer):
                     context: grpc.ServicerContext) -> Iterator[apb.AdapterDownload]:
         """Wait for the round to close, then stream its global adapter in `chunk_bytes` pieces."""
         try:
-            self._check_client(request.client_id, request.round)
+            self._check_client(request.client_id, request.round, context)
+            with self._cond:
+                self._check_member(request.client_id)
+            chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
+            if chunk is None:
+                raise _Refusal(_Code.INVALID_ARGUMENT, f"the client accepts messages of at most "
+                                                       f"{request.max_message_bytes} bytes; at least "
+                                                       f"{MIN_CHUNK_BYTES + ENVELOPE_BYTES} are needed (raise the "
+                                                       "client's --max-message-bytes)")
             if not self._wait_closed(request.round, context):
                 return  # cancelled or past its deadline while waiting
             data = self._global_bytes(request.round)
@@ -245,9 +296,9 @@ class AggregatorService(agrpc.AggregatorServicer):
             context.abort(refusal.code, refusal.message)
             raise  # unreachable: abort raises
         num_clients, total_samples = self._summary[request.round]
-        for offset in range(0, len(data), self.chunk_bytes):
+        for offset in range(0, len(data), chunk):
             yield apb.AdapterDownload(round=request.round, num_clients=num_clients, total_samples=total_samples,
-                                      safetensors_chunk=data[offset:offset + self.chunk_bytes])
+                                      safetensors_chunk=data[offset:offset + chunk])
         with self._cond:
             self._fetched.setdefault(request.round, set()).add(request.client_id)
 

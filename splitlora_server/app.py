@@ -6,7 +6,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -19,7 +19,9 @@ from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.split.parts import SplitPart
+from common.tls import add_port
 from splitlora_server.aggregator import AggregatorService
+from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
 from splitlora_server.config import AggregateConfig, ServeConfig
 from splitlora_server.engine import ServerEngine
 from splitlora_server.frames import FrameLimits
@@ -30,9 +32,9 @@ log = logging.getLogger("splitlora.server")
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
 
 
-def _grpc_server(max_workers: int, options: list[tuple[str, int]]) -> grpc.Server:
+def _grpc_server(max_workers: int, options: list[tuple[str, int]], auth: Authenticator) -> grpc.Server:
     return grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="splitlora-rpc"),
-                       options=options)
+                       options=options, interceptors=[AuthInterceptor(auth)])
 
 
 def _add_health(server: grpc.Server, *services: str) -> health.HealthServicer:
@@ -55,6 +57,7 @@ class RunningServer:
     registry: Registry
     service: SplitTrainingService
     aggregator: AggregatorService | None
+    stop_requested: threading.Event = field(default_factory=threading.Event)  # set by the admin Shutdown call
 
     def wait_finished(self, stop: threading.Event | None = None) -> bool:
         """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
@@ -95,8 +98,12 @@ class RunningServer:
         self.engine.stop()
 
 
-def start_server(cfg: ServeConfig) -> RunningServer:
-    """Load the server part, start the engine and serve SplitTraining (+ Aggregator, + health)."""
+def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> RunningServer:
+    """Load the server part, start the engine and serve SplitTraining (+ Aggregator, + health); the admin
+    Shutdown call sets `stop`."""
+    cfg.validate_tls()  # secure by default: no certificates and no --insecure is refused before anything starts
+    auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the split server")
+    stop = stop if stop is not None else threading.Event()
     model_dir = cfg.model_dir()
     lora = cfg.lora_settings()
     part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
@@ -113,19 +120,21 @@ def start_server(cfg: ServeConfig) -> RunningServer:
                             label_smoothing=cfg.label_smoothing, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm)
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
-                                   cfg.max_message_bytes, cfg.chunk_bytes)
-    server = _grpc_server(cfg.max_workers, cfg.grpc_options())
+                                   cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
+    server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
     aggregator = None
     if not cfg.aggregator:
         aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",
                                        max_adapter_bytes=cfg.max_adapter_bytes,
-                                       is_enrolled=lambda cid: cid in registry.clients, chunk_bytes=cfg.chunk_bytes)
+                                       is_enrolled=lambda cid: cid in registry.clients, chunk_bytes=cfg.chunk_bytes,
+                                       mode=cfg.aggregation, clip_norm=cfg.clip_norm, trim_fraction=cfg.trim_fraction,
+                                       auth=auth, verify_claim=registry.verify_claim)
         agrpc.add_AggregatorServicer_to_server(aggregator, server)
     _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator")
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the split server")
     server.start()
-    return RunningServer(server, port, cfg, part, engine, registry, service, aggregator)
+    return RunningServer(server, port, cfg, part, engine, registry, service, aggregator, stop)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -138,7 +147,7 @@ def _stop_on_signals() -> threading.Event:
 def serve(cfg: ServeConfig) -> int:
     """Run `splitlora-server serve` until training ends (exit 0) or a signal stops it (exit 1)."""
     stop = _stop_on_signals()
-    running = start_server(cfg)
+    running = start_server(cfg, stop)
     log.info("listening on %s:%d; expecting %d clients for %d rounds of %d steps", cfg.host, running.port,
              cfg.clients, cfg.rounds, cfg.local_steps)
     print(f"splitlora-server listening on {cfg.host}:{running.port}", flush=True)
@@ -153,13 +162,15 @@ def serve(cfg: ServeConfig) -> int:
 def aggregate(cfg: AggregateConfig) -> int:
     """Run `splitlora-server aggregate`: the aggregator alone."""
     stop = _stop_on_signals()
-    options = [("grpc.max_send_message_length", cfg.max_message_bytes),
-               ("grpc.max_receive_message_length", cfg.max_message_bytes)]
-    server = _grpc_server(cfg.max_workers, options)
-    aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes)
+    cfg.validate_tls()
+    auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the aggregator")
+    server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
+    aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
+                                   chunk_bytes=cfg.chunk_bytes, mode=cfg.aggregation, clip_norm=cfg.clip_norm,
+                                   trim_fraction=cfg.trim_fraction, auth=auth)
     agrpc.add_AggregatorServicer_to_server(aggregator, server)
     _add_health(server, "splitlora.v1.Aggregator")
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the aggregator")
     server.start()
     print(f"splitlora-server aggregate listening on {cfg.host}:{port}", flush=True)
     while not stop.is_set() and not aggregator.finished:

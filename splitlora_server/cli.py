@@ -1,10 +1,15 @@
-"""`splitlora-server`: serve, aggregate, export, status."""
+"""`splitlora-server`: serve, aggregate, export, and the security and admin commands (certs, tokens, status,
+shutdown)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from common.cli import add_command, run_main
+from splitlora_server.admin import ShutdownConfig, StatusConfig
+from splitlora_server.certs import CertsConfig
 from splitlora_server.config import AggregateConfig, ExportConfig, ServeConfig
+from splitlora_server.tokens import TokenAddConfig, TokenRemoveConfig
 
 
 def _serve(cfg: ServeConfig) -> int:
@@ -23,14 +28,61 @@ def _export(cfg: ExportConfig) -> int:
     return 0
 
 
+def _certs(cfg: CertsConfig) -> int:
+    from splitlora_server.certs import make_certs
+    for path in make_certs(cfg):
+        print(path)
+    return 0
+
+
+def _token_add(cfg: TokenAddConfig) -> int:
+    from splitlora_server.tokens import add_token
+    token = add_token(cfg)
+    print(f"token of {cfg.identity!r} (shown once; its hash is in {cfg.tokens_file}):", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def _token_remove(cfg: TokenRemoveConfig) -> int:
+    from splitlora_server.tokens import remove_token
+    remove_token(cfg)
+    print(f"revoked the token of {cfg.identity!r}; restart the servers that read {cfg.tokens_file}", file=sys.stderr)
+    return 0
+
+
+def _admin(call):
+    def run(cfg) -> int:
+        import grpc
+        try:
+            out = call(cfg)
+        except grpc.RpcError as err:
+            print(f"splitlora-server: the server refused: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+        if out:
+            print(out)
+        return 0
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line interface of the server."""
+    from splitlora_server.admin import shutdown, status
+
     parser = argparse.ArgumentParser(prog="splitlora-server",
                                      description="SplitLoRA server: split federated LoRA fine-tuning over gRPC.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_command(sub, "serve", ServeConfig, _serve, "run the split-training server (with the aggregator by default)")
     add_command(sub, "aggregate", AggregateConfig, _aggregate, "run the aggregator alone")
     add_command(sub, "export", ExportConfig, _export, "merge client and server adapters into one PEFT adapter")
+    add_command(sub, "certs", CertsConfig, _certs, "create a CA, a server certificate and client certificates")
+    tokens = sub.add_parser("tokens", help="manage bearer tokens (the server keeps only their hashes)",
+                            description="Manage the bearer tokens file a server checks tokens against.")
+    token_sub = tokens.add_subparsers(dest="tokens_command", metavar="ACTION")
+    add_command(token_sub, "add", TokenAddConfig, _token_add, "create a token for ID and print it once")
+    add_command(token_sub, "remove", TokenRemoveConfig, _token_remove, "revoke the token of ID")
+    add_command(sub, "status", StatusConfig, _admin(status), "show a running server's progress (admin)")
+    add_command(sub, "shutdown", ShutdownConfig, _admin(lambda cfg: shutdown(cfg) or "shutdown requested"),
+                "stop a running server (admin)")
     return parser
 
 

@@ -1,15 +1,56 @@
 """Typed configs of the server's commands: serve, aggregate, export."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
+from common.aggregation import DEFAULT_TRIM_FRACTION, MODES
 from common.config import ModelOptions, TransportOptions
 from common.configuration import ConfigError, option
+from common.tls import ServerTlsOptions
 from common.wire import CODEC_NAMES
 
 
 @dataclass
-class ServeConfig(ModelOptions, TransportOptions):
+class AuthOptions:
+    """Where client identities come from besides mTLS certificates."""
+
+    tokens_file: str = option("", "Bearer tokens file (identity -> sha256 of the token) made with `splitlora-server "
+                                  "tokens add`; callers then need a token or a client certificate.", metavar="FILE")
+
+    def validate_auth(self) -> None:
+        """The tokens file exists."""
+        if self.tokens_file and not Path(self.tokens_file).is_file():
+            raise ConfigError(f"tokens_file: {self.tokens_file} does not exist; create it with "
+                              "`splitlora-server tokens add ID --tokens-file FILE`")
+
+
+@dataclass
+class AggregationOptions:
+    """How the aggregator combines the clients' adapters each round."""
+
+    aggregation: str = option("fedavg", "fedavg: sample-weighted mean; median / trimmed-mean: coordinate-wise, "
+                                        "each client counted once, robust to a minority of bad clients.",
+                              choices=sorted(MODES))
+    clip_norm: float = option(0.0, "Clip each client's update (its adapter minus the previous global adapter) to "
+                                   "this L2 norm before combining (0: off).")
+    trim_fraction: float = option(DEFAULT_TRIM_FRACTION, "trimmed-mean: fraction of clients dropped at each end "
+                                                         "of every coordinate.")
+
+    def validate_aggregation(self, clients: int) -> None:
+        """Settings that protect something with `clients` clients per round."""
+        if not (self.clip_norm >= 0 and math.isfinite(self.clip_norm)):
+            raise ConfigError(f"clip_norm must be a finite number >= 0, got {self.clip_norm}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.aggregation == "trimmed-mean" and math.floor(self.trim_fraction * clients) == 0:
+            raise ConfigError(f"trimmed-mean with --trim-fraction {self.trim_fraction} and {clients} clients trims "
+                              f"no client; raise --trim-fraction to at least {1 / clients:.3g}")
+
+
+@dataclass
+class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -44,6 +85,9 @@ class ServeConfig(ModelOptions, TransportOptions):
         """Reject settings that cannot work, with the reason."""
         self.validate_model()
         self.validate_transport()
+        self.validate_tls()
+        self.validate_auth()
+        self.validate_aggregation(self.clients)
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -57,7 +101,7 @@ class ServeConfig(ModelOptions, TransportOptions):
 
 
 @dataclass
-class AggregateConfig:
+class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions):
     """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
     see client adapters."""
 
@@ -67,7 +111,6 @@ class AggregateConfig:
     rounds: int = option(5, "Federated rounds.")
     output: str = option("runs/aggregator", "Directory for the global adapters of each round.")
     max_adapter_bytes: int = option(512 << 20, "Largest client adapter accepted, in bytes.")
-    max_message_bytes: int = option(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
     max_workers: int = option(64, "gRPC handler threads.")
     finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
                                                "final adapter before shutting down.")
@@ -77,6 +120,10 @@ class AggregateConfig:
         for name in ("clients", "rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.validate_transport()
+        self.validate_tls()
+        self.validate_auth()
+        self.validate_aggregation(self.clients)
 
 
 @dataclass

@@ -7,7 +7,8 @@ import torch
 
 from common.loss import IGNORE_INDEX
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from common.wire import WireError, decode_tensor
+from common.rpc.splitlora.v1 import tensor_pb2 as tpb
+from common.wire import WireError, codec_name, decode_tensor
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 
@@ -44,14 +45,18 @@ def _int_tensor(msg, name: str, shape: tuple[int, int], limits: FrameLimits) -> 
     return t.to(torch.int64)
 
 
-def decode_step(frame: spb.StepForward, limits: FrameLimits) -> DecodedStep:
-    """Decode a StepForward; raise WireError naming the first problem found."""
+def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None = None) -> DecodedStep:
+    """Decode a StepForward (hidden in `codec`, the one negotiated at Join, when given); raise WireError naming
+    the first problem found."""
     if not frame.hidden.ByteSize():
         raise WireError("hidden is missing")
     hidden = decode_tensor(frame.hidden, name="hidden",
                            max_elements=limits.max_batch * limits.max_seq_len * limits.hidden_size)
     if not hidden.is_floating_point():
         raise WireError(f"hidden must be a float tensor, got {hidden.dtype}")
+    if codec is not None and (frame.hidden.codec or tpb.CODEC_RAW) != (codec or tpb.CODEC_RAW):
+        raise WireError(f"hidden is encoded as {codec_name(frame.hidden.codec)}, but {codec_name(codec)} was "
+                        "negotiated at Join")
     if hidden.dim() != 3 or hidden.shape[-1] != limits.hidden_size:
         raise WireError(f"hidden has shape {list(hidden.shape)}, expected (batch, seq, {limits.hidden_size})")
     batch, seq = int(hidden.shape[0]), int(hidden.shape[1])

@@ -33,6 +33,7 @@ class ClientRecord:
     tokens: int = 0
     samples_by_round: dict[int, int] = field(default_factory=dict)
     codec: int = 1  # negotiated activation/gradient codec (CODEC_RAW)
+    chunk_bytes: int = 4 << 20  # negotiated piece size of large frames, both ways
     step_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
@@ -51,7 +52,7 @@ class Registry:
     def join(self, client_id: str) -> ClientRecord:
         """Enrol a new client or renew a known one's session."""
         if not CLIENT_ID_PATTERN.match(client_id):
-            raise RegistryError("invalid", f"client id {client_id!r} must be 1-64 characters of letters, digits, "
+            raise RegistryError("invalid", f"client id {client_id[:80]!r} must be 1-64 characters of letters, digits, "
                                            "'.', '_' or '-', starting with a letter or digit")
         with self.lock:
             record = self.clients.get(client_id)
@@ -74,6 +75,19 @@ class Registry:
         if not secrets.compare_digest(record.session, session):
             raise RegistryError("session", f"session of client {client_id!r} is not current; join again")
         return record
+
+    def verify_claim(self, client_id: str, rnd: int, num_samples: int) -> str | None:
+        """Why a client's adapter submission for round `rnd` cannot be true, or None if it can."""
+        with self.lock:
+            record = self.clients.get(client_id)
+            if record is None:
+                return f"client {client_id!r} has not joined the split server"
+            end, trained = (rnd + 1) * self.local_steps, record.samples_by_round.get(rnd, 0)
+            if record.next_step < end:
+                return f"it has trained {record.next_step} steps and round {rnd} ends at step {end}"
+        if num_samples > trained:
+            return f"it claims {num_samples} samples but trained on {trained} in round {rnd}"
+        return None
 
     def round_of(self, step: int) -> int:
         """The round a client step belongs to."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -12,7 +12,9 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.fingerprint import differences
+from common.limits import ENVELOPE_BYTES, MIN_CHUNK_BYTES, negotiated_chunk
 from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
+from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine import ServerEngine, StepInputs
 from splitlora_server.frames import FrameLimits, decode_step
 from splitlora_server.registry import ClientRecord, Registry, RegistryError
@@ -30,8 +32,10 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
 
     def __init__(self, engine: ServerEngine, registry: Registry, fingerprint: spb.Fingerprint,
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
-                 max_message_bytes: int, chunk_bytes: int) -> None:
+                 max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
+                 on_shutdown: Callable[[str], None] | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
+        self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
         self.schedule, self.limits = schedule, limits
         self.codecs = [codec_from_name(c) for c in codecs]
         self.aggregator_address = aggregator_address
@@ -39,6 +43,12 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
 
     # -- handshake -------------------------------------------------------------------------------------------
     def Join(self, request: spb.JoinRequest, context: grpc.ServicerContext) -> spb.JoinReply:
+        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
+        chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
+        if chunk is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"the client accepts messages of at most {request.max_message_bytes} bytes; at least "
+                          f"{MIN_CHUNK_BYTES + ENVELOPE_BYTES} are needed (raise the client's --max-message-bytes)")
         diff = differences(self.fingerprint, request.fingerprint)
         if diff:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -47,13 +57,13 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             record = self.registry.join(request.client_id)
         except RegistryError as err:
             context.abort(_STATUS_BY_KIND[err.kind], str(err))
-        record.codec = self._negotiate(list(request.codecs))
+        record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
         self.engine.add_client(record.client_id).result()
         log.info("client %s joined (codec %s, next step %d)", record.client_id, codec_name(record.codec),
                  record.next_step)
         return spb.JoinReply(session=record.session, schedule=self.schedule,
                              aggregator_address=self.aggregator_address, codec=record.codec,
-                             max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes,
+                             max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
                              start_round=self.registry.round_of(record.next_step),
                              num_clients=self.registry.expected, server_version=VERSION)
 
@@ -70,6 +80,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if not client_id or not session:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           f"missing {CLIENT_ID_KEY} / {SESSION_KEY} metadata; call Join first")
+        abort_if_denied(context, lambda: self.auth.check_client(context, client_id))
         try:
             return self.registry.authenticate(client_id, session)
         except RegistryError as err:
@@ -104,7 +115,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 elif kind != "forward":
                     self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, "empty frame: set forward or part")
                 reply = self._step(record, frame.forward, context)
-                for out in chunked([spb.ServerFrame(backward=reply)], spb.ServerFrame, self.chunk_bytes):
+                for out in chunked([spb.ServerFrame(backward=reply)], spb.ServerFrame, record.chunk_bytes):
                     record.bytes_out += out.ByteSize()
                     yield out
         finally:
@@ -128,7 +139,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} belongs to round {self.registry.round_of(fwd.step)}, frame says {fwd.round}")
         try:
-            step = decode_step(fwd, self.limits)
+            step = decode_step(fwd, self.limits, record.codec)
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
         try:
@@ -158,3 +169,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         return spb.StatusReply(round=reg.current_round(), rounds=reg.rounds, steps=reg.total_steps,
                                steps_per_second=reg.steps_per_second(), clients=clients,
                                server_adapter_mode=self.engine.mode, finished=reg.finished.is_set())
+
+    # -- shutdown (the interceptor lets only the admin credential through) ------------------------------------
+    def Shutdown(self, request: spb.ShutdownRequest, context: grpc.ServicerContext) -> spb.ShutdownReply:
+        if self.on_shutdown is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server cannot be shut down remotely")
+        log.warning("shutdown requested by %s: %r", context.peer(), request.reason[:200] or "(no reason given)")
+        self.on_shutdown(request.reason)
+        return spb.ShutdownReply()

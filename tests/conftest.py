@@ -32,3 +32,24 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def deployment_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Certificates made by the certs helper: CA, server (localhost, 127.0.0.1), alice, bob, carol and admin."""
+    from splitlora_server.certs import CertsConfig, make_certs
+
+    path = tmp_path_factory.mktemp("certs")
+    make_certs(CertsConfig(output=str(path), server_names=["localhost", "127.0.0.1"],
+                           clients=["alice", "bob", "carol"], days=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def rogue_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another CA's certificates with the same names: what an impostor could make for itself."""
+    from splitlora_server.certs import CertsConfig, make_certs
+
+    path = tmp_path_factory.mktemp("rogue-certs")
+    make_certs(CertsConfig(output=str(path), clients=["alice"], days=2))
+    return path

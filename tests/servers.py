@@ -26,6 +26,7 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.split.parts import LoraSettings, SplitPart
+from common.tls import ClientTlsOptions, open_channel
 from common.wire import Reassembler, decode_tensor, encode_tensor
 from splitlora_server.app import RunningServer, start_server
 from splitlora_server.config import ServeConfig
@@ -38,8 +39,10 @@ RPC_TIMEOUT = 30.0
 
 
 def serve_config(model_dir: Path, output: Path, **overrides: object) -> ServeConfig:
-    """A ServeConfig for the built-in model on 127.0.0.1:0 with the small schedule (plus `overrides`)."""
-    values = {"model": str(model_dir), "host": "127.0.0.1", "port": 0, "output": str(output),
+    """A ServeConfig for the built-in model on 127.0.0.1:0 with the small schedule (plus `overrides`); plaintext
+    unless the overrides give TLS files."""
+    tls = any(k.startswith("tls_") for k in overrides)
+    values = {"model": str(model_dir), "host": "127.0.0.1", "port": 0, "output": str(output), "insecure": not tls,
               **SMALL_SCHEDULE, **overrides}
     cfg = ServeConfig(**values)  # type: ignore[arg-type]
     cfg.validate()
@@ -74,14 +77,16 @@ class Harness:
 
 
 @contextmanager
-def running_server(model_dir: Path, output: Path, **overrides: object) -> Iterator[Harness]:
-    """Start a split server from `serve_config(model_dir, output, **overrides)`; stop it on exit."""
+def running_server(model_dir: Path, output: Path, client_tls: ClientTlsOptions | None = None,
+                   **overrides: object) -> Iterator[Harness]:
+    """Start a split server from `serve_config(model_dir, output, **overrides)`; stop it on exit. The harness
+    channel connects with `client_tls` (default: plaintext)."""
     cfg = serve_config(model_dir, output, **overrides)
     running = start_server(cfg)
     # The client side of the channel accepts anything the server may send; tests that need a limit set their own.
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}",
-                                    options=[("grpc.max_receive_message_length", 256 << 20),
-                                             ("grpc.max_send_message_length", 256 << 20)])
+    channel = open_channel(f"127.0.0.1:{running.port}", client_tls or ClientTlsOptions(insecure=True),
+                           options=[("grpc.max_receive_message_length", 256 << 20),
+                                    ("grpc.max_send_message_length", 256 << 20)])
     try:
         grpc.channel_ready_future(channel).result(timeout=RPC_TIMEOUT)
         yield Harness(running, channel, sgrpc.SplitTrainingStub(channel))
@@ -118,11 +123,12 @@ class Joined:
 
 
 def join(harness: Harness, client_id: str, fingerprint: spb.Fingerprint | None = None,
-         codecs: Sequence[int] = (tpb.CODEC_RAW,)) -> Joined:
-    """Join as `client_id` (with the server's own fingerprint unless one is given); RpcError if refused."""
+         codecs: Sequence[int] = (tpb.CODEC_RAW,), stub: sgrpc.SplitTrainingStub | None = None) -> Joined:
+    """Join as `client_id` (with the server's own fingerprint unless one is given) through the harness channel
+    or `stub`; RpcError if refused."""
     fp = fingerprint if fingerprint is not None else server_fingerprint(harness)
-    reply = harness.stub.Join(spb.JoinRequest(client_id=client_id, fingerprint=fp, codecs=list(codecs)),
-                              timeout=RPC_TIMEOUT)
+    reply = (stub or harness.stub).Join(spb.JoinRequest(client_id=client_id, fingerprint=fp, codecs=list(codecs)),
+                                        timeout=RPC_TIMEOUT)
     return Joined(client_id, reply, metadata(client_id, reply.session))
 
 

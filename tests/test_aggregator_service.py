@@ -215,3 +215,16 @@ def test_expired_fetches_free_their_threads(start: Start) -> None:
         assert rpc_error(fetch_global, stub, "a", 0, timeout=0.2).code() == Code.DEADLINE_EXCEEDED
     time.sleep(0.7)  # waiting fetches notice within WAIT_SLICE_S
     assert submit_adapter(stub, "a", 0, 1, adapter(1.0), timeout=2).submitted == 1
+
+
+def test_without_enrolment_the_first_clients_are_the_only_ones_served(start: Start) -> None:
+    service, stub = start(expected_clients=2, rounds=2)
+    submit_adapter(stub, "a", 0, 1, adapter(1.0), timeout=5)
+    submit_adapter(stub, "b", 0, 1, adapter(3.0), timeout=5)
+    for call in (lambda: submit_adapter(stub, "intruder", 1, 1, adapter(9.0), timeout=5),
+                 lambda: fetch_global(stub, "intruder", 0, timeout=5)):
+        err = rpc_error(call)
+        assert err.code() == Code.PERMISSION_DENIED
+        assert "serves the 2 clients that submitted first (a, b)" in err.details()
+    assert submit_adapter(stub, "a", 1, 1, adapter(2.0), timeout=5).submitted == 1
+    assert fetch_global(stub, "b", 0, timeout=5)[1] == 2

@@ -34,7 +34,7 @@ def test_missing_model_directory_is_a_config_error(capsys, tmp_path: Path):
 
 
 def test_missing_data_file_is_a_config_error(capsys, tmp_path: Path):
-    assert _exit_code(client_main, ["train", "--data", str(tmp_path / "missing.txt")]) == 2
+    assert _exit_code(client_main, ["train", "--insecure", "--data", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -46,14 +46,15 @@ def test_yaml_config_unknown_key_suggests_the_right_one(capsys, tmp_path: Path):
 
 
 def test_split_layer_out_of_range_is_one_clear_line(capsys, builtin_model_dir: Path):
-    code = _exit_code(server_main, ["serve", "--model", str(builtin_model_dir), "--split-layer", "6", "--port", "0"])
+    code = _exit_code(server_main, ["serve", "--insecure", "--model", str(builtin_model_dir), "--split-layer", "6",
+                                      "--port", "0"])
     assert code == 1
     err = capsys.readouterr().err
     assert "split layer 6 is outside [1, 5]" in err and "Traceback" not in err
 
 
 def test_bad_server_address_is_a_config_error(capsys):
-    assert _exit_code(client_main, ["train", "--server", "no-port-here"]) == 2
+    assert _exit_code(client_main, ["train", "--insecure", "--server", "no-port-here"]) == 2
     assert "is not host:port" in capsys.readouterr().err
 
 
@@ -64,6 +65,6 @@ def test_no_or_unknown_command(argv, capsys):
 
 def test_hub_id_offline_is_one_clear_line(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert _exit_code(server_main, ["serve", "--model", "no-such-org/no-such-model", "--port", "0"]) == 1
+    assert _exit_code(server_main, ["serve", "--insecure", "--model", "no-such-org/no-such-model", "--port", "0"]) == 1
     err = capsys.readouterr().err
     assert "could not be downloaded from the Hugging Face hub" in err and "Traceback" not in err

@@ -1,4 +1,5 @@
-"""Real processes through the console scripts: a server (with its aggregator) and two clients train two rounds."""
+"""Real processes through the console scripts: `splitlora-server certs` makes the certificates, then a server (with
+its aggregator) and two clients train two rounds over mutual TLS."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,21 @@ TRAINING = ["--rounds", "2", "--local-steps", "6", "--batch-size", "4", "--learn
             "--warmup-steps", "1", "--seed", "0", "--lora-targets", "c_attn,c_fc"]
 
 
+def _make_certs(certs: Path, env: dict[str, str]) -> None:
+    done = subprocess.run([str(BIN / "splitlora-server"), "certs", "--output", str(certs), "--server-names",
+                           "server,localhost,127.0.0.1", "--clients", "alice,bob", "--days", "2"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    names = {"ca", "server", "alice", "bob", "admin"}
+    assert {p.name for p in certs.iterdir()} == {f"{n}.{ext}" for n in names for ext in ("pem", "key")}
+    assert all((certs / f"{n}.key").stat().st_mode & 0o777 == 0o600 for n in names)
+
+
+def _server_tls(certs: Path) -> list[str]:
+    return ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
+            "--tls-ca", str(certs / "ca.pem"), "--require-client-cert"]
+
+
 def _start(tmp: Path, name: str, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     """Start a server command on port 0 and read the port it prints."""
     log = (tmp / f"{name}.log").open("w")
@@ -29,10 +45,11 @@ def _start(tmp: Path, name: str, args: list[str], env: dict[str, str]) -> tuple[
     return proc, int(match.group(1))
 
 
-def _clients(port: int, tmp: Path, env: dict[str, str], extra: list[str] = ()) -> list[subprocess.Popen]:
-    return [subprocess.Popen([str(BIN / "splitlora-client"), "train", "--server", f"127.0.0.1:{port}",
+def _clients(port: int, tmp: Path, env: dict[str, str], certs: Path) -> list[subprocess.Popen]:
+    return [subprocess.Popen([str(BIN / "splitlora-client"), "train", "--server", f"localhost:{port}",
                               "--client-id", name, "--seed", str(i), "--output", str(tmp / name),
-                              "--no-progress", "--lora-targets", "c_attn,c_fc", *extra],
+                              "--no-progress", "--lora-targets", "c_attn,c_fc", "--tls-ca", str(certs / "ca.pem"),
+                              "--tls-cert", str(certs / f"{name}.pem"), "--tls-key", str(certs / f"{name}.key")],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             for i, name in enumerate(("alice", "bob"))]
 
@@ -54,11 +71,14 @@ def _losses(path: Path) -> dict[int, list[float]]:
     return by_round
 
 
-def test_two_clients_two_rounds_through_console_scripts(tmp_path: Path, builtin_model_dir: Path):
+def test_two_clients_two_rounds_over_mutual_tls_through_console_scripts(tmp_path: Path, builtin_model_dir: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    certs = tmp_path / "certs"
+    _make_certs(certs, env)
     server, port = _start(tmp_path, "server", ["serve", "--clients", "2", "--output", str(tmp_path / "server"),
-                                                "--finish-grace-seconds", "10", *TRAINING], env)
-    _wait_all([*_clients(port, tmp_path, env), server])
+                                                "--finish-grace-seconds", "10", *_server_tls(certs), *TRAINING], env)
+    _wait_all([*_clients(port, tmp_path, env, certs), server])
+    assert "serves TLS on" in (tmp_path / "server.log").read_text()
 
     for name in ("alice", "bob"):
         losses = _losses(tmp_path / name / "metrics.jsonl")
@@ -83,12 +103,15 @@ def test_two_clients_two_rounds_through_console_scripts(tmp_path: Path, builtin_
 def test_separate_aggregator_then_export_command(tmp_path: Path, builtin_model_dir: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     training = ["--rounds", "1", "--local-steps", "3", "--batch-size", "4", "--warmup-steps", "1"]
+    certs = tmp_path / "certs"
+    _make_certs(certs, env)
     aggregator, agg_port = _start(tmp_path, "aggregator", ["aggregate", "--clients", "2", "--rounds", "1",
-                                                           "--output", str(tmp_path / "aggregator")], env)
-    server, port = _start(tmp_path, "server", ["serve", "--clients", "2", "--aggregator", f"127.0.0.1:{agg_port}",
+                                                           "--output", str(tmp_path / "aggregator"),
+                                                           *_server_tls(certs)], env)
+    server, port = _start(tmp_path, "server", ["serve", "--clients", "2", "--aggregator", f"localhost:{agg_port}",
                                                "--output", str(tmp_path / "server"), *training,
-                                               "--lora-targets", "c_attn,c_fc"], env)
-    _wait_all([*_clients(port, tmp_path, env), server, aggregator])
+                                               "--lora-targets", "c_attn,c_fc", *_server_tls(certs)], env)
+    _wait_all([*_clients(port, tmp_path, env, certs), server, aggregator])
     assert not (tmp_path / "server" / "adapter").exists()  # the split server never saw the client adapters
     export = subprocess.run([str(BIN / "splitlora-server"), "export", "--aggregator-dir", str(tmp_path / "aggregator"),
                              "--server-adapter", str(tmp_path / "server" / "server_adapter.safetensors"),

@@ -14,10 +14,11 @@ from splitlora_server.config import ServeConfig
 
 def _run(out: Path, seed: int) -> tuple[dict, dict]:
     running = start_server(ServeConfig(port=0, clients=1, rounds=2, local_steps=3, batch_size=4, warmup_steps=1,
-                                       learning_rate=5e-3, seed=seed, output=str(out / "server")))
+                                       learning_rate=5e-3, seed=seed, output=str(out / "server"), insecure=True))
     try:
         client_path = train(TrainConfig(server=f"127.0.0.1:{running.port}", client_id="solo", seed=seed,
-                                        output=str(out / "solo"), progress=False, builtin_examples=32))
+                                        output=str(out / "solo"), progress=False, builtin_examples=32,
+                                        insecure=True))
         assert running.wait_finished()
         adapter = running.export()
     finally:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitlora/v1/aggregator.proto\x12\x0csplitlora.v1\"a\n\rAdapterUpload\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x19\n\x11safetensors_chunk\x18\x04 \x01(\x0c\"A\n\x0bSubmitReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\tsubmitted\x18\x02 \x01(\r\x12\x10\n\x08\x65xpected\x18\x03 \x01(\r\"0\n\x0c\x46\x65tchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"g\n\x0f\x41\x64\x61pterDownload\x12\r\n\x05round\x18\x01 \x01(\r\x12\x13\n\x0bnum_clients\x18\x02 \x01(\r\x12\x15\n\rtotal_samples\x18\x03 \x01(\x04\x12\x19\n\x11safetensors_chunk\x18\x04 \x01(\x0c\x32\x9c\x01\n\nAggregator\x12\x42\n\x06Submit\x12\x1b.splitlora.v1.AdapterUpload\x1a\x19.splitlora.v1.SubmitReply(\x01\x12J\n\x0b\x46\x65tchGlobal\x12\x1a.splitlora.v1.FetchRequest\x1a\x1d.splitlora.v1.AdapterDownload0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitlora/v1/aggregator.proto\x12\x0csplitlora.v1\"a\n\rAdapterUpload\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x19\n\x11safetensors_chunk\x18\x04 \x01(\x0c\"A\n\x0bSubmitReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\tsubmitted\x18\x02 \x01(\r\x12\x10\n\x08\x65xpected\x18\x03 \x01(\r\"K\n\x0c\x46\x65tchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\"g\n\x0f\x41\x64\x61pterDownload\x12\r\n\x05round\x18\x01 \x01(\r\x12\x13\n\x0bnum_clients\x18\x02 \x01(\r\x12\x15\n\rtotal_samples\x18\x03 \x01(\x04\x12\x19\n\x11safetensors_chunk\x18\x04 \x01(\x0c\x32\x9c\x01\n\nAggregator\x12\x42\n\x06Submit\x12\x1b.splitlora.v1.AdapterUpload\x1a\x19.splitlora.v1.SubmitReply(\x01\x12J\n\x0b\x46\x65tchGlobal\x12\x1a.splitlora.v1.FetchRequest\x1a\x1d.splitlora.v1.AdapterDownload0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREPLY']._serialized_start=146
   _globals['_SUBMITREPLY']._serialized_end=211
   _globals['_FETCHREQUEST']._serialized_start=213
-  _globals['_FETCHREQUEST']._serialized_end=261
-  _globals['_ADAPTERDOWNLOAD']._serialized_start=263
-  _globals['_ADAPTERDOWNLOAD']._serialized_end=366
-  _globals['_AGGREGATOR']._serialized_start=369
-  _globals['_AGGREGATOR']._serialized_end=525
+  _globals['_FETCHREQUEST']._serialized_end=288
+  _globals['_ADAPTERDOWNLOAD']._serialized_start=290
+  _globals['_ADAPTERDOWNLOAD']._serialized_end=393
+  _globals['_AGGREGATOR']._serialized_start=396
+  _globals['_AGGREGATOR']._serialized_end=552
 # @@protoc_insertion_point(module_scope)

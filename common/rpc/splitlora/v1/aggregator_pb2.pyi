@@ -27,12 +27,14 @@ class SubmitReply(_message.Message):
     def __init__(self, round: _Optional[int] = ..., submitted: _Optional[int] = ..., expected: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("client_id", "round")
+    __slots__ = ("client_id", "round", "max_message_bytes")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     round: int
-    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class AdapterDownload(_message.Message):
     __slots__ = ("round", "num_clients", "total_samples", "safetensors_chunk")

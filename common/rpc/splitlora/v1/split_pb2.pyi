@@ -30,16 +30,18 @@ class Fingerprint(_message.Message):
     def __init__(self, family: _Optional[str] = ..., config_sha256: _Optional[str] = ..., index_sha256: _Optional[str] = ..., client_weights_sha256: _Optional[str] = ..., split_layer: _Optional[int] = ..., lora_sha256: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("client_id", "fingerprint", "codecs", "client_version")
+    __slots__ = ("client_id", "fingerprint", "codecs", "client_version", "max_message_bytes")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     fingerprint: Fingerprint
     codecs: _containers.RepeatedScalarFieldContainer[_tensor_pb2.Codec]
     client_version: str
-    def __init__(self, client_id: _Optional[str] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., codecs: _Optional[_Iterable[_Union[_tensor_pb2.Codec, str]]] = ..., client_version: _Optional[str] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, client_id: _Optional[str] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., codecs: _Optional[_Iterable[_Union[_tensor_pb2.Codec, str]]] = ..., client_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class Schedule(_message.Message):
     __slots__ = ("rounds", "local_steps", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_seq_len", "label_smoothing", "seed", "max_grad_norm")
@@ -174,3 +176,13 @@ class StatusReply(_message.Message):
     server_adapter_mode: str
     finished: bool
     def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class ShutdownRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ShutdownReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

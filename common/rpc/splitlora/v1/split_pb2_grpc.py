@@ -49,6 +49,11 @@ class SplitTrainingStub:
                 request_serializer=splitlora_dot_v1_dot_split__pb2.StatusRequest.SerializeToString,
                 response_deserializer=splitlora_dot_v1_dot_split__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Shutdown = channel.unary_unary(
+                '/splitlora.v1.SplitTraining/Shutdown',
+                request_serializer=splitlora_dot_v1_dot_split__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=splitlora_dot_v1_dot_split__pb2.ShutdownReply.FromString,
+                _registered_method=True)
 
 
 class SplitTrainingServicer:
@@ -70,7 +75,14 @@ class SplitTrainingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Training progress, connected clients and errors.
+        """Training progress, connected clients and errors. Administrative: needs the admin credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Shutdown(self, request, context):
+        """Stop serving: steps in flight finish, then the process exits. Administrative: needs the admin credential.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +105,11 @@ def add_SplitTrainingServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=splitlora_dot_v1_dot_split__pb2.StatusRequest.FromString,
                     response_serializer=splitlora_dot_v1_dot_split__pb2.StatusReply.SerializeToString,
+            ),
+            'Shutdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.Shutdown,
+                    request_deserializer=splitlora_dot_v1_dot_split__pb2.ShutdownRequest.FromString,
+                    response_serializer=splitlora_dot_v1_dot_split__pb2.ShutdownReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +193,33 @@ class SplitTraining:
             '/splitlora.v1.SplitTraining/Status',
             splitlora_dot_v1_dot_split__pb2.StatusRequest.SerializeToString,
             splitlora_dot_v1_dot_split__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shutdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlora.v1.SplitTraining/Shutdown',
+            splitlora_dot_v1_dot_split__pb2.ShutdownRequest.SerializeToString,
+            splitlora_dot_v1_dot_split__pb2.ShutdownReply.FromString,
             options,
             channel_credentials,
             insecure,
