@@ -67,6 +67,7 @@ class AggregatorService(agrpc.AggregatorServicer):
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._summary: dict[int, tuple[int, int]] = {}  # round -> (num_clients, total_samples)
         self._fetched: dict[int, set[str]] = {}
+        self.submissions = self.refusals = self.bytes_received = 0  # counters for the metrics endpoint
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -118,6 +119,8 @@ class AggregatorService(agrpc.AggregatorServicer):
             submitted = self._accept(header, state, checked_against)
             return apb.SubmitReply(round=header.round, submitted=submitted, expected=self.expected_clients)
         except _Refusal as refusal:
+            with self._cond:
+                self.refusals += 1
             log.warning("refused submission: %s", refusal.message)
             context.abort(refusal.code, refusal.message)
             raise  # unreachable: abort raises
@@ -144,6 +147,8 @@ class AggregatorService(agrpc.AggregatorServicer):
                 raise _Refusal(_Code.RESOURCE_EXHAUSTED, f"adapter from client {header.client_id!r} exceeds "
                                                          f"{self.max_adapter_bytes} bytes; raise --max-adapter-bytes")
             pieces.append(msg.safetensors_chunk)
+        with self._cond:
+            self.bytes_received += size
         return header, b"".join(pieces)
 
     def _check_client(self, client_id: str, round: int) -> None:
@@ -196,6 +201,7 @@ class AggregatorService(agrpc.AggregatorServicer):
                 self._close_round(pending)
             else:
                 self._pending = pending
+            self.submissions += 1
             if self._reference is None:
                 self._reference = {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
             return len(pending)
@@ -219,7 +225,7 @@ class AggregatorService(agrpc.AggregatorServicer):
             self._cache.popitem(last=False)
         self._summary[r] = (len(ids), sum(weights))
         self._pending = {}
-        log.info("round %d closed: %d clients, %d samples", r, len(ids), sum(weights))
+        log.info("round %d closed: %d clients, %d samples", r, len(ids), sum(weights), extra={"round": r})
         if self._on_round_closed is not None:
             try:
                 self._on_round_closed(r, glob)
@@ -242,6 +248,8 @@ class AggregatorService(agrpc.AggregatorServicer):
                                                 "memory and was not written to disk; start the aggregator with an "
                                                 "output directory to serve old rounds")
         except _Refusal as refusal:
+            with self._cond:
+                self.refusals += 1
             context.abort(refusal.code, refusal.message)
             raise  # unreachable: abort raises
         num_clients, total_samples = self._summary[request.round]

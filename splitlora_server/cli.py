@@ -1,10 +1,11 @@
-"""`splitlora-server`: serve, aggregate, export, status."""
+"""`splitlora-server`: serve, aggregate, export, status, health."""
 from __future__ import annotations
 
 import argparse
 
 from common.cli import add_command, run_main
 from splitlora_server.config import AggregateConfig, ExportConfig, ServeConfig
+from splitlora_server import healthcheck, status
 
 
 def _serve(cfg: ServeConfig) -> int:
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(sub, "serve", ServeConfig, _serve, "run the split-training server (with the aggregator by default)")
     add_command(sub, "aggregate", AggregateConfig, _aggregate, "run the aggregator alone")
     add_command(sub, "export", ExportConfig, _export, "merge client and server adapters into one PEFT adapter")
+    add_command(sub, "status", status.StatusConfig, status.run,
+                "show a running server's clients, round, steps/s, bytes and errors", log_level="WARNING")
+    add_command(sub, "health", healthcheck.HealthConfig, healthcheck.run,
+                "exit 0 if a server or aggregator reports SERVING, else 1", log_level="WARNING")
     return parser
 
 

@@ -39,6 +39,7 @@ class ServeConfig(ModelOptions, TransportOptions):
     max_adapter_bytes: int = option(512 << 20, "Largest client adapter the aggregator accepts, in bytes.")
     finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
                                                "final adapter before shutting down.")
+    metrics_port: int = option(0, "Serve Prometheus metrics at http://HOST:PORT/metrics on this port; 0: off.")
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
@@ -47,8 +48,9 @@ class ServeConfig(ModelOptions, TransportOptions):
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         unknown = [c for c in self.codecs if c not in CODEC_NAMES]
@@ -71,12 +73,16 @@ class AggregateConfig:
     max_workers: int = option(64, "gRPC handler threads.")
     finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
                                                "final adapter before shutting down.")
+    metrics_port: int = option(0, "Serve Prometheus metrics at http://HOST:PORT/metrics on this port; 0: off.")
 
     def validate(self) -> None:
         """Reject settings that cannot work."""
         for name in ("clients", "rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
 
 
 @dataclass
