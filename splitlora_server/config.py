@@ -28,7 +28,8 @@ class ServeConfig(ModelOptions, TransportOptions):
     server_adapter_mode: str = option("shared", "shared: one server adapter updated by every client step; "
                                       "per-client: a copy per client, averaged at each round end.",
                                       choices=["shared", "per-client"])
-    device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...).")
+    device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...; auto: cuda when a GPU is "
+                                "visible, else cpu).")
     gradient_checkpointing: bool = option(False, "Recompute the server blocks' activations in the backward pass "
                                                  "instead of keeping them (less memory, more compute).")
     output: str = option("runs/server", "Directory for the exported adapter, checkpoints and metrics.")
@@ -45,6 +46,9 @@ class ServeConfig(ModelOptions, TransportOptions):
         """Reject settings that cannot work, with the reason."""
         self.validate_model()
         self.validate_transport()
+        if self.device == "auto":  # resolved here so that the logged effective config shows the choice
+            import torch
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
