@@ -132,3 +132,31 @@ def test_prometheus_endpoint_agrees_with_status(busy_server: Harness) -> None:
 
 def test_metrics_port_zero_is_off() -> None:
     assert metrics_for("127.0.0.1", 0) is None
+
+
+def test_client_healthcheck_follows_the_metrics_file(tmp_path: Path, capsys) -> None:
+    import os
+    import time
+
+    from splitlora_client import healthcheck as client_health
+
+    metrics = tmp_path / "metrics.jsonl"
+    assert client_health.main(["--metrics", str(metrics)]) == 1  # nothing written yet
+    metrics.write_text("{}\n")
+    assert client_health.main(["--metrics", str(metrics), "--max-age", "60"]) == 0
+    old = time.time() - 120
+    os.utime(metrics, (old, old))
+    assert client_health.main(["--metrics", str(metrics), "--max-age", "60"]) == 1
+    (tmp_path / "client_adapter.safetensors").write_bytes(b"")
+    assert client_health.main(["--metrics", str(metrics), "--max-age", "60"]) == 0  # finished
+    assert "no progress for" in capsys.readouterr().out
+
+
+def test_device_auto_picks_the_gpu_only_when_one_is_visible(builtin_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from splitlora_server.config import ServeConfig
+
+    cfg = ServeConfig(model=str(builtin_model_dir), device="auto", output=str(tmp_path))
+    cfg.validate()
+    assert cfg.device == ("cuda" if torch.cuda.is_available() else "cpu")
