@@ -137,7 +137,7 @@ def test_compose_file_runs_as_separate_hosts(tmp_path: Path) -> None:
 
     # the server's metrics were read by name from another host while it trained
     assert seen, "the metrics endpoint was never reachable from another namespace"
-    assert 'splitlora_clients_joined 2.0' in seen[-1]
+    assert any("splitlora_clients_joined 2.0" in text for text in seen)
     # logs are JSON lines that name client and round
     alice_log = [json.loads(line) for line in (tmp_path / "run" / "logs" / "alice.log").read_text().splitlines()
                  if line.startswith("{")]
