@@ -122,7 +122,11 @@ def start_metrics_server(host: str, port: int, *collectors: Collector) -> Metric
     registry = CollectorRegistry(auto_describe=False)
     for collector in collectors:
         registry.register(collector)
-    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        httpd, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as err:
+        raise ValueError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}; "
+                         "choose another --metrics-port") from err
     server = MetricsServer(httpd, thread, httpd.server_port)
     log.info("Prometheus metrics on http://%s:%d/metrics", host, server.port)
     return server

@@ -130,8 +130,13 @@ def test_prometheus_endpoint_agrees_with_status(busy_server: Harness) -> None:
     assert _value(families["splitlora_aggregator_submissions"]) == 0
 
 
-def test_metrics_port_zero_is_off() -> None:
+def test_metrics_port_zero_is_off_and_a_taken_port_is_one_clear_error() -> None:
     assert metrics_for("127.0.0.1", 0) is None
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ValueError, match="choose another --metrics-port"):
+            metrics_for("127.0.0.1", taken.getsockname()[1])
 
 
 def test_client_healthcheck_follows_the_metrics_file(tmp_path: Path, capsys) -> None:
