@@ -7,29 +7,25 @@ import sys
 from typing import Callable
 
 from common.configuration import ConfigError, add_arguments, format_config, resolve
+from common.logs import LOG_FORMATS, setup_logging
 
 log = logging.getLogger("splitlora")
 
 
-def add_command(subparsers, name: str, cls: type, run: Callable[[object], int], help: str
-                ) -> argparse.ArgumentParser:
-    """Add a sub-command whose options are the fields of `cls` plus --config and --log-level; return its parser."""
+def add_command(subparsers, name: str, cls: type, run: Callable[[object], int], help: str,
+                log_level: str = "INFO") -> argparse.ArgumentParser:
+    """Add a sub-command whose options are the fields of `cls` plus --config, --log-level and --log-format;
+    return its parser."""
     parser = subparsers.add_parser(name, help=help, description=(cls.__doc__ or help).strip(),
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with any of these options (flags win)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    parser.add_argument("--log-level", default=log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging verbosity")
+    parser.add_argument("--log-format", default="text", choices=list(LOG_FORMATS),
+                        help="log lines as text or as JSON objects (with client and round when known)")
     add_arguments(parser, cls)
     parser.set_defaults(_config_cls=cls, _run=run)
     return parser
-
-
-def setup_logging(level: str) -> None:
-    """One log line per event: time, level, component, message."""
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
@@ -38,7 +34,7 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> 
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
         config = resolve(args._config_cls, args, args.config)
     except ConfigError as err:

@@ -9,6 +9,7 @@ from common.config import ModelOptions, TransportOptions
 from common.configuration import ConfigError, option
 from common.tls import ClientTlsOptions
 from common.wire import CODEC_NAMES
+from splitlora_client.scalars import TENSORBOARD_HINT, tensorboard_available
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
 
@@ -33,6 +34,7 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
     join_timeout: float = option(120.0, "Seconds to keep trying to reach the server at start.")
     round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")
     progress: bool = option(True, "Show a progress bar.")
+    tensorboard: bool = option(False, "Also write TensorBoard scalars to OUTPUT/tensorboard (needs tensorboardX).")
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
@@ -52,6 +54,8 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
         unknown = [c for c in self.codecs if c not in CODEC_NAMES]
         if unknown or not self.codecs:
             raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
+        if self.tensorboard and not tensorboard_available():
+            raise ConfigError(TENSORBOARD_HINT)
 
     @property
     def output_dir(self) -> Path:

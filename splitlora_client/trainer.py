@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from common.aggregator_client import fetch_global, submit_adapter
 from common.data import BatchStream, encode, load_examples, shard, synthetic_e2e
 from common.fingerprint import compute_fingerprint
+from common.logs import ContextLogger
 from common.lora import adapter_state, load_adapter_state, write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
@@ -21,6 +22,7 @@ from common.split.parts import SplitPart
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
 from splitlora_client.config import TrainConfig
+from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
 
 log = logging.getLogger("splitlora.client")
@@ -39,23 +41,29 @@ def load_private_data(cfg: TrainConfig, tokenizer, max_len: int) -> list[tuple[l
 
 
 class MetricsLog:
-    """Metrics as JSON lines, one object per step or round event."""
+    """Metrics as JSON lines, one object per step or round event (and TensorBoard scalars if asked)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a", buffering=1)
+        self._scalars = TensorBoardScalars(tensorboard_dir) if tensorboard_dir is not None else None
 
     def write(self, **record) -> None:
         """Append one record with a timestamp."""
         self._file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self._scalars is not None:
+            self._scalars.write(record)
 
     def close(self) -> None:
         """Flush and close the file."""
         self._file.close()
+        if self._scalars is not None:
+            self._scalars.close()
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run every round of split training for this client; return the path of its final adapter."""
+    log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
     model_dir = cfg.model_dir()
     lora = cfg.lora_settings()
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
@@ -79,7 +87,7 @@ def train(cfg: TrainConfig) -> Path:
                           sched.rounds * sched.local_steps, sched.max_grad_norm)
     opt, lr_sched = build_optimizer(params, optim)
     out_dir = cfg.output_dir
-    metrics = MetricsLog(out_dir / "metrics.jsonl")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None)
     bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
                unit="step", dynamic_ncols=True)
     try:
@@ -111,7 +119,7 @@ def train(cfg: TrainConfig) -> Path:
             load_adapter_state(part.peft, state)
             metrics.write(event="round", client=cfg.client_id, round=rnd, clients=num_clients, samples=total)
             log.info("round %d/%d closed: global adapter of %d clients (%d samples) loaded", rnd + 1, sched.rounds,
-                     num_clients, total)
+                     num_clients, total, extra={"round": rnd})
     finally:
         bar.close()
         metrics.close()

@@ -86,6 +86,7 @@ class AggregatorService(agrpc.AggregatorServicer):
         self._summary: dict[int, tuple[int, int]] = {}  # round -> (num_clients, total_samples)
         self._fetched: dict[int, set[str]] = {}
         self._members: set[str] = set()  # without `is_enrolled`: the first `expected_clients` ids accepted
+        self.submissions = self.refusals = self.bytes_received = 0  # counters for the metrics endpoint
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -137,6 +138,8 @@ class AggregatorService(agrpc.AggregatorServicer):
             submitted = self._accept(header, state, checked_against)
             return apb.SubmitReply(round=header.round, submitted=submitted, expected=self.expected_clients)
         except _Refusal as refusal:
+            with self._cond:
+                self.refusals += 1
             log.warning("refused submission: %s", refusal.message)
             context.abort(refusal.code, refusal.message)
             raise  # unreachable: abort raises
@@ -168,6 +171,8 @@ class AggregatorService(agrpc.AggregatorServicer):
                 raise _Refusal(_Code.RESOURCE_EXHAUSTED, f"adapter from client {header.client_id!r} exceeds "
                                                          f"{self.max_adapter_bytes} bytes; raise --max-adapter-bytes")
             pieces.append(msg.safetensors_chunk)
+        with self._cond:
+            self.bytes_received += size
         return header, b"".join(pieces)
 
     def _check_client(self, client_id: str, round: int, context: grpc.ServicerContext) -> None:
@@ -237,6 +242,7 @@ class AggregatorService(agrpc.AggregatorServicer):
             else:
                 self._pending = pending
             self._members.add(header.client_id)
+            self.submissions += 1
             if self._reference is None:
                 self._reference = {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
             return len(pending)
@@ -262,7 +268,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         self._summary[r] = (len(ids), sum(weights))
         self._pending, self._previous = {}, glob
         log.info("round %d closed (%s%s): %d clients, %d samples", r, self.mode,
-                 f", updates clipped to norm {self.clip_norm}" if self.clip_norm else "", len(ids), sum(weights))
+                 f", updates clipped to norm {self.clip_norm}" if self.clip_norm else "", len(ids), sum(weights),
+                 extra={"round": r})
         if self._on_round_closed is not None:
             try:
                 self._on_round_closed(r, glob)
@@ -293,6 +300,8 @@ class AggregatorService(agrpc.AggregatorServicer):
                                                 "memory and was not written to disk; start the aggregator with an "
                                                 "output directory to serve old rounds")
         except _Refusal as refusal:
+            with self._cond:
+                self.refusals += 1
             context.abort(refusal.code, refusal.message)
             raise  # unreachable: abort raises
         num_clients, total_samples = self._summary[request.round]

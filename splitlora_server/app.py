@@ -25,6 +25,7 @@ from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenti
 from splitlora_server.config import AggregateConfig, ServeConfig
 from splitlora_server.engine import ServerEngine
 from splitlora_server.frames import FrameLimits
+from splitlora_server.metrics import metrics_for
 from splitlora_server.registry import Registry
 from splitlora_server.service import SplitTrainingService
 
@@ -148,6 +149,7 @@ def serve(cfg: ServeConfig) -> int:
     """Run `splitlora-server serve` until training ends (exit 0) or a signal stops it (exit 1)."""
     stop = _stop_on_signals()
     running = start_server(cfg, stop)
+    metrics = metrics_for(cfg.host, cfg.metrics_port, running.registry, running.aggregator)
     log.info("listening on %s:%d; expecting %d clients for %d rounds of %d steps", cfg.host, running.port,
              cfg.clients, cfg.rounds, cfg.local_steps)
     print(f"splitlora-server listening on {cfg.host}:{running.port}", flush=True)
@@ -156,6 +158,8 @@ def serve(cfg: ServeConfig) -> int:
         running.export()
         running.wait_for_final_fetches(cfg.finish_grace_seconds)
     running.stop()
+    if metrics is not None:
+        metrics.stop()
     return 0 if finished else 1
 
 
@@ -172,6 +176,7 @@ def aggregate(cfg: AggregateConfig) -> int:
     _add_health(server, "splitlora.v1.Aggregator")
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the aggregator")
     server.start()
+    metrics = metrics_for(cfg.host, cfg.metrics_port, aggregator=aggregator)
     print(f"splitlora-server aggregate listening on {cfg.host}:{port}", flush=True)
     while not stop.is_set() and not aggregator.finished:
         stop.wait(0.2)
@@ -180,4 +185,6 @@ def aggregate(cfg: AggregateConfig) -> int:
             and time.monotonic() < deadline and not stop.is_set():
         stop.wait(0.1)  # let every client download the last global adapter
     server.stop(2.0).wait()
+    if metrics is not None:
+        metrics.stop()
     return 0 if aggregator.finished else 1

@@ -1,12 +1,13 @@
-"""`splitlora-server`: serve, aggregate, export, and the security and admin commands (certs, tokens, status,
-shutdown)."""
+"""`splitlora-server`: serve, aggregate, export, and the security and operator commands (certs, tokens, status,
+health, shutdown)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from common.cli import add_command, run_main
-from splitlora_server.admin import ShutdownConfig, StatusConfig
+from splitlora_server import healthcheck, status
+from splitlora_server.admin import ShutdownConfig
 from splitlora_server.certs import CertsConfig
 from splitlora_server.config import AggregateConfig, ExportConfig, ServeConfig
 from splitlora_server.tokens import TokenAddConfig, TokenRemoveConfig
@@ -66,7 +67,7 @@ def _admin(call):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line interface of the server."""
-    from splitlora_server.admin import shutdown, status
+    from splitlora_server.admin import shutdown
 
     parser = argparse.ArgumentParser(prog="splitlora-server",
                                      description="SplitLoRA server: split federated LoRA fine-tuning over gRPC.")
@@ -80,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = tokens.add_subparsers(dest="tokens_command", metavar="ACTION")
     add_command(token_sub, "add", TokenAddConfig, _token_add, "create a token for ID and print it once")
     add_command(token_sub, "remove", TokenRemoveConfig, _token_remove, "revoke the token of ID")
-    add_command(sub, "status", StatusConfig, _admin(status), "show a running server's progress (admin)")
+    add_command(sub, "status", status.StatusConfig, status.run,
+                "show a running server's clients, round, steps/s, bytes and errors (admin)", log_level="WARNING")
+    add_command(sub, "health", healthcheck.HealthConfig, healthcheck.run,
+                "exit 0 if a server or aggregator reports SERVING, else 1", log_level="WARNING")
     add_command(sub, "shutdown", ShutdownConfig, _admin(lambda cfg: shutdown(cfg) or "shutdown requested"),
                 "stop a running server (admin)")
     return parser

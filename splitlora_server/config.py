@@ -69,7 +69,8 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
     server_adapter_mode: str = option("shared", "shared: one server adapter updated by every client step; "
                                       "per-client: a copy per client, averaged at each round end.",
                                       choices=["shared", "per-client"])
-    device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...).")
+    device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...; auto: cuda when a GPU is "
+                                "visible, else cpu).")
     gradient_checkpointing: bool = option(False, "Recompute the server blocks' activations in the backward pass "
                                                  "instead of keeping them (less memory, more compute).")
     output: str = option("runs/server", "Directory for the exported adapter, checkpoints and metrics.")
@@ -80,6 +81,7 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
     max_adapter_bytes: int = option(512 << 20, "Largest client adapter the aggregator accepts, in bytes.")
     finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
                                                "final adapter before shutting down.")
+    metrics_port: int = option(0, "Serve Prometheus metrics at http://HOST:PORT/metrics on this port; 0: off.")
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
@@ -88,11 +90,15 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         self.validate_tls()
         self.validate_auth()
         self.validate_aggregation(self.clients)
+        if self.device == "auto":  # resolved here so that the logged effective config shows the choice
+            import torch
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         unknown = [c for c in self.codecs if c not in CODEC_NAMES]
@@ -114,6 +120,7 @@ class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, Aggregati
     max_workers: int = option(64, "gRPC handler threads.")
     finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
                                                "final adapter before shutting down.")
+    metrics_port: int = option(0, "Serve Prometheus metrics at http://HOST:PORT/metrics on this port; 0: off.")
 
     def validate(self) -> None:
         """Reject settings that cannot work."""
@@ -124,6 +131,9 @@ class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, Aggregati
         self.validate_tls()
         self.validate_auth()
         self.validate_aggregation(self.clients)
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
 
 
 @dataclass

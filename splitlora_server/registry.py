@@ -30,6 +30,7 @@ class ClientRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     last_error: str = ""
+    errors: int = 0  # refused frames and failed steps
     tokens: int = 0
     samples_by_round: dict[int, int] = field(default_factory=dict)
     codec: int = 1  # negotiated activation/gradient codec (CODEC_RAW)

@@ -60,7 +60,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
         self.engine.add_client(record.client_id).result()
         log.info("client %s joined (codec %s, next step %d)", record.client_id, codec_name(record.codec),
-                 record.next_step)
+                 record.next_step, extra={"client": record.client_id})
         return spb.JoinReply(session=record.session, schedule=self.schedule,
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
@@ -88,7 +88,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
 
     def _fail(self, context: grpc.ServicerContext, record: ClientRecord, code: grpc.StatusCode, message: str):
         record.last_error = f"{code.name}: {message}"
-        log.warning("client %s: %s", record.client_id, record.last_error)
+        record.errors += 1
+        log.warning("client %s: %s", record.client_id, record.last_error,
+                    extra={"client": record.client_id, "round": self.registry.round_of(record.next_step)})
         context.abort(code, message)
 
     def Train(self, request_iterator: Iterator[spb.ClientFrame], context: grpc.ServicerContext
@@ -153,7 +155,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         completed = self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens,
                                             samples=int(step.hidden.shape[0]))
         if completed is not None:
-            log.info("round %d: every client finished its local steps", completed)
+            log.info("round %d: every client finished its local steps", completed, extra={"round": completed})
             self.engine.end_round(self.registry.round_weights(completed))
         return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
                                 tokens=outcome.tokens, bytes_received=fwd.ByteSize())

@@ -1,0 +1,140 @@
+"""`docker compose config`-style checks of docker/: every command parses with the CLI's own parser, the
+services agree with each other (ports, names, LoRA settings, certificates), and the images are pinned,
+non-root and health-checked."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from compose_emulator import load_project
+from compose_support import certs_command_available, parse_errors, uses_tls_flags, without_tls_flags
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+PROJECT = load_project(DOCKER / "docker-compose.yml", {})
+GPU_PROJECT = load_project([DOCKER / "docker-compose.yml", DOCKER / "docker-compose.gpu.yml"], {})
+CLIENTS = ("alice", "bob", "carol")
+
+
+def _commands() -> list[tuple[str, list[str]]]:
+    """(label, argv) of every service command and health check, in both the plain and the GPU project."""
+    out = []
+    for tag, project in (("", PROJECT), ("gpu:", GPU_PROJECT)):
+        for name, service in project.services.items():
+            out.append((f"{tag}{name}", service.argv))
+            if service.healthcheck is not None:
+                out.append((f"{tag}{name}.healthcheck", list(service.healthcheck.test)))
+    return out
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+@pytest.mark.parametrize("label, argv", _commands(), ids=[label for label, _ in _commands()])
+def test_every_command_parses_with_the_cli_parser(label: str, argv: list[str]) -> None:
+    if uses_tls_flags(argv) and not certs_command_available():
+        pytest.skip("needs issue 4's certs command and TLS flags")
+    assert parse_errors(argv) == "", f"{label}: {' '.join(argv)}"
+
+
+@pytest.mark.parametrize("name", [n for n in PROJECT.services if n != "certs"])
+def test_every_command_parses_without_the_tls_flags_already(name: str) -> None:
+    """Until issue 4 lands: everything but the TLS flags is checked now."""
+    argv = without_tls_flags(PROJECT.services[name].argv)
+    assert parse_errors(argv) == "", " ".join(argv)
+
+
+def test_the_services_agree_with_each_other() -> None:
+    services = PROJECT.services
+    assert PROJECT.start_order()[0] == "certs" and set(services) == {"certs", "server", *CLIENTS}
+    server = services["server"].argv
+    port = _flag(server, "--port")
+    assert services["server"].depends_on == {"certs": "service_completed_successfully"}
+    assert f"localhost:{port}" in services["server"].healthcheck.test
+    assert int(_flag(server, "--clients")) == len(CLIENTS)
+    certs = services["certs"].argv
+    assert "server" in _flag(certs, "--server-names").split(",")
+    assert _flag(certs, "--clients").split(",") == list(CLIENTS)
+    lora = [a for a in server if a.startswith("--lora")]
+    for name in CLIENTS:
+        client = services[name]
+        argv = client.argv
+        assert client.depends_on == {"server": "service_healthy"}
+        assert _flag(argv, "--server") == f"server:{port}" and _flag(argv, "--client-id") == name
+        assert _flag(argv, "--tls-cert") == f"/certs/{name}.pem" and _flag(argv, "--tls-key") == f"/certs/{name}.key"
+        for flag in lora:  # the handshake refuses a client whose LoRA config differs from the server's
+            assert _flag(argv, flag) == _flag(server, flag), (name, flag)
+        shard = next(m for m in client.mounts if m.target == _flag(argv, "--data"))
+        assert shard.kind == "bind" and shard.read_only and (DOCKER / shard.source).is_file()
+        assert shard.source.endswith(f"{name}.txt")
+        assert client.environment["SPLITLORA_HOME"] == services["server"].environment["SPLITLORA_HOME"]
+    for name, service in services.items():
+        if "--tls-ca" in service.argv:
+            assert any(m.source == "certs" and (m.read_only or name == "certs") for m in service.mounts), name
+
+
+def test_gpu_override_reserves_a_gpu_and_changes_no_command() -> None:
+    server = GPU_PROJECT.services["server"]
+    devices = server.raw["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
+    assert server.argv == PROJECT.services["server"].argv and _flag(server.argv, "--device") == "auto"
+    assert {n: s.argv for n, s in GPU_PROJECT.services.items()} == {n: s.argv for n, s in PROJECT.services.items()}
+
+
+def test_schedule_variables_interpolate() -> None:
+    short = load_project(DOCKER / "docker-compose.yml", {"SPLITLORA_ROUNDS": "2", "SPLITLORA_LOCAL_STEPS": "3"})
+    argv = short.services["server"].argv
+    assert (_flag(argv, "--rounds"), _flag(argv, "--local-steps")) == ("2", "3")
+    default = PROJECT.services["server"].argv
+    assert (_flag(default, "--rounds"), _flag(default, "--local-steps")) == ("5", "30")
+
+
+def _dockerfile(name: str) -> str:
+    return (DOCKER / name).read_text()
+
+
+@pytest.mark.parametrize("name", ["server.Dockerfile", "client.Dockerfile"])
+def test_images_are_pinned_non_root_and_health_checked(name: str) -> None:
+    text = _dockerfile(name)
+    bases = re.findall(r"^ARG (?:CUDA|PYTHON)_IMAGE=(\S+)$", text, flags=re.M)
+    assert bases and all(re.search(r":\d+\.\d+(\.\d+)?-", b) for b in bases), bases  # an exact version tag
+    assert "latest" not in text and re.search(r"^ARG TORCH_VERSION=\d+\.\d+\.\d+$", text, flags=re.M)
+    users = re.findall(r"^USER (\S+)$", text, flags=re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert "--constraint /tmp/constraints.txt" in text and "HEALTHCHECK" in text
+    assert text.count("FROM ") == 2  # build stage + runtime stage: no compilers or caches in the image
+
+
+def test_client_image_is_cpu_only_and_its_healthcheck_parses() -> None:
+    text = _dockerfile("client.Dockerfile")
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text and "cuda" not in text.lower()
+    argv = json.loads(re.search(r"CMD (\[.*\])\s*$", text.split("HEALTHCHECK", 1)[1].split("\nCMD")[0]).group(1))
+    assert parse_errors(argv) == ""
+    server = _dockerfile("server.Dockerfile")
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", server, flags=re.M)
+    assert "python -m splitlora_server.healthcheck --server" in server
+
+
+def test_constraints_pin_every_dependency() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ ]", d)[0].lower().replace("_", "-") for d in deps} - {"torch"}
+    pinned = {}
+    for line in (DOCKER / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pkg, _, version = line.partition("==")
+            pinned[pkg.lower().replace("_", "-")] = version
+    assert names <= set(pinned) and all(re.fullmatch(r"\d+(\.\d+)+", v) for v in pinned.values())
+
+
+def test_demo_data_matches_its_generator(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for path in module.write(tmp_path):
+        assert path.read_bytes() == (DOCKER / "data" / path.name).read_bytes(), "run scripts/make_demo_data.py"
