@@ -1,10 +1,13 @@
 """The Aggregator gRPC service: collects client adapters round by round and serves their average.
 
 Rounds run 0..rounds-1, one open at a time. A round closes once `expected_clients` distinct
-clients have submitted to it: their adapters are averaged (weighted by sample count), the result
-is kept (and written to `output_dir/global/round-NNNN.safetensors` when an output directory is
-set), and clients waiting in FetchGlobal receive it. All state sits behind one Condition, so the
-servicer is safe under grpc's thread pool; a refused submission never changes that state.
+clients have submitted to it, or once its deadline has passed with a quorum (common.rounds): their
+adapters are averaged (weighted by sample count), the result is kept (and written to
+`output_dir/global/round-NNNN.safetensors` when an output directory is set), and clients waiting in
+FetchGlobal receive it. With an output directory every accepted submission is stored too, so a
+restarted aggregator (`restore`) loses nothing (splitlora_server.aggregator_store). All state sits
+behind one Condition, so the servicer is safe under grpc's thread pool; a refused submission never
+changes that state.
 """
 from __future__ import annotations
 
@@ -20,9 +23,12 @@ import grpc
 import torch
 
 from common.aggregation import aggregate
-from common.lora import AdapterError, AdapterState, check_adapter, from_bytes, to_bytes, write_adapter_file
+from common.faults import fault_point
+from common.lora import AdapterError, AdapterState, check_adapter, from_bytes, to_bytes
+from common.rounds import Quorum, RoundGate
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
+from splitlora_server.aggregator_store import AggregatorStore, RoundSummary
 
 log = logging.getLogger(__name__)
 KEEP_IN_MEMORY = 3  # latest global adapters kept as bytes; older ones are read back from output_dir
@@ -51,7 +57,8 @@ class AggregatorService(agrpc.AggregatorServicer):
     def __init__(self, expected_clients: int, rounds: int, output_dir: Path | None,
                  max_adapter_bytes: int = 512 << 20, is_enrolled: Callable[[str], bool] | None = None,
                  chunk_bytes: int = 1 << 20,
-                 on_round_closed: Callable[[int, AdapterState], None] | None = None) -> None:
+                 on_round_closed: Callable[[int, AdapterState], None] | None = None,
+                 quorum: Quorum | None = None, store_submissions: bool = True) -> None:
         for name, value in (("expected_clients", expected_clients), ("rounds", rounds),
                             ("max_adapter_bytes", max_adapter_bytes), ("chunk_bytes", chunk_bytes)):
             if value < 1:
@@ -65,8 +72,13 @@ class AggregatorService(agrpc.AggregatorServicer):
         self._pending: dict[str, tuple[int, AdapterState]] = {}
         self._reference: AdapterState | None = None  # keys/shapes of the first accepted adapter (meta tensors)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._summary: dict[int, tuple[int, int]] = {}  # round -> (num_clients, total_samples)
+        self._summary: dict[int, RoundSummary] = {}
         self._fetched: dict[int, set[str]] = {}
+        self._store = AggregatorStore(self.output_dir) if self.output_dir is not None else None
+        self._store_submissions = store_submissions  # off next to the split server: it rolls back open rounds
+        self._gate = RoundGate(quorum or Quorum(expected_clients), on_due=self._deadline_passed, what="submitted")
+        self._accepted_here = 0  # submissions accepted by this process (the fault hook counts them)
+        self.stopping = threading.Event()  # set on shutdown: calls are refused with UNAVAILABLE (retry)
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -106,13 +118,63 @@ class AggregatorService(agrpc.AggregatorServicer):
 
     def round_path(self, round: int) -> Path | None:
         """Where the global adapter of `round` is written, if there is an output directory."""
-        return self.output_dir / "global" / f"round-{round:04d}.safetensors" if self.output_dir else None
+        return self._store.global_path(round) if self._store is not None else None
+
+    def included(self, round: int) -> set[str]:
+        """The clients a closed round averaged."""
+        with self._cond:
+            summary = self._summary.get(round)
+            return set(summary.samples) if summary is not None else set()
+
+    def has_submitted(self, client_id: str, round: int) -> bool:
+        """True if `client_id` has a submission in open round `round`."""
+        with self._cond:
+            return round == self._open_round and client_id in self._pending
+
+    def round_status(self) -> tuple[str, bool]:
+        """A line on the open round for logs and status, and whether it is waiting for a quorum."""
+        with self._cond:
+            if self._open_round >= self.rounds:
+                return "every round is closed", False
+            return self._gate.describe(), self._gate.waiting_for_quorum()
+
+    def restore(self, up_to: int | None = None) -> int:
+        """Resume from the output directory: the closed rounds (only the first `up_to` of them when the split
+        server in this process restarts from its own checkpoint) and the open round's stored submissions.
+        Returns the open round."""
+        if self._store is None:
+            return self._open_round
+        with self._cond:
+            closed = self._store.closed_rounds()
+            if up_to is not None:
+                if len(closed) < up_to:
+                    raise ValueError(f"the server's checkpoint starts round {up_to}, but the global adapters of "
+                                     f"rounds {len(closed)}..{up_to - 1} are missing from {self._store.root}")
+                closed = closed[:up_to]
+                self._store.drop_rounds_from(up_to)  # written by a close the server's checkpoint did not see
+            self._summary = {r: self._store.read_summary(r) for r in closed}
+            self._open_round = len(closed)
+            self._gate.open(self._open_round)
+            if self._open_round < self.rounds:
+                stored = self._store.read_pending(self._open_round) if self._store_submissions else {}
+                for client_id, (num_samples, state) in sorted(stored.items()):
+                    self._pending[client_id] = (num_samples, state)
+                    self._gate.arrive(client_id)
+                    if self._reference is None:
+                        self._reference = {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
+                if self._pending and self._gate.ready():
+                    self._close_round()
+            log.info("restored from %s: %d rounds closed, %d submissions to round %d", self._store.root,
+                     len(closed), len(self._pending), self._open_round)
+            return self._open_round
 
     # ----------------------------------------------------------------- Submit
     def Submit(self, request_iterator: Iterator[apb.AdapterUpload],
                context: grpc.ServicerContext) -> apb.SubmitReply:
         """Receive one client's adapter for the open round; close the round when all have come in."""
         try:
+            if self.stopping.is_set():
+                raise _Refusal(_Code.UNAVAILABLE, "aggregator shutting down, retry")
             header, data = self._receive(request_iterator)
             state, checked_against = self._parse(header, data)
             submitted = self._accept(header, state, checked_against)
@@ -186,47 +248,79 @@ class AggregatorService(agrpc.AggregatorServicer):
         return state, reference
 
     def _accept(self, header: _Header, state: AdapterState, checked_against: AdapterState | None) -> int:
-        """Record the submission (closing the round if it is the last one); return the round's count."""
+        """Record (and store) the submission, closing the round if it may close now; return the round's count."""
         with self._cond:
             self._check_open(header)
             if self._reference is not None and checked_against is not self._reference:
                 _check_layout(state, self._reference, f"adapter from client {header.client_id!r}")
-            pending = {**self._pending, header.client_id: (header.num_samples, state)}
-            if len(pending) >= self.expected_clients:
-                self._close_round(pending)
-            else:
-                self._pending = pending
+            cid = header.client_id
+            if self._store is not None and self._store_submissions:
+                try:
+                    self._store.write_pending(header.round, cid, header.num_samples, state)
+                except OSError as err:
+                    raise _Refusal(_Code.INTERNAL, f"could not store the submission: {err}; retry it") from err
+            self._pending[cid] = (header.num_samples, state)
+            self._gate.arrive(cid)
+            count = len(self._pending)
+            self._accepted_here += 1
+            fault_point("aggregator", "submit", self._accepted_here)
+            if self._gate.ready():
+                try:
+                    self._close_round()
+                except _Refusal:
+                    del self._pending[cid]
+                    self._gate.leave(cid)
+                    if self._store is not None:
+                        self._store.drop_pending(header.round, cid)
+                    raise
             if self._reference is None:
                 self._reference = {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
-            return len(pending)
+            return count
 
-    def _close_round(self, pending: dict[str, tuple[int, AdapterState]]) -> None:
+    def _close_round(self) -> None:
         """Average, store and publish the open round; the caller holds the lock."""
-        r = self._open_round
+        r, pending = self._open_round, self._pending
         ids = sorted(pending)
         weights = [pending[c][0] for c in ids]
+        summary = RoundSummary({c: pending[c][0] for c in ids})
         try:
             glob = aggregate([pending[c][1] for c in ids], weights, mode="fedavg")
+            fault_point("aggregator", "close", r)
             data = to_bytes(glob)
-            path = self.round_path(r)
-            if path is not None:
-                write_adapter_file(path, glob)
+            if self._store is not None:
+                self._store.write_global(r, glob, summary)
         except (OSError, ValueError) as err:
             raise _Refusal(_Code.INTERNAL, f"could not close round {r}: {err}; "
                                            "this submission was not recorded, retry it") from err
         self._cache[r] = data
         while len(self._cache) > KEEP_IN_MEMORY:
             self._cache.popitem(last=False)
-        self._summary[r] = (len(ids), sum(weights))
+        self._summary[r] = summary
         self._pending = {}
-        log.info("round %d closed: %d clients, %d samples", r, len(ids), sum(weights))
+        late = "" if len(ids) >= self.expected_clients else f" (deadline passed; {self.expected_clients - len(ids)} missing)"
+        log.info("round %d closed: %d clients, %d samples%s", r, len(ids), sum(weights), late)
         if self._on_round_closed is not None:
             try:
                 self._on_round_closed(r, glob)
             except Exception:  # the round is closed either way; a faulty hook must not stall the run
                 log.exception("on_round_closed hook failed for round %d", r)
         self._open_round = r + 1
+        self._gate.open(r + 1)
         self._cond.notify_all()
+
+    def _deadline_passed(self, round: int) -> None:
+        """The deadline timer: close the round with the quorum, or say that it waits for one."""
+        with self._cond:
+            if round != self._open_round:
+                return
+            if self._gate.ready():
+                try:
+                    self._close_round()
+                except _Refusal as refusal:
+                    log.error("round %d: %s", round, refusal.message)
+            else:
+                log.warning("round %d: deadline passed without a quorum; the round waits (%s)", round,
+                            self._gate.describe())
 
     # ----------------------------------------------------------------- FetchGlobal
     def FetchGlobal(self, request: apb.FetchRequest,
@@ -244,7 +338,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         except _Refusal as refusal:
             context.abort(refusal.code, refusal.message)
             raise  # unreachable: abort raises
-        num_clients, total_samples = self._summary[request.round]
+        summary = self._summary.get(request.round) or RoundSummary({})
+        num_clients, total_samples = summary.num_clients, summary.total_samples
         for offset in range(0, len(data), self.chunk_bytes):
             yield apb.AdapterDownload(round=request.round, num_clients=num_clients, total_samples=total_samples,
                                       safetensors_chunk=data[offset:offset + self.chunk_bytes])
@@ -255,6 +350,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         """Wait until `round` closes; False if the call stops being active first."""
         with self._cond:
             while round >= self._open_round:
+                if self.stopping.is_set():
+                    raise _Refusal(_Code.UNAVAILABLE, "aggregator shutting down, retry")
                 if not context.is_active():
                     return False
                 self._cond.wait(WAIT_SLICE_S)

@@ -13,6 +13,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.builtin import ensure_builtin_model
+from common.config import KEEPALIVE_OPTIONS
+from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.lora import export_adapter, write_adapter_file
 from common.optim import OptimSettings
@@ -21,6 +23,7 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.split.parts import SplitPart
 from splitlora_server.aggregator import AggregatorService
+from splitlora_server.checkpoint import ServerCheckpoints, ServerState, run_identity
 from splitlora_server.config import AggregateConfig, ServeConfig
 from splitlora_server.engine import ServerEngine
 from splitlora_server.frames import FrameLimits
@@ -61,6 +64,8 @@ class RunningServer:
     registry: Registry
     service: SplitTrainingService
     aggregator: AggregatorService | None
+    health: health.HealthServicer | None = None
+    resumed_round: int | None = None  # the round the server resumed at from its checkpoint, if it did
 
     def wait_finished(self, stop: threading.Event | None = None) -> bool:
         """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
@@ -95,6 +100,19 @@ class RunningServer:
         while time.monotonic() < deadline and not wanted <= self.aggregator.fetched(self.config.rounds - 1):
             time.sleep(0.1)
 
+    def drain(self) -> None:
+        """Graceful shutdown, first half: health NOT_SERVING, new calls and open streams answered UNAVAILABLE
+        ("server shutting down, retry") once their current step is done. The last round's checkpoint is already
+        on disk: a restarted server resumes there, and clients redo the open round."""
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
+        self.service.stopping.set()
+        if self.aggregator is not None:
+            self.aggregator.stopping.set()
+        self.engine.call(lambda: None).result(timeout=60)  # steps already queued finish
+        log.info("shutting down; a restart with --output %s resumes at round %d", self.config.output,
+                 self.registry.current_round())
+
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving and stop the engine."""
         self.server.stop(grace).wait()
@@ -111,7 +129,8 @@ def start_server(cfg: ServeConfig) -> RunningServer:
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
     optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
     engine = ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed).start()
-    registry = Registry(cfg.clients, cfg.rounds, cfg.local_steps)
+    quorum, in_process = cfg.quorum(cfg.clients), not cfg.aggregator
+    registry = Registry(cfg.clients, cfg.rounds, cfg.local_steps, quorum, self_closing=not in_process)
     schedule = spb.Schedule(rounds=cfg.rounds, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                             warmup_steps=cfg.warmup_steps, max_seq_len=min(cfg.max_seq_len, max_positions),
@@ -119,18 +138,41 @@ def start_server(cfg: ServeConfig) -> RunningServer:
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes)
+    resumed = _resume(cfg, engine, registry, run_identity(cfg, fingerprint))
     server = _grpc_server(cfg.max_workers, cfg.grpc_options())
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
     aggregator = None
-    if not cfg.aggregator:
+    if in_process:  # its round close drives the server's (average + checkpoint) before anyone sees the result
         aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",
                                        max_adapter_bytes=cfg.max_adapter_bytes,
-                                       is_enrolled=lambda cid: cid in registry.clients, chunk_bytes=cfg.chunk_bytes)
+                                       is_enrolled=lambda cid: cid in registry.clients, chunk_bytes=cfg.chunk_bytes,
+                                       on_round_closed=lambda r, _: service.close_round(r, aggregator.included(r)),
+                                       quorum=quorum, store_submissions=False)
+        aggregator.restore(up_to=resumed if resumed is not None else 0)
+        service.submitted, service.round_status = aggregator.has_submitted, aggregator.round_status
         agrpc.add_AggregatorServicer_to_server(aggregator, server)
-    _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator")
+    health_servicer = _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator")
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     server.start()
-    return RunningServer(server, port, cfg, part, engine, registry, service, aggregator)
+    return RunningServer(server, port, cfg, part, engine, registry, service, aggregator, health_servicer, resumed)
+
+
+def _resume(cfg: ServeConfig, engine: ServerEngine, registry: Registry, run: dict) -> int | None:
+    """Checkpoint every round boundary from now on; resume from the newest checkpoint in --output, if any."""
+    checkpoints = ServerCheckpoints(Path(cfg.output), run)
+
+    def on_boundary(state: ServerState) -> None:
+        checkpoints.save(state, fault=lambda: fault_point("server", "checkpoint", state.round - 1))
+
+    engine.on_boundary = on_boundary
+    state = checkpoints.latest()
+    if state is None:
+        return None
+    engine.restore(state).result()
+    registry.restore(state.round, state.clients)
+    log.info("resumed from %s: round %d starts again with %d enrolled clients", checkpoints.dir.path(state.round),
+             state.round, len(state.clients))
+    return state.round
 
 
 def _stop_on_signals() -> threading.Event:
@@ -151,25 +193,35 @@ def serve(cfg: ServeConfig) -> int:
     if finished:
         running.export()
         running.wait_for_final_fetches(cfg.finish_grace_seconds)
+    else:
+        running.drain()
     running.stop()
     return 0 if finished else 1
 
 
 def aggregate(cfg: AggregateConfig) -> int:
-    """Run `splitlora-server aggregate`: the aggregator alone."""
+    """Run `splitlora-server aggregate`: the aggregator alone; it resumes from --output after a restart."""
     stop = _stop_on_signals()
     options = [("grpc.max_send_message_length", cfg.max_message_bytes),
-               ("grpc.max_receive_message_length", cfg.max_message_bytes)]
+               ("grpc.max_receive_message_length", cfg.max_message_bytes), *KEEPALIVE_OPTIONS]
     server = _grpc_server(cfg.max_workers, options)
-    aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes)
+    aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
+                                   quorum=cfg.quorum(cfg.clients))
+    aggregator.restore()
     agrpc.add_AggregatorServicer_to_server(aggregator, server)
-    _add_health(server, "splitlora.v1.Aggregator")
+    health_servicer = _add_health(server, "splitlora.v1.Aggregator")
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     server.start()
     print(f"splitlora-server aggregate listening on {cfg.host}:{port}", flush=True)
     while not stop.is_set() and not aggregator.finished:
         stop.wait(0.2)
-    if aggregator.finished:
-        stop.wait(5.0)  # let clients fetch the last round
+    if aggregator.finished:  # let clients fetch the last round
+        deadline = time.monotonic() + cfg.finish_grace_seconds
+        while not stop.is_set() and time.monotonic() < deadline and \
+                len(aggregator.fetched(cfg.rounds - 1)) < len(aggregator.included(cfg.rounds - 1)):
+            stop.wait(0.2)
+    else:
+        health_servicer.enter_graceful_shutdown()
+        aggregator.stopping.set()
     server.stop(2.0).wait()
     return 0 if aggregator.finished else 1

@@ -5,11 +5,33 @@ from dataclasses import dataclass
 
 from common.config import ModelOptions, TransportOptions
 from common.configuration import ConfigError, option
+from common.rounds import Quorum
 from common.wire import CODEC_NAMES
 
 
 @dataclass
-class ServeConfig(ModelOptions, TransportOptions):
+class RoundOptions:
+    """Dropouts and stragglers: when a round may close without every client."""
+
+    min_clients: int = option(0, "Quorum: the fewest clients a round may close with once its deadline has passed "
+                                 "(0: all of --clients). Without the quorum the round waits.")
+    round_deadline: float = option(0.0, "Seconds the others wait for stragglers after the first client is done "
+                                        "with a round (0: wait for every client). Give serve and aggregate the "
+                                        "same value.")
+
+    def quorum(self, clients: int) -> Quorum:
+        """The round-closing rule of these options."""
+        return Quorum(clients, self.min_clients, self.round_deadline)
+
+    def validate_rounds(self, clients: int) -> None:
+        if not 0 <= self.min_clients <= clients:
+            raise ConfigError(f"min_clients must be in [0, clients={clients}], got {self.min_clients}")
+        if self.round_deadline < 0:
+            raise ConfigError(f"round_deadline must be >= 0, got {self.round_deadline}")
+
+
+@dataclass
+class ServeConfig(ModelOptions, TransportOptions, RoundOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -42,6 +64,7 @@ class ServeConfig(ModelOptions, TransportOptions):
         """Reject settings that cannot work, with the reason."""
         self.validate_model()
         self.validate_transport()
+        self.validate_rounds(self.clients)
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -55,7 +78,7 @@ class ServeConfig(ModelOptions, TransportOptions):
 
 
 @dataclass
-class AggregateConfig:
+class AggregateConfig(RoundOptions):
     """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
     see client adapters."""
 
@@ -67,9 +90,12 @@ class AggregateConfig:
     max_adapter_bytes: int = option(512 << 20, "Largest client adapter accepted, in bytes.")
     max_message_bytes: int = option(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
     max_workers: int = option(64, "gRPC handler threads.")
+    finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
+                                               "final adapter before shutting down.")
 
     def validate(self) -> None:
         """Reject settings that cannot work."""
+        self.validate_rounds(self.clients)
         for name in ("clients", "rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
