@@ -106,6 +106,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         parts = Reassembler(max_bytes=self.max_message_bytes * 64)
         try:
             for frame in request_iterator:
+                if self.stopping.is_set():  # shutting down: no new step; the client retries after a restart
+                    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 nbytes = frame.ByteSize()
                 record.bytes_in += nbytes
                 kind = frame.WhichOneof("kind")
@@ -128,8 +130,6 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                     yield out
                 self._replies += 1
                 fault_point("server", "reply", self._replies)
-                if self.stopping.is_set():  # the step is done; tell the client to come back later
-                    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         finally:
             record.connected = False
 
