@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -69,8 +69,6 @@ def save_tensors_atomic(path: Path, tensors: Tensors, metadata: dict[str, str] |
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The string metadata in a safetensors file's header."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 

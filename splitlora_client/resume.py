@@ -77,9 +77,9 @@ class Rounds:
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.ALREADY_EXISTS:
                     return  # the aggregator kept it from before a restart
-                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    log.warning("round %d: %s", round, err.details())  # it closed (without this client, or with
-                    return                                             # this adapter from before a restart)
+                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed: without this client,
+                    log.info("submission refused: %s", err.details())  # or with this adapter sent before a restart
+                    return
                 self._transient(err, f"submit round {round}")
 
     def _fetch(self, round: int) -> tuple[dict, int, int]:

@@ -80,7 +80,8 @@ def train(cfg: TrainConfig) -> Path:
     session = SplitSession(channel, cfg.client_id)
     codecs = [codec_from_name(c) for c in cfg.codecs]
     backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
-    reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout, backoff=Backoff(cap=5.0, budget=cfg.join_timeout))
+    first_join = Backoff(cap=5.0, budget=cfg.join_timeout)
+    reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout, backoff=first_join)
     sched = reply.schedule
     log.info("joined %s as %s: %d rounds x %d steps, batch %d, codec %s", cfg.server, cfg.client_id, sched.rounds,
              sched.local_steps, sched.batch_size, codec_name(reply.codec))

@@ -162,10 +162,10 @@ class AggregatorService(agrpc.AggregatorServicer):
                     self._gate.arrive(client_id)
                     if self._reference is None:
                         self._reference = {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
-                if self._pending and self._gate.ready():
-                    self._close_round()
-            log.info("restored from %s: %d rounds closed, %d submissions to round %d", self._store.root,
+            log.info("restored from %s: %d rounds closed, %d stored submissions to round %d", self._store.root,
                      len(closed), len(self._pending), self._open_round)
+            if self._pending and self._gate.ready():  # killed while closing it: close it now
+                self._close_round()
             return self._open_round
 
     # ----------------------------------------------------------------- Submit

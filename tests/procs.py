@@ -7,6 +7,7 @@ process of a run can start at once (process start-up, mostly imports, is what th
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from splitlora_server.config import ServeConfig
+
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # a tiny schedule: 2 clients x 3 rounds x 2 local steps; per-client server adapters so that the result does not
@@ -27,6 +30,8 @@ ROUNDS = 3
 TRAINING = ["--rounds", str(ROUNDS), "--local-steps", "2", "--batch-size", "4", "--learning-rate", "1e-2",
             "--warmup-steps", "1", "--seed", "0"]
 CLIENTS = ("alice", "bob")
+# plaintext on loopback: these tests are about faults (where TLS is the default, it must be turned off explicitly)
+PLAINTEXT = ["--insecure"] if "insecure" in {f.name for f in dataclasses.fields(ServeConfig)} else []
 
 
 @dataclass
@@ -75,19 +80,20 @@ def free_port() -> int:
 def server(tmp: Path, port: int, *extra: str, faults: list[str] | None = None) -> Role:
     return Role("server", [str(BIN / "splitlora-server"), "serve", "--port", str(port), "--clients", str(len(CLIENTS)),
                            "--output", str(tmp / "server"), "--finish-grace-seconds", "60",
-                           "--server-adapter-mode", "per-client", *TRAINING, *extra], tmp, faults or [])
+                           "--server-adapter-mode", "per-client", *TRAINING, *PLAINTEXT, *extra], tmp, faults or [])
 
 
 def aggregator(tmp: Path, port: int, faults: list[str] | None = None) -> Role:
     return Role("aggregator", [str(BIN / "splitlora-server"), "aggregate", "--port", str(port), "--clients",
                                str(len(CLIENTS)), "--rounds", str(ROUNDS), "--output", str(tmp / "aggregator"),
-                               "--finish-grace-seconds", "60"], tmp, faults or [])
+                               "--finish-grace-seconds", "60", *PLAINTEXT], tmp, faults or [])
 
 
 def client(tmp: Path, name: str, server_port: int, faults: list[str] | None = None) -> Role:
     return Role(name, [str(BIN / "splitlora-client"), "train", "--server", f"127.0.0.1:{server_port}", "--client-id",
                        name, "--seed", str(CLIENTS.index(name)), "--output", str(tmp / name), "--no-progress",
-                       "--builtin-examples", "32", "--reconnect-backoff-max", "0.5", "--join-timeout", "60"],
+                       "--builtin-examples", "32", "--reconnect-backoff-max", "0.5", "--join-timeout", "60",
+                       *PLAINTEXT],
                 tmp, faults or [])
 
 
