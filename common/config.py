@@ -45,6 +45,14 @@ class ModelOptions:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
+# Keepalive pings every 30 s find dead peers during long waits (a FetchGlobal can wait a whole round); the
+# server-side half lets clients ping that often while no data flows, instead of answering GOAWAY too_many_pings.
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.http2.max_ping_strikes", 0)]
+
+
 @dataclass
 class TransportOptions:
     """gRPC message limits and chunking."""
@@ -63,6 +71,4 @@ class TransportOptions:
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel/server options that set the message limits deliberately on this end."""
         return [("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 20_000),
-                ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+                ("grpc.max_receive_message_length", self.max_message_bytes), *KEEPALIVE_OPTIONS]

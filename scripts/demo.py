@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,8 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=50051, help="split server port (aggregator: port + 1)")
     args = parser.parse_args()
     out = Path(args.output).resolve()
+    for old in ("aggregator", "server", "adapter", *CLIENTS):  # every role resumes from its output: start afresh
+        shutil.rmtree(out / old, ignore_errors=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     server, aggregator = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"

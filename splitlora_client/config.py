@@ -33,6 +33,10 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
     codecs: list[str] = option(["float32"], "Activation/gradient codecs this client offers, in order of preference.")
     join_timeout: float = option(120.0, "Seconds to keep trying to reach the server at start.")
     round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")
+    reconnect_timeout: float = option(900.0, "After losing the server or the aggregator, seconds to keep trying to "
+                                             "reach it again before giving up.")
+    reconnect_backoff_max: float = option(10.0, "Longest wait between two reconnection attempts (exponential "
+                                                "backoff from 0.1 s).")
     progress: bool = option(True, "Show a progress bar.")
     tensorboard: bool = option(False, "Also write TensorBoard scalars to OUTPUT/tensorboard (needs tensorboardX).")
 
@@ -49,6 +53,8 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
             raise ConfigError(f"data: file {self.data} does not exist")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"tokenizer: {self.tokenizer} is not a directory")
+        if self.reconnect_timeout < 0 or self.reconnect_backoff_max <= 0:
+            raise ConfigError("reconnect_timeout must be >= 0 and reconnect_backoff_max > 0")
         if not 0 <= self.shard_index < self.shard_count:
             raise ConfigError(f"shard_index must be in [0, shard_count), got {self.shard_index}/{self.shard_count}")
         unknown = [c for c in self.codecs if c not in CODEC_NAMES]

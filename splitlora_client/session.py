@@ -1,9 +1,7 @@
 """The client's connection to the split server: Join, then one bidirectional stream of steps."""
 from __future__ import annotations
 
-import itertools
 import queue
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -14,10 +12,10 @@ from common.limits import raise_if_too_large
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.wire import Reassembler, chunked, decode_tensor, encode_tensor
+from splitlora_client.retry import TRANSIENT, Backoff
 
 CLIENT_ID_KEY = "x-splitlora-client-id"
 SESSION_KEY = "x-splitlora-session"
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass
@@ -42,20 +40,26 @@ class SplitSession:
         self._responses: Iterator[spb.ServerFrame] | None = None
         self._call = None
 
-    def join(self, fingerprint: spb.Fingerprint, codecs: list[int], timeout: float = 120.0) -> spb.JoinReply:
-        """Handshake, retrying while the server is not up yet; other refusals raise grpc.RpcError."""
-        deadline = time.monotonic() + timeout
-        for attempt in itertools.count():
+    def join(self, fingerprint: spb.Fingerprint, codecs: list[int], timeout: float = 120.0,
+             backoff: Backoff | None = None) -> spb.JoinReply:
+        """Handshake, retrying (capped exponential backoff) while the server is not up or shutting down;
+        other refusals raise grpc.RpcError. Joining again renews the session and closes the old stream."""
+        self.close()
+        backoff = backoff or Backoff(first=0.2, cap=5.0, budget=timeout)
+        while True:
             try:
                 self.reply = self.stub.Join(spb.JoinRequest(client_id=self.client_id, fingerprint=fingerprint,
                                                             codecs=codecs, max_message_bytes=self.max_message_bytes),
                                             timeout=10.0, wait_for_ready=True)
+                backoff.reset()
                 return self.reply
             except grpc.RpcError as err:
-                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                if err.code() not in TRANSIENT:
                     raise
-                time.sleep(min(0.2 * 2 ** attempt, 5.0))
-        raise AssertionError("unreachable")
+                try:
+                    backoff.wait(f"join {self.client_id}: {err.code().name}: {err.details()}")
+                except ConnectionError:
+                    raise err from None
 
     def _metadata(self) -> list[tuple[str, str]]:
         return [(CLIENT_ID_KEY, self.client_id), (SESSION_KEY, self.reply.session)]

@@ -7,22 +7,26 @@ import time
 import zlib
 from pathlib import Path
 
+import grpc
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from common.aggregator_client import fetch_global, submit_adapter
 from common.data import BatchStream, encode, load_examples, shard, synthetic_e2e
+from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.logs import ContextLogger
-from common.lora import adapter_state, load_adapter_state, write_adapter_file
+from common.lora import adapter_state, write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.seeding import seed_step
 from common.split.parts import SplitPart
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
+from splitlora_client.checkpoint import ClientCheckpoints, ClientState
 from splitlora_client.config import TrainConfig
+from splitlora_client.resume import Rounds
 from splitlora_client.scalars import TensorBoardScalars
+from splitlora_client.retry import Backoff, Reconnect, channel_options
 from splitlora_client.session import SplitSession
 
 log = logging.getLogger("splitlora.client")
@@ -61,21 +65,36 @@ class MetricsLog:
             self._scalars.close()
 
 
+def run_identity(cfg: TrainConfig, sched, fingerprint) -> dict:
+    """What a resumed client must share with its checkpoints."""
+    return {"client_id": cfg.client_id, "seed": cfg.seed, "data": cfg.data, "shard": [cfg.shard_index, cfg.shard_count],
+            "builtin_examples": cfg.builtin_examples, "rounds": sched.rounds, "local_steps": sched.local_steps,
+            "batch_size": sched.batch_size, "learning_rate": sched.learning_rate, "schedule_seed": sched.seed,
+            "model_config": fingerprint.config_sha256, "lora": fingerprint.lora_sha256,
+            "split_layer": fingerprint.split_layer}
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Run every round of split training for this client; return the path of its final adapter."""
+    """Run every round of split training for this client; return the path of its final adapter.
+
+    Losing the server (or the aggregator) is not an error: the client backs off, joins again and resumes from
+    its checkpoint of the round the server restarts it at; a restarted client does the same from its --output."""
     log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
     model_dir = cfg.model_dir()
     lora = cfg.lora_settings()
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
-    channel = open_channel(cfg.server, cfg, cfg.grpc_options())
+    options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
+    channel = open_channel(cfg.server, cfg, options)
     session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes)
-    reply = session.join(fingerprint, [codec_from_name(c) for c in cfg.codecs], timeout=cfg.join_timeout)
+    codecs = [codec_from_name(c) for c in cfg.codecs]
+    backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
+    first_join = Backoff(cap=5.0, budget=cfg.join_timeout)
+    reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout, backoff=first_join)
     sched = reply.schedule
     log.info("joined %s as %s: %d rounds x %d steps, batch %d, codec %s", cfg.server, cfg.client_id, sched.rounds,
              sched.local_steps, sched.batch_size, codec_name(reply.codec))
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
-    agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, cfg.grpc_options())
-    aggregator = agrpc.AggregatorStub(agg_channel)
+    agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, options)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
     part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=sched.seed)
@@ -86,40 +105,52 @@ def train(cfg: TrainConfig) -> Path:
     optim = OptimSettings(sched.learning_rate, sched.weight_decay, sched.warmup_steps,
                           sched.rounds * sched.local_steps, sched.max_grad_norm)
     opt, lr_sched = build_optimizer(params, optim)
+    state = ClientState(part.peft, opt, lr_sched, batches)
     out_dir = cfg.output_dir
+    checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, fingerprint), state.capture())
+    rounds = Rounds(session, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel, state,
+                    checkpoints, backoff, cfg.chunk_bytes, cfg.round_timeout)
+    checkpoints.drop_after(reply.start_round)
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None)
     bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
                unit="step", dynamic_ncols=True)
+    rnd = reply.start_round
     try:
-        for rnd in range(reply.start_round, sched.rounds):
-            samples = 0
-            for local in range(sched.local_steps):
-                step = rnd * sched.local_steps + local
-                started = time.perf_counter()
-                seed_step(cfg.seed, "client", cfg.client_id, step)
-                batch = batches.next_batch()
-                hidden = part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-                result = session.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
-                                      batch["position_ids"])
-                hidden.backward(result.grad.to(hidden.dtype))
-                optimizer_step(params, opt, lr_sched, optim.max_grad_norm)
-                samples += int(batch["input_ids"].shape[0])
-                seconds = time.perf_counter() - started
-                tokens_per_s = int(batch["attention_mask"].sum()) / max(seconds, 1e-9)
-                metrics.write(event="step", client=cfg.client_id, round=rnd, step=step, loss=result.loss,
-                              tokens=result.tokens, seconds=round(seconds, 4), bytes_sent=result.bytes_sent,
-                              bytes_received=result.bytes_received, lr=lr_sched.get_last_lr()[0])
-                bar.set_postfix(round=f"{rnd + 1}/{sched.rounds}", loss=f"{result.loss:.3f}",
-                                tok_s=f"{tokens_per_s:.0f}")
-                bar.update(1)
-            submit_adapter(aggregator, cfg.client_id, rnd, samples, adapter_state(part.peft),
-                           chunk_bytes=cfg.chunk_bytes)
-            state, num_clients, total = fetch_global(aggregator, cfg.client_id, rnd, timeout=cfg.round_timeout,
-                                                     max_message_bytes=cfg.max_message_bytes)
-            load_adapter_state(part.peft, state)
-            metrics.write(event="round", client=cfg.client_id, round=rnd, clients=num_clients, samples=total)
-            log.info("round %d/%d closed: global adapter of %d clients (%d samples) loaded", rnd + 1, sched.rounds,
-                     num_clients, total, extra={"round": rnd})
+        while True:
+            try:
+                merged = rounds.enter(rnd)  # from the checkpoint of its start + the global adapter of round rnd-1
+                if merged is not None:
+                    metrics.write(event="round", client=cfg.client_id, round=rnd - 1, clients=merged[0],
+                                  samples=merged[1])
+                if rnd >= sched.rounds:
+                    break
+                bar.n = rnd * sched.local_steps
+                samples = 0
+                for local in range(sched.local_steps):
+                    step = rnd * sched.local_steps + local
+                    started = time.perf_counter()
+                    seed_step(cfg.seed, "client", cfg.client_id, step)
+                    batch = batches.next_batch()
+                    hidden = part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+                    result = rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
+                                         batch["position_ids"])
+                    fault_point("client", "step", step)
+                    hidden.backward(result.grad.to(hidden.dtype))
+                    optimizer_step(params, opt, lr_sched, optim.max_grad_norm)
+                    samples += int(batch["input_ids"].shape[0])
+                    seconds = time.perf_counter() - started
+                    tokens_per_s = int(batch["attention_mask"].sum()) / max(seconds, 1e-9)
+                    metrics.write(event="step", client=cfg.client_id, round=rnd, step=step, loss=result.loss,
+                                  tokens=result.tokens, seconds=round(seconds, 4), bytes_sent=result.bytes_sent,
+                                  bytes_received=result.bytes_received, lr=lr_sched.get_last_lr()[0])
+                    bar.set_postfix(round=f"{rnd + 1}/{sched.rounds}", loss=f"{result.loss:.3f}",
+                                    tok_s=f"{tokens_per_s:.0f}")
+                    bar.update(1)
+                rounds.save(rnd + 1, samples)  # before submitting: a restart resubmits this adapter
+                rnd += 1
+            except Reconnect as why:
+                rnd = rounds.rejoin(why)
+                metrics.write(event="rejoin", client=cfg.client_id, round=rnd, reason=str(why))
     finally:
         bar.close()
         metrics.close()

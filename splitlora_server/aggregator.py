@@ -1,12 +1,15 @@
 """The Aggregator gRPC service: collects client adapters round by round and serves their average.
 
 Rounds run 0..rounds-1, one open at a time. A round closes once `expected_clients` distinct
-clients have submitted to it: their adapters are combined (sample-weighted FedAvg, or a robust mode, with
-optional update-norm clipping against the previous global adapter; see common.aggregation), the result
-is kept (and written to `output_dir/global/round-NNNN.safetensors` when an output directory is
-set), and clients waiting in FetchGlobal receive it. Only enrolled clients submit and fetch: those the split
-server enrolled (`is_enrolled`), or else the first `expected_clients` ids whose submissions were accepted. All state sits behind one Condition, so the
-servicer is safe under grpc's thread pool; a refused submission never changes that state.
+clients have submitted to it, or once its deadline has passed with a quorum (common.rounds): their
+adapters are combined (sample-weighted FedAvg, or a robust mode, with optional update-norm clipping against
+the previous global adapter; see common.aggregation), the result is kept (and written to
+`output_dir/global/round-NNNN.safetensors` when an output directory is set), and clients waiting in
+FetchGlobal receive it. Only enrolled clients submit and fetch: those the split server enrolled
+(`is_enrolled`), or else the first `expected_clients` ids whose submissions were accepted. With an output
+directory every accepted submission is stored too, so a restarted aggregator (`restore`) loses nothing
+(splitlora_server.aggregator_store). All state sits behind one Condition, so the servicer is safe under
+grpc's thread pool; a refused submission never changes that state.
 """
 from __future__ import annotations
 
@@ -20,12 +23,16 @@ from typing import Callable, Iterable, Iterator
 
 import grpc
 import torch
+from safetensors.torch import load_file
 
 from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, aggregate
+from common.faults import fault_point
 from common.limits import ENVELOPE_BYTES, MIN_CHUNK_BYTES, negotiated_chunk
-from common.lora import AdapterError, AdapterState, check_adapter, from_bytes, to_bytes, write_adapter_file
+from common.lora import AdapterError, AdapterState, check_adapter, from_bytes, to_bytes
+from common.rounds import Quorum, RoundGate
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
+from splitlora_server.aggregator_store import AggregatorStore, RoundSummary
 from splitlora_server.auth import AccessDenied, Authenticator
 from splitlora_server.registry import CLIENT_ID_PATTERN
 
@@ -64,7 +71,8 @@ class AggregatorService(agrpc.AggregatorServicer):
                  on_round_closed: Callable[[int, AdapterState], None] | None = None, *, mode: str = "fedavg",
                  clip_norm: float = 0.0, trim_fraction: float = DEFAULT_TRIM_FRACTION,
                  auth: Authenticator | None = None,
-                 verify_claim: Callable[[str, int, int], str | None] | None = None) -> None:
+                 verify_claim: Callable[[str, int, int], str | None] | None = None,
+                 quorum: Quorum | None = None, store_submissions: bool = True) -> None:
         for name, value in (("expected_clients", expected_clients), ("rounds", rounds),
                             ("max_adapter_bytes", max_adapter_bytes), ("chunk_bytes", chunk_bytes)):
             if value < 1:
@@ -83,10 +91,15 @@ class AggregatorService(agrpc.AggregatorServicer):
         self._pending: dict[str, tuple[int, AdapterState]] = {}
         self._reference: AdapterState | None = None  # keys/shapes of the first accepted adapter (meta tensors)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._summary: dict[int, tuple[int, int]] = {}  # round -> (num_clients, total_samples)
+        self._summary: dict[int, RoundSummary] = {}
         self._fetched: dict[int, set[str]] = {}
         self._members: set[str] = set()  # without `is_enrolled`: the first `expected_clients` ids accepted
         self.submissions = self.refusals = self.bytes_received = 0  # counters for the metrics endpoint
+        self._store = AggregatorStore(self.output_dir) if self.output_dir is not None else None
+        self._store_submissions = store_submissions  # off next to the split server: it rolls back open rounds
+        self._gate = RoundGate(quorum or Quorum(expected_clients), on_due=self._deadline_passed, what="submitted")
+        self._accepted_here = 0  # submissions accepted by this process (the fault hook counts them)
+        self.stopping = threading.Event()  # set on shutdown: calls are refused with UNAVAILABLE (retry)
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -126,13 +139,69 @@ class AggregatorService(agrpc.AggregatorServicer):
 
     def round_path(self, round: int) -> Path | None:
         """Where the global adapter of `round` is written, if there is an output directory."""
-        return self.output_dir / "global" / f"round-{round:04d}.safetensors" if self.output_dir else None
+        return self._store.global_path(round) if self._store is not None else None
+
+    def included(self, round: int) -> set[str]:
+        """The clients a closed round averaged."""
+        with self._cond:
+            summary = self._summary.get(round)
+            return set(summary.samples) if summary is not None else set()
+
+    def has_submitted(self, client_id: str, round: int) -> bool:
+        """True if `client_id` has a submission in open round `round`."""
+        with self._cond:
+            return round == self._open_round and client_id in self._pending
+
+    def round_status(self) -> tuple[str, bool]:
+        """A line on the open round for logs and status, and whether it is waiting for a quorum."""
+        with self._cond:
+            if self._open_round >= self.rounds:
+                return "every round is closed", False
+            return self._gate.describe(), self._gate.waiting_for_quorum()
+
+    def restore(self, up_to: int | None = None) -> int:
+        """Resume from the output directory: the closed rounds (only the first `up_to` of them when the split
+        server in this process restarts from its own checkpoint) and the open round's stored submissions.
+        Returns the open round."""
+        if self._store is None:
+            return self._open_round
+        with self._cond:
+            closed = self._store.closed_rounds()
+            if up_to is not None:
+                if len(closed) < up_to:
+                    raise ValueError(f"the server's checkpoint starts round {up_to}, but the global adapters of "
+                                     f"rounds {len(closed)}..{up_to - 1} are missing from {self._store.root}")
+                closed = closed[:up_to]
+                self._store.drop_rounds_from(up_to)  # written by a close the server's checkpoint did not see
+            self._summary = {r: self._store.read_summary(r) for r in closed}
+            for summary in self._summary.values():  # who was enrolled, and the clipping reference
+                self._members.update(summary.samples if summary is not None else ())
+            if closed:
+                last = load_file(str(self._store.global_path(closed[-1])))
+                self._previous = {k: v.float() for k, v in last.items()}
+            self._open_round = len(closed)
+            self._gate.open(self._open_round)
+            if self._open_round < self.rounds:
+                stored = self._store.read_pending(self._open_round) if self._store_submissions else {}
+                for client_id, (num_samples, state) in sorted(stored.items()):
+                    self._pending[client_id] = (num_samples, state)
+                    self._members.add(client_id)
+                    self._gate.arrive(client_id)
+                    if self._reference is None:
+                        self._reference = {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
+            log.info("restored from %s: %d rounds closed, %d stored submissions to round %d", self._store.root,
+                     len(closed), len(self._pending), self._open_round)
+            if self._pending and self._gate.ready():  # killed while closing it: close it now
+                self._close_round()
+            return self._open_round
 
     # ----------------------------------------------------------------- Submit
     def Submit(self, request_iterator: Iterator[apb.AdapterUpload],
                context: grpc.ServicerContext) -> apb.SubmitReply:
         """Receive one client's adapter for the open round; close the round when all have come in."""
         try:
+            if self.stopping.is_set():
+                raise _Refusal(_Code.UNAVAILABLE, "aggregator shutting down, retry")
             header, data = self._receive(request_iterator, context)
             state, checked_against = self._parse(header, data)
             submitted = self._accept(header, state, checked_against)
@@ -157,12 +226,12 @@ class AggregatorService(agrpc.AggregatorServicer):
         if header.num_samples == 0:
             raise _Refusal(_Code.INVALID_ARGUMENT, f"client {header.client_id!r} sent num_samples=0; set it to the "
                                                    "number of training samples behind the adapter (it weights the average)")
+        with self._cond:
+            self._check_open(header)  # fail fast before reading a large upload; re-checked on accept
         problem = self._verify_claim(header.client_id, header.round, header.num_samples) if self._verify_claim else None
         if problem:
             raise _Refusal(_Code.FAILED_PRECONDITION, f"submission of client {header.client_id!r} for round "
                                                       f"{header.round} refused: {problem}")
-        with self._cond:
-            self._check_open(header)  # fail fast before reading a large upload; re-checked on accept
         pieces, size = [], 0
         for msg in itertools.chain([first], stream):
             _check_repeated_header(header, msg)
@@ -231,52 +300,84 @@ class AggregatorService(agrpc.AggregatorServicer):
         return state, reference
 
     def _accept(self, header: _Header, state: AdapterState, checked_against: AdapterState | None) -> int:
-        """Record the submission (closing the round if it is the last one); return the round's count."""
+        """Record (and store) the submission, closing the round if it may close now; return the round's count."""
         with self._cond:
             self._check_open(header)
             if self._reference is not None and checked_against is not self._reference:
                 _check_layout(state, self._reference, f"adapter from client {header.client_id!r}")
-            pending = {**self._pending, header.client_id: (header.num_samples, state)}
-            if len(pending) >= self.expected_clients:
-                self._close_round(pending)
-            else:
-                self._pending = pending
-            self._members.add(header.client_id)
+            cid = header.client_id
+            if self._store is not None and self._store_submissions:
+                try:
+                    self._store.write_pending(header.round, cid, header.num_samples, state)
+                except OSError as err:
+                    raise _Refusal(_Code.INTERNAL, f"could not store the submission: {err}; retry it") from err
+            self._pending[cid] = (header.num_samples, state)
+            self._gate.arrive(cid)
+            count = len(self._pending)
+            self._accepted_here += 1
+            fault_point("aggregator", "submit", self._accepted_here)
+            if self._gate.ready():
+                try:
+                    self._close_round()
+                except _Refusal:
+                    del self._pending[cid]
+                    self._gate.leave(cid)
+                    if self._store is not None:
+                        self._store.drop_pending(header.round, cid)
+                    raise
+            self._members.add(cid)
             self.submissions += 1
             if self._reference is None:
                 self._reference = {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
-            return len(pending)
+            return count
 
-    def _close_round(self, pending: dict[str, tuple[int, AdapterState]]) -> None:
+    def _close_round(self) -> None:
         """Average, store and publish the open round; the caller holds the lock."""
-        r = self._open_round
+        r, pending = self._open_round, self._pending
         ids = sorted(pending)
         weights = [pending[c][0] for c in ids]
+        summary = RoundSummary({c: pending[c][0] for c in ids})
         try:
             glob = aggregate([pending[c][1] for c in ids], weights, mode=self.mode, clip_norm=self.clip_norm,
                              reference=self._previous, trim_fraction=self.trim_fraction)
+            fault_point("aggregator", "close", r)
             data = to_bytes(glob)
-            path = self.round_path(r)
-            if path is not None:
-                write_adapter_file(path, glob)
+            if self._store is not None:
+                self._store.write_global(r, glob, summary)
         except (OSError, ValueError) as err:
             raise _Refusal(_Code.INTERNAL, f"could not close round {r}: {err}; "
                                            "this submission was not recorded, retry it") from err
         self._cache[r] = data
         while len(self._cache) > KEEP_IN_MEMORY:
             self._cache.popitem(last=False)
-        self._summary[r] = (len(ids), sum(weights))
+        self._summary[r] = summary
         self._pending, self._previous = {}, glob
-        log.info("round %d closed (%s%s): %d clients, %d samples", r, self.mode,
+        late = "" if len(ids) >= self.expected_clients else f" (deadline passed; {self.expected_clients - len(ids)} missing)"
+        log.info("round %d closed (%s%s): %d clients, %d samples%s", r, self.mode,
                  f", updates clipped to norm {self.clip_norm}" if self.clip_norm else "", len(ids), sum(weights),
-                 extra={"round": r})
+                 late, extra={"round": r})
         if self._on_round_closed is not None:
             try:
                 self._on_round_closed(r, glob)
             except Exception:  # the round is closed either way; a faulty hook must not stall the run
                 log.exception("on_round_closed hook failed for round %d", r)
         self._open_round = r + 1
+        self._gate.open(r + 1)
         self._cond.notify_all()
+
+    def _deadline_passed(self, round: int) -> None:
+        """The deadline timer: close the round with the quorum, or say that it waits for one."""
+        with self._cond:
+            if round != self._open_round:
+                return
+            if self._gate.ready():
+                try:
+                    self._close_round()
+                except _Refusal as refusal:
+                    log.error("round %d: %s", round, refusal.message)
+            else:
+                log.warning("round %d: deadline passed without a quorum; the round waits (%s)", round,
+                            self._gate.describe())
 
     # ----------------------------------------------------------------- FetchGlobal
     def FetchGlobal(self, request: apb.FetchRequest,
@@ -304,7 +405,8 @@ class AggregatorService(agrpc.AggregatorServicer):
                 self.refusals += 1
             context.abort(refusal.code, refusal.message)
             raise  # unreachable: abort raises
-        num_clients, total_samples = self._summary[request.round]
+        summary = self._summary.get(request.round) or RoundSummary({})
+        num_clients, total_samples = summary.num_clients, summary.total_samples
         for offset in range(0, len(data), chunk):
             yield apb.AdapterDownload(round=request.round, num_clients=num_clients, total_samples=total_samples,
                                       safetensors_chunk=data[offset:offset + chunk])
@@ -315,6 +417,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         """Wait until `round` closes; False if the call stops being active first."""
         with self._cond:
             while round >= self._open_round:
+                if self.stopping.is_set():
+                    raise _Refusal(_Code.UNAVAILABLE, "aggregator shutting down, retry")
                 if not context.is_active():
                     return False
                 self._cond.wait(WAIT_SLICE_S)

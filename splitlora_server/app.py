@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.lora import export_adapter, write_adapter_file
 from common.optim import OptimSettings
@@ -22,6 +23,7 @@ from common.split.parts import SplitPart
 from common.tls import add_port
 from splitlora_server.aggregator import AggregatorService
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
+from splitlora_server.checkpoint import ServerCheckpoints, ServerState, run_identity
 from splitlora_server.config import AggregateConfig, ServeConfig
 from splitlora_server.engine import ServerEngine
 from splitlora_server.frames import FrameLimits
@@ -59,6 +61,8 @@ class RunningServer:
     service: SplitTrainingService
     aggregator: AggregatorService | None
     stop_requested: threading.Event = field(default_factory=threading.Event)  # set by the admin Shutdown call
+    health: health.HealthServicer | None = None
+    resumed_round: int | None = None  # the round the server resumed at from its checkpoint, if it did
 
     def wait_finished(self, stop: threading.Event | None = None) -> bool:
         """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
@@ -93,6 +97,19 @@ class RunningServer:
         while time.monotonic() < deadline and not wanted <= self.aggregator.fetched(self.config.rounds - 1):
             time.sleep(0.1)
 
+    def drain(self) -> None:
+        """Graceful shutdown, first half: health NOT_SERVING, new calls and open streams answered UNAVAILABLE
+        ("server shutting down, retry") once their current step is done. The last round's checkpoint is already
+        on disk: a restarted server resumes there, and clients redo the open round."""
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
+        self.service.stopping.set()
+        if self.aggregator is not None:
+            self.aggregator.stopping.set()
+        self.engine.call(lambda: None).result(timeout=60)  # steps already queued finish
+        log.info("shutting down; a restart with --output %s resumes at round %d", self.config.output,
+                 self.registry.current_round())
+
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving and stop the engine."""
         self.server.stop(grace).wait()
@@ -114,7 +131,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
     optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
     engine = ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed).start()
-    registry = Registry(cfg.clients, cfg.rounds, cfg.local_steps)
+    quorum, in_process = cfg.quorum(cfg.clients), not cfg.aggregator
+    registry = Registry(cfg.clients, cfg.rounds, cfg.local_steps, quorum, self_closing=not in_process)
     schedule = spb.Schedule(rounds=cfg.rounds, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                             warmup_steps=cfg.warmup_steps, max_seq_len=min(cfg.max_seq_len, max_positions),
@@ -122,20 +140,44 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
+    resumed = _resume(cfg, engine, registry, run_identity(cfg, fingerprint))
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
     aggregator = None
-    if not cfg.aggregator:
+    if in_process:  # its round close drives the server's (average + checkpoint) before anyone sees the result
         aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",
                                        max_adapter_bytes=cfg.max_adapter_bytes,
                                        is_enrolled=lambda cid: cid in registry.clients, chunk_bytes=cfg.chunk_bytes,
                                        mode=cfg.aggregation, clip_norm=cfg.clip_norm, trim_fraction=cfg.trim_fraction,
-                                       auth=auth, verify_claim=registry.verify_claim)
+                                       auth=auth, verify_claim=registry.verify_claim,
+                                       on_round_closed=lambda r, _: service.close_round(r, aggregator.included(r)),
+                                       quorum=quorum, store_submissions=False)
+        aggregator.restore(up_to=resumed if resumed is not None else 0)
+        service.submitted, service.round_status = aggregator.has_submitted, aggregator.round_status
         agrpc.add_AggregatorServicer_to_server(aggregator, server)
-    _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator")
+    health_servicer = _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator")
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the split server")
     server.start()
-    return RunningServer(server, port, cfg, part, engine, registry, service, aggregator, stop)
+    return RunningServer(server, port, cfg, part, engine, registry, service, aggregator, stop_requested=stop,
+                         health=health_servicer, resumed_round=resumed)
+
+
+def _resume(cfg: ServeConfig, engine: ServerEngine, registry: Registry, run: dict) -> int | None:
+    """Checkpoint every round boundary from now on; resume from the newest checkpoint in --output, if any."""
+    checkpoints = ServerCheckpoints(Path(cfg.output), run)
+
+    def on_boundary(state: ServerState) -> None:
+        checkpoints.save(state, fault=lambda: fault_point("server", "checkpoint", state.round - 1))
+
+    engine.on_boundary = on_boundary
+    state = checkpoints.latest()
+    if state is None:
+        return None
+    engine.restore(state).result()
+    registry.restore(state.round, state.clients)
+    log.info("resumed from %s: round %d starts again with %d enrolled clients", checkpoints.dir.path(state.round),
+             state.round, len(state.clients))
+    return state.round
 
 
 def _stop_on_signals() -> threading.Event:
@@ -157,6 +199,8 @@ def serve(cfg: ServeConfig) -> int:
     if finished:
         running.export()
         running.wait_for_final_fetches(cfg.finish_grace_seconds)
+    else:
+        running.drain()
     running.stop()
     if metrics is not None:
         metrics.stop()
@@ -164,26 +208,31 @@ def serve(cfg: ServeConfig) -> int:
 
 
 def aggregate(cfg: AggregateConfig) -> int:
-    """Run `splitlora-server aggregate`: the aggregator alone."""
+    """Run `splitlora-server aggregate`: the aggregator alone; it resumes from --output after a restart."""
     stop = _stop_on_signals()
     cfg.validate_tls()
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the aggregator")
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
                                    chunk_bytes=cfg.chunk_bytes, mode=cfg.aggregation, clip_norm=cfg.clip_norm,
-                                   trim_fraction=cfg.trim_fraction, auth=auth)
+                                   trim_fraction=cfg.trim_fraction, auth=auth, quorum=cfg.quorum(cfg.clients))
+    aggregator.restore()
     agrpc.add_AggregatorServicer_to_server(aggregator, server)
-    _add_health(server, "splitlora.v1.Aggregator")
+    health_servicer = _add_health(server, "splitlora.v1.Aggregator")
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the aggregator")
     server.start()
     metrics = metrics_for(cfg.host, cfg.metrics_port, aggregator=aggregator)
     print(f"splitlora-server aggregate listening on {cfg.host}:{port}", flush=True)
     while not stop.is_set() and not aggregator.finished:
         stop.wait(0.2)
-    deadline = time.monotonic() + cfg.finish_grace_seconds
-    while aggregator.finished and len(aggregator.fetched(cfg.rounds - 1)) < cfg.clients \
-            and time.monotonic() < deadline and not stop.is_set():
-        stop.wait(0.1)  # let every client download the last global adapter
+    if aggregator.finished:  # let clients fetch the last round
+        deadline = time.monotonic() + cfg.finish_grace_seconds
+        while not stop.is_set() and time.monotonic() < deadline and \
+                len(aggregator.fetched(cfg.rounds - 1)) < len(aggregator.included(cfg.rounds - 1)):
+            stop.wait(0.2)
+    else:
+        health_servicer.enter_graceful_shutdown()
+        aggregator.stopping.set()
     server.stop(2.0).wait()
     if metrics is not None:
         metrics.stop()

@@ -9,6 +9,7 @@ from common.aggregation import DEFAULT_TRIM_FRACTION, MODES
 from common.config import ModelOptions, TransportOptions
 from common.configuration import ConfigError, option
 from common.tls import ServerTlsOptions
+from common.rounds import Quorum
 from common.wire import CODEC_NAMES
 
 
@@ -50,7 +51,29 @@ class AggregationOptions:
 
 
 @dataclass
-class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions):
+class RoundOptions:
+    """Dropouts and stragglers: when a round may close without every client."""
+
+    min_clients: int = option(0, "Quorum: the fewest clients a round may close with once its deadline has passed "
+                                 "(0: all of --clients). Without the quorum the round waits.")
+    round_deadline: float = option(0.0, "Seconds the others wait for stragglers after the first client is done "
+                                        "with a round (0: wait for every client). Give serve and aggregate the "
+                                        "same value.")
+
+    def quorum(self, clients: int) -> Quorum:
+        """The round-closing rule of these options."""
+        return Quorum(clients, self.min_clients, self.round_deadline)
+
+    def validate_rounds(self, clients: int) -> None:
+        if not 0 <= self.min_clients <= clients:
+            raise ConfigError(f"min_clients must be in [0, clients={clients}], got {self.min_clients}")
+        if self.round_deadline < 0:
+            raise ConfigError(f"round_deadline must be >= 0, got {self.round_deadline}")
+
+
+@dataclass
+class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
+                  RoundOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -77,7 +100,8 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
     aggregator: str = option("", "Address host:port of a separate aggregator; empty: run it in this process.")
     codecs: list[str] = option(["float32", "float16", "bfloat16", "int8"],
                                "Activation/gradient codecs the server accepts, in its order of preference.")
-    max_workers: int = option(64, "gRPC handler threads (at least 2 per concurrent client).")
+    max_workers: int = option(128, "gRPC handler threads (a training stream and a round wait per client, plus "
+                                   "room: at least 4 per concurrent client).")
     max_adapter_bytes: int = option(512 << 20, "Largest client adapter the aggregator accepts, in bytes.")
     finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
                                                "final adapter before shutting down.")
@@ -93,6 +117,7 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         if self.device == "auto":  # resolved here so that the logged effective config shows the choice
             import torch
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.validate_rounds(self.clients)
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -107,7 +132,7 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
 
 
 @dataclass
-class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions):
+class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions, RoundOptions):
     """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
     see client adapters."""
 
@@ -124,6 +149,7 @@ class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, Aggregati
 
     def validate(self) -> None:
         """Reject settings that cannot work."""
+        self.validate_rounds(self.clients)
         for name in ("clients", "rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

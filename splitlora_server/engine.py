@@ -16,10 +16,12 @@ import torch
 
 from common.lora import AdapterState, adapter_state, load_adapter_state
 from common.aggregation import aggregate
+from common.faults import fault_point
 from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.seeding import seed_step
 from common.split.parts import SplitPart
+from splitlora_server.checkpoint import ServerState, SlotState, capture_slot, restore_slot
 
 log = logging.getLogger(__name__)
 AdapterMode = Literal["shared", "per-client"]
@@ -55,6 +57,12 @@ class _Slot:
         self.params = [p for n, p in part.peft.named_parameters() if f".{name}." in n and "lora_" in n]
         self.opt, self.sched = build_optimizer(self.params, settings)
 
+    def capture(self, part: SplitPart) -> SlotState:
+        return capture_slot(part.peft, self.name, self.opt, self.sched)
+
+    def restore(self, part: SplitPart, state: SlotState) -> None:
+        restore_slot(part.peft, state, self.opt, self.sched)
+
 
 class ServerEngine:
     """Owns the server part and its optimizers; runs jobs from a queue on a single worker thread."""
@@ -67,8 +75,14 @@ class ServerEngine:
         self.slots: dict[str, _Slot] = {SHARED: _Slot(part, SHARED, optim)}
         self._jobs: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="splitlora-engine", daemon=True)
-        self.steps_done = 0
+        self.steps_done = self._steps_here = 0
         self.seed = seed
+        # the round boundary: the round whose start the snapshots hold (rollbacks of a client's partial round
+        # restore its slot from them) and, in shared mode, who has stepped the shared adapter since then
+        self.boundary_round = 0
+        self.snapshots: dict[str, SlotState] = {SHARED: self.slots[SHARED].capture(part)}
+        self._touched: set[str] = set()
+        self.on_boundary: Callable[[ServerState], None] | None = None  # writes the checkpoint (engine thread)
 
     def start(self) -> "ServerEngine":
         """Start the worker thread."""
@@ -108,10 +122,18 @@ class ServerEngine:
     def _add_client(self, client_id: str) -> None:
         if self.mode != "per-client" or client_id in self.slots:
             return
-        name = f"client{len(self.slots)}"  # client ids may hold '.', which peft adapter names must not
-        self.part.peft.add_adapter(name, self.part.lora.peft_config(self.part.family))
+        names, i = {slot.name for slot in self.slots.values()}, len(self.slots)
+        while f"client{i}" in names:  # restored slots keep their names
+            i += 1
+        name = f"client{i}"  # client ids may hold '.', which peft adapter names must not
+        self._new_slot(client_id, name)
         load_adapter_state(self.part.peft, adapter_state(self.part.peft, SHARED), name)
-        self.slots[client_id] = _Slot(self.part, name, self.optim)
+        self.snapshots[client_id] = self.slots[client_id].capture(self.part)
+
+    def _new_slot(self, key: str, name: str) -> _Slot:
+        self.part.peft.add_adapter(name, self.part.lora.peft_config(self.part.family))
+        self.slots[key] = _Slot(self.part, name, self.optim)
+        return self.slots[key]
 
     def _step(self, step: StepInputs) -> StepOutcome:
         slot = self.slots[step.client_id if self.mode == "per-client" else SHARED]
@@ -124,6 +146,9 @@ class ServerEngine:
         loss, tokens = causal_lm_loss(logits, step.labels.to(device), self.label_smoothing)
         loss.backward()
         finite = torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in slot.params)
+        self._steps_here += 1
+        fault_point("server", "step", self._steps_here)  # counted in this process (a testing hook)
+        self._touched.add(step.client_id)
         if tokens and finite:
             optimizer_step(slot.params, slot.opt, slot.sched, self.optim.max_grad_norm)
         else:
@@ -138,13 +163,56 @@ class ServerEngine:
     def _end_round(self, weights: dict[str, float]) -> None:
         if self.mode != "per-client":
             return
-        clients = [c for c in weights if c in self.slots and c != SHARED]
+        clients = sorted(c for c in weights if c in self.slots and c != SHARED)  # a fixed order: bit-reproducible
         if not clients:
             return
         merged = aggregate([adapter_state(self.part.peft, self.slots[c].name) for c in clients],
                            [weights[c] for c in clients])
         for slot in self.slots.values():
             load_adapter_state(self.part.peft, merged, slot.name)
+
+    def close_round(self, rnd: int, weights: dict[str, float], clients: list[str]) -> Future:
+        """Round `rnd` is over: average (per-client mode), then take the boundary from which round rnd+1 starts:
+        snapshot every slot and hand the state to `on_boundary` (the checkpoint), all before the next job."""
+        return self.call(lambda: self._close_round(rnd, weights, clients))
+
+    def _close_round(self, rnd: int, weights: dict[str, float], clients: list[str]) -> None:
+        self._end_round(weights)
+        fault_point("server", "round-end", rnd)
+        self.boundary_round, self._touched = rnd + 1, set()
+        self.snapshots = {key: slot.capture(self.part) for key, slot in self.slots.items()}
+        if self.on_boundary is not None:
+            self.on_boundary(ServerState(rnd + 1, dict(self.snapshots), list(clients), self.steps_done))
+
+    def rollback(self, client_id: str, rnd: int) -> Future:
+        """Undo a client's partial round `rnd` (it redoes the round): restore its slot from the boundary snapshot.
+        In shared mode that is only possible while no other client has stepped the shared adapter since."""
+        return self.call(lambda: self._rollback(client_id, rnd))
+
+    def _rollback(self, client_id: str, rnd: int) -> bool:
+        if rnd != self.boundary_round:
+            return False  # the round has closed meanwhile: the slot already holds the next boundary
+        key = client_id if self.mode == "per-client" else SHARED
+        if key == SHARED and not self._touched <= {client_id}:
+            log.warning("client %s redoes round %d, but other clients have stepped the shared server adapter since "
+                        "it started; its partial steps stay in (use --server-adapter-mode per-client for exact "
+                        "recovery)", client_id, rnd)
+            return False
+        if key in self.slots and key in self.snapshots:
+            self.slots[key].restore(self.part, self.snapshots[key])
+        self._touched.discard(client_id)
+        return True
+
+    def restore(self, state: ServerState) -> Future:
+        """Resume from a checkpoint: recreate the slots under their adapter names and load their states."""
+        return self.call(lambda: self._restore(state))
+
+    def _restore(self, state: ServerState) -> None:
+        for key, slot_state in state.slots.items():
+            slot = self.slots.get(key) or self._new_slot(key, slot_state.name)
+            slot.restore(self.part, slot_state)
+        self.boundary_round, self._touched, self.steps_done = state.round, set(), state.steps
+        self.snapshots = dict(state.slots)
 
     def adapter_of(self, client_id: str) -> AdapterState:
         """A copy of the server adapter a client's steps update (the shared one in shared mode)."""

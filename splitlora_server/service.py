@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Callable, Iterator
 
 import grpc
@@ -11,6 +12,7 @@ from google.protobuf.message import DecodeError
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
+from common.faults import fault_point
 from common.fingerprint import differences
 from common.limits import ENVELOPE_BYTES, MIN_CHUNK_BYTES, negotiated_chunk
 from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
@@ -24,7 +26,9 @@ CLIENT_ID_KEY = "x-splitlora-client-id"
 SESSION_KEY = "x-splitlora-session"
 VERSION = "0.1.0"
 _STATUS_BY_KIND = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "full": grpc.StatusCode.RESOURCE_EXHAUSTED,
-                   "unknown": grpc.StatusCode.FAILED_PRECONDITION, "session": grpc.StatusCode.UNAUTHENTICATED}
+                   "unknown": grpc.StatusCode.FAILED_PRECONDITION, "session": grpc.StatusCode.UNAUTHENTICATED,
+                   "closed": grpc.StatusCode.FAILED_PRECONDITION}
+SHUTTING_DOWN = "server shutting down, retry"
 
 
 class SplitTrainingService(sgrpc.SplitTrainingServicer):
@@ -40,9 +44,18 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self.codecs = [codec_from_name(c) for c in codecs]
         self.aggregator_address = aggregator_address
         self.max_message_bytes, self.chunk_bytes = max_message_bytes, chunk_bytes
+        self.stopping = threading.Event()  # set on shutdown: calls are refused with UNAVAILABLE (retry)
+        # with an in-process aggregator: does it hold this client's submission for a round? / its round status
+        self.submitted: Callable[[str, int], bool] | None = None
+        self.round_status: Callable[[], tuple[str, bool]] = registry.round_status
+        self._replies = 0
+        if registry.self_closing:
+            registry.gate.on_due = self._deadline_passed
 
     # -- handshake -------------------------------------------------------------------------------------------
     def Join(self, request: spb.JoinRequest, context: grpc.ServicerContext) -> spb.JoinReply:
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
         chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
         if chunk is None:
@@ -59,12 +72,17 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             context.abort(_STATUS_BY_KIND[err.kind], str(err))
         record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
         self.engine.add_client(record.client_id).result()
-        log.info("client %s joined (codec %s, next step %d)", record.client_id, codec_name(record.codec),
-                 record.next_step, extra={"client": record.client_id})
+        with record.step_lock:  # after any step of its old stream still in flight
+            start, partial = self.registry.resume(record, self.submitted)
+            if partial:
+                self.engine.rollback(record.client_id, start).result()
+        log.info("client %s joined (codec %s): starts round %d%s", record.client_id, codec_name(record.codec),
+                 start, " (its partial progress in it is undone)" if partial else "",
+                 extra={"client": record.client_id, "round": start})
         return spb.JoinReply(session=record.session, schedule=self.schedule,
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
-                             start_round=self.registry.round_of(record.next_step),
+                             start_round=start,
                              num_clients=self.registry.expected, server_version=VERSION)
 
     def _negotiate(self, offered: list[int]) -> int:
@@ -95,11 +113,15 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
 
     def Train(self, request_iterator: Iterator[spb.ClientFrame], context: grpc.ServicerContext
               ) -> Iterator[spb.ServerFrame]:
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         record = self._authenticate(context)
         record.connected = True
         parts = Reassembler(max_bytes=self.max_message_bytes * 64)
         try:
             for frame in request_iterator:
+                if self.stopping.is_set():  # shutting down: no new step; the client retries after a restart
+                    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 nbytes = frame.ByteSize()
                 record.bytes_in += nbytes
                 kind = frame.WhichOneof("kind")
@@ -120,6 +142,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 for out in chunked([spb.ServerFrame(backward=reply)], spb.ServerFrame, record.chunk_bytes):
                     record.bytes_out += out.ByteSize()
                     yield out
+                self._replies += 1
+                fault_point("server", "reply", self._replies)
         finally:
             record.connected = False
 
@@ -144,21 +168,48 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             step = decode_step(fwd, self.limits, record.codec)
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
+        inputs = StepInputs(record.client_id, fwd.step, step.hidden, step.attention_mask, step.position_ids,
+                            step.labels)
         try:
-            outcome = self.engine.submit_step(StepInputs(record.client_id, fwd.step, step.hidden, step.attention_mask,
-                                                         step.position_ids, step.labels)).result()
+            future = self.registry.admit(record, fwd.step, lambda: self.engine.submit_step(inputs))
+        except RegistryError as err:
+            self._fail(context, record, _STATUS_BY_KIND[err.kind], str(err))
+        try:
+            outcome = future.result()
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
             self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} produced a non-finite loss; the update was skipped")
-        completed = self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens,
-                                            samples=int(step.hidden.shape[0]))
-        if completed is not None:
-            log.info("round %d: every client finished its local steps", completed, extra={"round": completed})
-            self.engine.end_round(self.registry.round_weights(completed))
+        if self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens, samples=int(step.hidden.shape[0])):
+            self.close_round(self.registry.round_of(fwd.step))  # before the reply: no client sees round r+1 early
         return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
                                 tokens=outcome.tokens, bytes_received=fwd.ByteSize())
+
+    # -- rounds ----------------------------------------------------------------------------------------------
+    def close_round(self, rnd: int, included: set[str] | None = None) -> bool:
+        """Close round `rnd` on the server: average (per-client mode) and checkpoint, and wait for both.
+        `included`: the clients the aggregator closed it with (default: those that finished their steps)."""
+        closing: list[int] = []
+
+        def enqueue(weights: dict[str, float], roster: list[str]):
+            closing.append(len(weights))
+            return self.engine.close_round(rnd, weights, roster)
+
+        future = self.registry.close_round(rnd, included, enqueue)
+        if future is None:
+            return False
+        future.result()
+        log.info("round %d closed on the server with %d of %d clients", rnd, closing[0], self.registry.expected)
+        return True
+
+    def _deadline_passed(self, rnd: int) -> None:
+        """The deadline timer of a self-closing registry: close with the quorum, or say that the round waits."""
+        if self.registry.ready(rnd):
+            self.close_round(rnd)
+        elif rnd == self.registry.open_round:
+            log.warning("round %d: deadline passed without a quorum; the round waits (%s)", rnd,
+                        self.registry.round_status()[0])
 
     # -- status ----------------------------------------------------------------------------------------------
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusReply:
@@ -168,9 +219,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                                         steps=r.next_step, last_loss=r.last_loss, bytes_in=r.bytes_in,
                                         bytes_out=r.bytes_out, last_error=r.last_error)
                        for r in sorted(reg.clients.values(), key=lambda r: r.client_id)]
+        text, waiting = self.round_status()
         return spb.StatusReply(round=reg.current_round(), rounds=reg.rounds, steps=reg.total_steps,
                                steps_per_second=reg.steps_per_second(), clients=clients,
-                               server_adapter_mode=self.engine.mode, finished=reg.finished.is_set())
+                               server_adapter_mode=self.engine.mode, finished=reg.finished.is_set(),
+                               round_status=text, waiting_for_quorum=waiting)
 
     # -- shutdown (the interceptor lets only the admin credential through) ------------------------------------
     def Shutdown(self, request: spb.ShutdownRequest, context: grpc.ServicerContext) -> spb.ShutdownReply:

@@ -160,7 +160,7 @@ class ClientStatus(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., connected: _Optional[bool] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("round", "rounds", "steps", "steps_per_second", "clients", "server_adapter_mode", "finished")
+    __slots__ = ("round", "rounds", "steps", "steps_per_second", "clients", "server_adapter_mode", "finished", "round_status", "waiting_for_quorum")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,8 @@ class StatusReply(_message.Message):
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
     SERVER_ADAPTER_MODE_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_STATUS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_QUORUM_FIELD_NUMBER: _ClassVar[int]
     round: int
     rounds: int
     steps: int
@@ -175,7 +177,9 @@ class StatusReply(_message.Message):
     clients: _containers.RepeatedCompositeFieldContainer[ClientStatus]
     server_adapter_mode: str
     finished: bool
-    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ...) -> None: ...
+    round_status: str
+    waiting_for_quorum: bool
+    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ..., round_status: _Optional[str] = ..., waiting_for_quorum: _Optional[bool] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)
