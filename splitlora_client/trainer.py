@@ -7,7 +7,6 @@ import time
 import zlib
 from pathlib import Path
 
-import grpc
 from tqdm import tqdm
 from transformers import AutoTokenizer
 

@@ -4,7 +4,6 @@ Real gRPC on loopback."""
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,6 +16,7 @@ from common.rounds import Quorum
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from splitlora_server.aggregator import AggregatorService
 from splitlora_server.aggregator_store import AggregatorStore, RoundSummary
+from loopback import AggregatorServers, rpc_error
 
 Code = grpc.StatusCode
 Start = Callable[..., tuple[AggregatorService, agrpc.AggregatorStub]]
@@ -29,29 +29,15 @@ def adapter(value: float) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def start() -> Iterator[Start]:
     """Start an aggregator (restored from its output directory first); return (service, stub)."""
-    running: list[tuple[grpc.Server, grpc.Channel]] = []
+    servers = AggregatorServers()
 
     def _start(up_to: int | None = None, **kwargs: object) -> tuple[AggregatorService, agrpc.AggregatorStub]:
         service = AggregatorService(**{"expected_clients": 2, "rounds": 3, "output_dir": None, **kwargs})
         service.restore(up_to)
-        server = grpc.server(ThreadPoolExecutor(max_workers=8))
-        agrpc.add_AggregatorServicer_to_server(service, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        running.append((server, channel))
-        return service, agrpc.AggregatorStub(channel)
+        return service, servers.serve(service)
 
     yield _start
-    for server, channel in running:
-        channel.close()
-        server.stop(None)
-
-
-def refused(fn: Callable[..., object], *args: object, **kwargs: object) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
+    servers.close()
 
 
 def test_a_restarted_aggregator_keeps_closed_rounds_and_stored_submissions(start: Start, tmp_path: Path) -> None:
@@ -64,7 +50,7 @@ def test_a_restarted_aggregator_keeps_closed_rounds_and_stored_submissions(start
     assert service.open_round == 1 and service.has_submitted("a", 1) and not service.has_submitted("b", 1)
     state, num_clients, total = fetch_global(stub, "b", 0, timeout=5)
     assert (num_clients, total) == (2, 4) and torch.equal(state["m.lora_A.weight"], torch.full((2, 3), 4.0))
-    assert refused(submit_adapter, stub, "a", 1, 2, adapter(2.0), timeout=5).code() == Code.ALREADY_EXISTS
+    assert rpc_error(submit_adapter, stub, "a", 1, 2, adapter(2.0), timeout=5).code() == Code.ALREADY_EXISTS
     submit_adapter(stub, "b", 1, 2, adapter(4.0), timeout=5)
     state, num_clients, _ = fetch_global(stub, "a", 1, timeout=5)
     assert num_clients == 2 and torch.equal(state["m.lora_A.weight"], torch.full((2, 3), 3.0))
@@ -92,7 +78,7 @@ def test_next_to_a_restarted_server_it_follows_the_servers_checkpoint(start: Sta
         start(output_dir=tmp_path, up_to=3, store_submissions=False)
 
 
-def test_at_the_deadline_a_quorum_closes_the_round_and_late_submissions_are_refused(start: Start) -> None:
+def test_at_the_deadline_a_quorum_closes_the_round_and_late_submissions_are_rpc_error(start: Start) -> None:
     service, stub = start(expected_clients=3, quorum=Quorum(3, min_clients=2, deadline=0.5))
     submit_adapter(stub, "a", 0, 1, adapter(1.0), timeout=5)
     text, waiting = service.round_status()
@@ -101,7 +87,7 @@ def test_at_the_deadline_a_quorum_closes_the_round_and_late_submissions_are_refu
     assert service.open_round == 0  # not before the deadline
     assert service.wait_until_closed(0, timeout=5)
     assert service.included(0) == {"a", "b"}
-    late = refused(submit_adapter, stub, "c", 0, 1, adapter(7.0), timeout=5)
+    late = rpc_error(submit_adapter, stub, "c", 0, 1, adapter(7.0), timeout=5)
     assert late.code() == Code.FAILED_PRECONDITION and "round 0 is closed" in late.details()
     state, num_clients, _ = fetch_global(stub, "c", 0, timeout=5)  # the late client continues from it
     assert num_clients == 2 and torch.equal(state["m.lora_A.weight"], torch.full((2, 3), 2.0))

@@ -17,6 +17,7 @@ from common.lora import to_bytes
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from splitlora_server.aggregator import KEEP_IN_MEMORY, AggregatorService
+from loopback import AggregatorServers, rpc_error
 
 Code = grpc.StatusCode
 Start = Callable[..., tuple[AggregatorService, agrpc.AggregatorStub]]
@@ -30,30 +31,15 @@ def adapter(value: float) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def start() -> Iterator[Start]:
     """Start an aggregator on a loopback port; return (service, stub). Everything is stopped afterwards."""
-    running: list[tuple[grpc.Server, grpc.Channel]] = []
+    servers = AggregatorServers()
 
     def _start(workers: int = 16, **kwargs: object) -> tuple[AggregatorService, agrpc.AggregatorStub]:
         kwargs = {"expected_clients": 2, "rounds": 3, "output_dir": None, **kwargs}
         service = AggregatorService(**kwargs)  # type: ignore[arg-type]
-        server = grpc.server(ThreadPoolExecutor(max_workers=workers))
-        agrpc.add_AggregatorServicer_to_server(service, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        running.append((server, channel))
-        return service, agrpc.AggregatorStub(channel)
+        return service, servers.serve(service, workers)
 
     yield _start
-    for server, channel in running:
-        channel.close()
-        server.stop(None)
-
-
-def rpc_error(fn: Callable[..., object], *args: object, **kwargs: object) -> grpc.RpcError:
-    """Call `fn` and return the RpcError it raises."""
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
+    servers.close()
 
 
 def raw_submit(stub: agrpc.AggregatorStub, *messages: apb.AdapterUpload) -> apb.SubmitReply:

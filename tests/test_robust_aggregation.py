@@ -9,7 +9,6 @@ Plain FedAvg, for contrast, is dragged a million times further.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import grpc
@@ -20,6 +19,7 @@ from common.aggregation import clip_updates, update_norm
 from common.aggregator_client import fetch_global, submit_adapter
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from splitlora_server.aggregator import AggregatorService
+from loopback import AggregatorServers
 
 HONEST = ("h0", "h1", "h2")
 SHAPES = {"x.lora_A.weight": (4, 16), "x.lora_B.weight": (16, 4)}
@@ -34,22 +34,14 @@ def adapter(seed: int, scale: float, base: dict[str, torch.Tensor] | None = None
 
 @pytest.fixture
 def serve() -> Iterator:
-    running: list[tuple[grpc.Server, grpc.Channel]] = []
+    servers = AggregatorServers()
 
     def _serve(**kwargs: object) -> tuple[AggregatorService, agrpc.AggregatorStub]:
         service = AggregatorService(4, 2, None, **kwargs)  # type: ignore[arg-type]
-        server = grpc.server(ThreadPoolExecutor(max_workers=8))
-        agrpc.add_AggregatorServicer_to_server(service, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        running.append((server, channel))
-        return service, agrpc.AggregatorStub(channel)
+        return service, servers.serve(service)
 
     yield _serve
-    for server, channel in running:
-        channel.close()
-        server.stop(None)
+    servers.close()
 
 
 def attacked_round(stub: agrpc.AggregatorStub) -> tuple[dict, dict, list[dict]]:
