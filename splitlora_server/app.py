@@ -21,6 +21,7 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.split.parts import SplitPart
 from splitlora_server.aggregator import AggregatorService
+from splitlora_server.batching import BatchSettings
 from splitlora_server.config import AggregateConfig, ServeConfig
 from splitlora_server.engine import ServerEngine
 from splitlora_server.frames import FrameLimits
@@ -110,7 +111,8 @@ def start_server(cfg: ServeConfig) -> RunningServer:
     max_positions = int(getattr(part.config, "max_position_embeddings", cfg.max_seq_len))
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
     optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
-    engine = ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed).start()
+    batching = BatchSettings(cfg.batch_window_ms, cfg.max_batch_clients)
+    engine = ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed, batching).start()
     registry = Registry(cfg.clients, cfg.rounds, cfg.local_steps)
     schedule = spb.Schedule(rounds=cfg.rounds, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
                             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,

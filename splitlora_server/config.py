@@ -28,6 +28,10 @@ class ServeConfig(ModelOptions, TransportOptions):
     server_adapter_mode: str = option("shared", "shared: one server adapter updated by every client step; "
                                       "per-client: a copy per client, averaged at each round end.",
                                       choices=["shared", "per-client"])
+    max_batch_clients: int = option(1, "Cross-client batching (shared adapter mode): stack up to this many clients' "
+                                       "waiting steps into one forward/backward (0 or 1: off).")
+    batch_window_ms: float = option(0.0, "With batching on, how long the server waits for other clients' steps "
+                                         "before running a batch (0: only steps already waiting).")
     device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...).")
     output: str = option("runs/server", "Directory for the exported adapter, checkpoints and metrics.")
     aggregator: str = option("", "Address host:port of a separate aggregator; empty: run it in this process.")
@@ -45,6 +49,8 @@ class ServeConfig(ModelOptions, TransportOptions):
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_batch_clients < 0 or self.batch_window_ms < 0:
+            raise ConfigError("max_batch_clients and batch_window_ms must be >= 0")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if self.learning_rate <= 0:
