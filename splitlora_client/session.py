@@ -66,6 +66,11 @@ class SplitSession:
     def step(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
              position_ids: torch.Tensor) -> StepResult:
         """Send one step's activations; return the gradient at the cut and the loss."""
+        return self.receive(step, self.send(step, rnd, hidden, attention_mask, labels, position_ids))
+
+    def send(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+             position_ids: torch.Tensor) -> int:
+        """Queue one step's frame (in pieces if large) without waiting; return the bytes it takes."""
         if self.reply is None:
             raise RuntimeError("join before training")
         if self._call is None:
@@ -78,6 +83,10 @@ class SplitSession:
         for piece in chunked([frame], spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
             sent += piece.ByteSize()
             self._requests.put(piece)
+        return sent
+
+    def receive(self, step: int, sent: int = 0) -> StepResult:
+        """Wait for the server's answer to `step` (sent with `send`)."""
         parts, received = Reassembler(max_bytes=1 << 34), 0
         for out in self._responses:
             received += out.ByteSize()

@@ -18,10 +18,10 @@ from common.fingerprint import compute_fingerprint
 from common.lora import adapter_state, load_adapter_state, write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
-from common.seeding import seed_step
 from common.split.parts import SplitPart
 from common.wire import codec_from_name, codec_name
 from splitlora_client.config import TrainConfig
+from splitlora_client.prefetch import StepPreparer
 from splitlora_client.session import SplitSession
 
 log = logging.getLogger("splitlora.client")
@@ -82,19 +82,21 @@ def train(cfg: TrainConfig) -> Path:
     opt, lr_sched = build_optimizer(params, optim)
     out_dir = cfg.output_dir
     metrics = MetricsLog(out_dir / "metrics.jsonl")
-    bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
-               unit="step", dynamic_ncols=True)
+    prep, pending, total = StepPreparer(part, batches, cfg.seed, cfg.client_id), None, sched.rounds * sched.local_steps
+    bar = tqdm(total=total, disable=not cfg.progress, desc=cfg.client_id, unit="step", dynamic_ncols=True)
     try:
         for rnd in range(reply.start_round, sched.rounds):
             samples = 0
             for local in range(sched.local_steps):
                 step = rnd * sched.local_steps + local
                 started = time.perf_counter()
-                seed_step(cfg.seed, "client", cfg.client_id, step)
-                batch = batches.next_batch()
-                hidden = part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-                result = session.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
-                                      batch["position_ids"])
+                prepared = pending or prep.prepare(step)
+                batch = prepared.batch
+                hidden = prep.forward(prepared)
+                sent = session.send(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
+                                    batch["position_ids"])
+                pending = prep.prepare(step + 1) if cfg.overlap and step + 1 < total else None  # while the server works
+                result = session.receive(step, sent)
                 hidden.backward(result.grad.to(hidden.dtype))
                 optimizer_step(params, opt, lr_sched, optim.max_grad_norm)
                 samples += int(batch["input_ids"].shape[0])
