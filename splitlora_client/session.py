@@ -76,9 +76,11 @@ class SplitSession:
         if self._call is None:
             self._open()
         codec = self.reply.codec
+        # the integer tensors in their smallest exact types (the server widens them): 9 bytes a token, not 24
         frame = spb.ClientFrame(forward=spb.StepForward(
-            step=step, round=rnd, hidden=encode_tensor(hidden, codec), attention_mask=encode_tensor(attention_mask),
-            labels=encode_tensor(labels), position_ids=encode_tensor(position_ids)))
+            step=step, round=rnd, hidden=encode_tensor(hidden, codec),
+            attention_mask=encode_tensor(attention_mask.to(torch.uint8)), labels=encode_tensor(labels.to(torch.int32)),
+            position_ids=encode_tensor(position_ids.to(torch.int32))))
         sent = 0
         for piece in chunked([frame], spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
             sent += piece.ByteSize()

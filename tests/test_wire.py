@@ -94,3 +94,21 @@ def test_codec_is_negotiated_and_used_for_both_directions(builtin_model_dir: Pat
     assert abs(reply.loss - exact_reply.loss) < 0.01 * exact_reply.loss
     rel = (grad_of(reply) - grad_of(exact_reply)).norm() / grad_of(exact_reply).norm()
     assert rel < 0.05
+
+
+def test_the_client_sends_integer_tensors_compactly(builtin_model_dir: Path, tmp_path: Path):
+    from servers import server_fingerprint, step_forward
+    from splitlora_client.session import SplitSession
+
+    side = ClientSide(builtin_model_dir)
+    batch = side.batch(4)
+    hidden = side.hidden(batch)
+    with running_server(builtin_model_dir, tmp_path, clients=1) as server:
+        session = SplitSession(server.channel, "c")
+        session.join(server_fingerprint(server), [tpb.CODEC_INT8])
+        result = session.step(0, 0, hidden, batch["attention_mask"], batch["labels"], batch["position_ids"])
+        session.close()
+    assert result.tokens > 0 and result.grad.shape == hidden.shape
+    tokens = batch["attention_mask"].numel()
+    wide = step_forward(0, 0, hidden, batch, tpb.CODEC_INT8).ByteSize()  # int64 mask, labels and positions
+    assert wide - result.bytes_sent >= 14.9 * tokens  # 1 + 4 + 4 bytes a token instead of 3 x 8
