@@ -70,6 +70,11 @@ def _from_raw(data: bytes, dtype: torch.dtype, shape: Sequence[int]) -> torch.Te
     return torch.from_numpy(np.frombuffer(data, dtype=np_dtype).copy()).reshape(tuple(shape))
 
 
+def _rows(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, row length) of the int8 codec: one scale per row, a row being the last dimension."""
+    return (math.prod(shape[:-1]), shape[-1]) if len(shape) else (1, 1)
+
+
 def encode_tensor(t: torch.Tensor, codec: int = pb.CODEC_RAW) -> pb.Tensor:
     """Encode a tensor; float tensors may be compressed with a lossy codec, others are always raw."""
     if t.dtype not in _DTYPE_BY_TORCH:
@@ -82,8 +87,8 @@ def encode_tensor(t: torch.Tensor, codec: int = pb.CODEC_RAW) -> pb.Tensor:
     elif codec == pb.CODEC_BFLOAT16:
         msg.codec, msg.data = codec, _raw_bytes(t.to(torch.bfloat16))
     elif codec == pb.CODEC_INT8:
-        rows = t.detach().float().reshape(-1, t.shape[-1] if t.dim() else 1)
-        scales = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        rows = t.detach().float().reshape(_rows(t.shape))
+        scales = (rows.abs().amax(dim=1) if rows.numel() else torch.zeros(rows.shape[0])).clamp(min=1e-12) / 127.0
         q = torch.round(rows / scales[:, None]).clamp(-127, 127).to(torch.int8)
         msg.codec, msg.data, msg.scales = codec, _raw_bytes(q), _raw_bytes(scales)
     else:
@@ -123,13 +128,13 @@ def decode_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int | N
                         f" needs {expected} bytes, got {len(msg.data)}")
     values = _from_raw(msg.data, wire_dtype, shape)
     if codec == pb.CODEC_INT8:
-        rows = numel // shape[-1] if shape and shape[-1] else (1 if not shape else 0)
+        rows, width = _rows(shape)
         if len(msg.scales) != rows * 4:
             raise WireError(f"{name}: int8 codec needs {rows} float32 row scales ({rows * 4} bytes), got {len(msg.scales)}")
         scales = _from_raw(msg.scales, torch.float32, [rows])
         if not torch.isfinite(scales).all():
             raise WireError(f"{name}: int8 row scales contain NaN or Inf")
-        values = (values.reshape(rows, -1).float() * scales[:, None]).reshape(shape) if numel else values.float()
+        values = (values.reshape(rows, width).float() * scales[:, None]).reshape(shape)
     out = values.to(dtype)
     if require_finite and out.is_floating_point() and not torch.isfinite(out).all():
         raise WireError(f"{name}: contains NaN or Inf values")

@@ -31,6 +31,8 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
     seed: int = option(0, "Seed of this client's data order and dropout.")
     output: str = option("", "Directory for this client's adapter and metrics; empty: runs/<client-id>.")
     codecs: list[str] = option(["float32"], "Activation/gradient codecs this client offers, in order of preference.")
+    overlap: bool = option(True, "Prepare (collate) the next batch while waiting for the server's gradient; "
+                                 "the results are the same either way.")
     join_timeout: float = option(120.0, "Seconds to keep trying to reach the server at start.")
     round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")
     reconnect_timeout: float = option(900.0, "After losing the server or the aggregator, seconds to keep trying to "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from typing import Callable
+
 import grpc
 
 from common.aggregator_client import fetch_global, submit_adapter
@@ -107,11 +109,15 @@ class Rounds:
         self.backoff.wait(why)
 
     # -- steps and reconnection ------------------------------------------------------------------------------
-    def step(self, step: int, round: int, *tensors) -> StepResult:
-        """One step through the server; Reconnect when the stream is lost or the server's view has moved."""
+    def step(self, step: int, round: int, *tensors, while_waiting: Callable[[], None] | None = None) -> StepResult:
+        """One step through the server (`while_waiting` runs between sending and receiving); Reconnect when the
+        stream is lost or the server's view has moved."""
         self.in_memory = None
         try:
-            result = self.session.step(step, round, *tensors)
+            sent = self.session.send(step, round, *tensors)
+            if while_waiting is not None:
+                while_waiting()
+            result = self.session.receive(step, sent)
         except grpc.RpcError as err:
             if err.code() in TRANSIENT or err.code() in RESYNC:
                 raise Reconnect(f"step {step}: {err.code().name}: {err.details()}") from err

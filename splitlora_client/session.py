@@ -72,18 +72,29 @@ class SplitSession:
     def step(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
              position_ids: torch.Tensor) -> StepResult:
         """Send one step's activations; return the gradient at the cut and the loss."""
+        return self.receive(step, self.send(step, rnd, hidden, attention_mask, labels, position_ids))
+
+    def send(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+             position_ids: torch.Tensor) -> int:
+        """Queue one step's frame (in pieces if large) without waiting; return the bytes it takes."""
         if self.reply is None:
             raise RuntimeError("join before training")
         if self._call is None:
             self._open()
         codec = self.reply.codec
+        # the integer tensors in their smallest exact types (the server widens them): 9 bytes a token, not 24
         frame = spb.ClientFrame(forward=spb.StepForward(
-            step=step, round=rnd, hidden=encode_tensor(hidden, codec), attention_mask=encode_tensor(attention_mask),
-            labels=encode_tensor(labels), position_ids=encode_tensor(position_ids)))
+            step=step, round=rnd, hidden=encode_tensor(hidden, codec),
+            attention_mask=encode_tensor(attention_mask.to(torch.uint8)), labels=encode_tensor(labels.to(torch.int32)),
+            position_ids=encode_tensor(position_ids.to(torch.int32))))
         sent = 0
         for piece in chunked([frame], spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
             sent += piece.ByteSize()
             self._requests.put(piece)
+        return sent
+
+    def receive(self, step: int, sent: int = 0) -> StepResult:
+        """Wait for the server's answer to `step` (sent with `send`)."""
         try:
             return self._receive(step, sent)
         except grpc.RpcError as err:

@@ -17,12 +17,12 @@ from common.logs import ContextLogger
 from common.lora import adapter_state, write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
-from common.seeding import seed_step
 from common.split.parts import SplitPart
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
 from splitlora_client.checkpoint import ClientCheckpoints, ClientState
 from splitlora_client.config import TrainConfig
+from splitlora_client.prefetch import StepPreparer
 from splitlora_client.resume import Rounds
 from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.retry import Backoff, Reconnect, channel_options
@@ -113,6 +113,7 @@ def train(cfg: TrainConfig) -> Path:
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None)
     bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
                unit="step", dynamic_ncols=True)
+    prep = StepPreparer(part, batches, cfg.seed, cfg.client_id)
     rnd = reply.start_round
     try:
         while True:
@@ -124,15 +125,18 @@ def train(cfg: TrainConfig) -> Path:
                 if rnd >= sched.rounds:
                     break
                 bar.n = rnd * sched.local_steps
-                samples = 0
+                samples, ahead = 0, []  # ahead: the next step, prepared while the server works (--overlap)
                 for local in range(sched.local_steps):
                     step = rnd * sched.local_steps + local
                     started = time.perf_counter()
-                    seed_step(cfg.seed, "client", cfg.client_id, step)
-                    batch = batches.next_batch()
-                    hidden = part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+                    prepared = ahead.pop() if ahead else prep.prepare(step)
+                    batch = prepared.batch
+                    hidden = prep.forward(prepared)
+                    # within the round only: a checkpoint at the boundary must not have drawn the next batch
+                    prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
+                        if cfg.overlap and local + 1 < sched.local_steps else None
                     result = rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
-                                         batch["position_ids"])
+                                         batch["position_ids"], while_waiting=prepare_next)
                     fault_point("client", "step", step)
                     hidden.backward(result.grad.to(hidden.dtype))
                     optimizer_step(params, opt, lr_sched, optim.max_grad_norm)

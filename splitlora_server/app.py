@@ -24,6 +24,7 @@ from common.tls import add_port
 from splitlora_server.aggregator import AggregatorService
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
 from splitlora_server.checkpoint import ServerCheckpoints, ServerState, run_identity
+from splitlora_server.batching import BatchSettings
 from splitlora_server.config import AggregateConfig, ServeConfig
 from splitlora_server.engine import ServerEngine
 from splitlora_server.frames import FrameLimits
@@ -130,7 +131,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     max_positions = int(getattr(part.config, "max_position_embeddings", cfg.max_seq_len))
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
     optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
-    engine = ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed).start()
+    batching = BatchSettings(cfg.batch_window_ms, cfg.max_batch_clients)
+    engine = ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed, batching).start()
     quorum, in_process = cfg.quorum(cfg.clients), not cfg.aggregator
     registry = Registry(cfg.clients, cfg.rounds, cfg.local_steps, quorum, self_closing=not in_process)
     schedule = spb.Schedule(rounds=cfg.rounds, local_steps=cfg.local_steps, batch_size=cfg.batch_size,

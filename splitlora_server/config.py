@@ -92,6 +92,10 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
     server_adapter_mode: str = option("shared", "shared: one server adapter updated by every client step; "
                                       "per-client: a copy per client, averaged at each round end.",
                                       choices=["shared", "per-client"])
+    max_batch_clients: int = option(1, "Cross-client batching (shared adapter mode): stack up to this many clients' "
+                                       "waiting steps into one forward/backward (0 or 1: off).")
+    batch_window_ms: float = option(0.0, "With batching on, how long the server waits for other clients' steps "
+                                         "before running a batch (0: only steps already waiting).")
     device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...; auto: cuda when a GPU is "
                                 "visible, else cpu).")
     gradient_checkpointing: bool = option(False, "Recompute the server blocks' activations in the backward pass "
@@ -121,6 +125,8 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_batch_clients < 0 or self.batch_window_ms < 0:
+            raise ConfigError("max_batch_clients and batch_window_ms must be >= 0")
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")

@@ -1,16 +1,19 @@
 """The one compute worker: every forward/backward of the server part runs here, one job at a time.
 
 Request handlers put jobs on a queue and wait on futures; keeping the accelerator in one thread makes
-the order of optimizer updates explicit and leaves room for cross-client batching.
+the order of optimizer updates explicit. With batching on (shared adapter mode), steps of several clients
+that wait together run as one stacked forward/backward; see `splitlora_server.batching` for the semantics.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Union
 
 import torch
 
@@ -21,6 +24,7 @@ from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.seeding import seed_step
 from common.split.parts import SplitPart
+from splitlora_server.batching import BatchSettings, client_losses, split_rows, stack
 from splitlora_server.checkpoint import ServerState, SlotState, capture_slot, restore_slot
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,21 @@ class StepOutcome:
     tokens: int
 
 
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: Future
+
+
+@dataclass
+class _StepJob:
+    step: StepInputs
+    future: Future
+
+
+_Job = Union[_Call, _StepJob, None]  # None stops the worker
+
+
 class _Slot:
     """The trainable state of one server adapter: its parameters, optimizer and schedule."""
 
@@ -68,12 +87,13 @@ class ServerEngine:
     """Owns the server part and its optimizers; runs jobs from a queue on a single worker thread."""
 
     def __init__(self, part: SplitPart, mode: AdapterMode, optim: OptimSettings, label_smoothing: float = 0.1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, batching: BatchSettings = BatchSettings()) -> None:
         if mode not in ("shared", "per-client"):
             raise ValueError(f"server adapter mode {mode!r} is not 'shared' or 'per-client'")
         self.part, self.mode, self.optim, self.label_smoothing = part, mode, optim, label_smoothing
         self.slots: dict[str, _Slot] = {SHARED: _Slot(part, SHARED, optim)}
-        self._jobs: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
+        self._jobs: queue.Queue[_Job] = queue.Queue()
+        self._carry: collections.deque[_Job] = collections.deque()  # taken from the queue, not batchable
         self._thread = threading.Thread(target=self._work, name="splitlora-engine", daemon=True)
         self.steps_done = self._steps_here = 0
         self.seed = seed
@@ -83,6 +103,9 @@ class ServerEngine:
         self.snapshots: dict[str, SlotState] = {SHARED: self.slots[SHARED].capture(part)}
         self._touched: set[str] = set()
         self.on_boundary: Callable[[ServerState], None] | None = None  # writes the checkpoint (engine thread)
+        self.batching = batching if mode == "shared" else BatchSettings()  # per-client adapters never share
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # client steps per computation
+        self._clients: set[str] = set()
 
     def start(self) -> "ServerEngine":
         """Start the worker thread."""
@@ -94,32 +117,90 @@ class ServerEngine:
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
+    def _next(self) -> _Job:
+        return self._carry.popleft() if self._carry else self._jobs.get()
+
     def _work(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            fn, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
+        while (job := self._next()) is not None:
+            if isinstance(job, _StepJob) and self.batching.enabled:
+                self._run_steps(self._collect(job))
+            elif isinstance(job, _StepJob):
+                self._run(job.future, lambda: self._step(job.step))
+            else:
+                self._run(job.future, job.fn)
+
+    @staticmethod
+    def _run(future: Future, fn: Callable[[], Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except Exception as err:  # the worker must outlive any single bad job
+            log.exception("engine job failed")
+            future.set_exception(err)
+
+    def _collect(self, first: _StepJob) -> list[_StepJob]:
+        """`first` and the steps of other clients queued right behind it, up to `max_clients`.
+
+        Steps already waiting are always taken; the engine waits (up to the batch window) for more only while
+        some client it knows of is missing from the batch. Collection stops at the first job that is not another
+        client's step: that job runs after the batch, so the queue order is kept.
+        """
+        batch, members = [first], {first.step.client_id}
+        self._clients.add(first.step.client_id)
+        deadline = time.monotonic() + self.batching.window_ms / 1000.0
+        while len(batch) < self.batching.max_clients:
+            left = deadline - time.monotonic() if len(members) < len(self._clients) else 0.0
             try:
-                future.set_result(fn())
-            except Exception as err:  # the worker must outlive any single bad job
-                log.exception("engine job failed")
-                future.set_exception(err)
+                job = self._jobs.get(timeout=left) if left > 0 else self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(job, _StepJob) or job.step.client_id in members:
+                self._carry.append(job)
+                break
+            batch.append(job)
+            members.add(job.step.client_id)
+            self._clients.add(job.step.client_id)
+        return batch
+
+    def _run_steps(self, jobs: list[_StepJob]) -> None:
+        """Run collected steps as one stacked computation; one by one if there is one, or if stacking fails."""
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        outcomes = None
+        if len(jobs) > 1:
+            try:
+                outcomes = self._step_batch([j.step for j in jobs])
+            except Exception:  # e.g. a malformed step: each step then gets its own result or error
+                log.warning("a batch of %d client steps failed; running them one by one", len(jobs), exc_info=True)
+        if outcomes is not None:
+            for job, outcome in zip(jobs, outcomes):
+                job.future.set_result(outcome)
+            return
+        for job in jobs:
+            try:
+                job.future.set_result(self._step(job.step))
+            except Exception as err:
+                log.exception("engine step failed")
+                job.future.set_exception(err)
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the worker thread after every job queued before it."""
         future: Future = Future()
-        self._jobs.put((fn, future))
+        self._jobs.put(_Call(fn, future))
         return future
 
     def submit_step(self, step: StepInputs) -> Future:
         """Queue one forward/backward/update; the future resolves to a StepOutcome."""
-        return self.call(lambda: self._step(step))
+        future: Future = Future()
+        self._jobs.put(_StepJob(step, future))
+        return future
 
     def add_client(self, client_id: str) -> Future:
         """Per-client mode: give a new client its own copy of the server adapter."""
         return self.call(lambda: self._add_client(client_id))
 
     def _add_client(self, client_id: str) -> None:
+        self._clients.add(client_id)
         if self.mode != "per-client" or client_id in self.slots:
             return
         names, i = {slot.name for slot in self.slots.values()}, len(self.slots)
@@ -145,7 +226,7 @@ class ServerEngine:
         logits = self.part(hidden, step.attention_mask.to(device), step.position_ids.to(device))
         loss, tokens = causal_lm_loss(logits, step.labels.to(device), self.label_smoothing)
         loss.backward()
-        finite = torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in slot.params)
+        finite = torch.isfinite(loss) and _grads_finite(slot)
         self._steps_here += 1
         fault_point("server", "step", self._steps_here)  # counted in this process (a testing hook)
         self._touched.add(step.client_id)
@@ -154,7 +235,43 @@ class ServerEngine:
         else:
             slot.opt.zero_grad(set_to_none=True)
         self.steps_done += 1
+        self.batch_sizes[1] += 1
         return StepOutcome(grad=hidden.grad.detach().float().cpu(), loss=float(loss.detach()), tokens=tokens)
+
+    def _step_batch(self, steps: list[StepInputs]) -> list[StepOutcome] | None:
+        """Several clients' steps as one forward/backward on the sum of their mean losses, one optimizer step.
+
+        Returns None (nothing changed) when the combined gradient is not finite, so the caller can fall back
+        to one-by-one steps and the bad step alone is refused."""
+        slot = self.slots[SHARED]
+        self.part.peft.set_adapter(slot.name)
+        self.part.train()
+        seed_step(self.seed, "server-batch", *(f"{s.client_id}@{s.step}" for s in steps))
+        stacked = stack(steps)
+        device = self.part.device
+        hidden = stacked.hidden.to(device).requires_grad_(True)
+        try:
+            logits = self.part(hidden, stacked.attention_mask.to(device), stacked.position_ids.to(device))
+            losses = client_losses(logits, stacked.labels.to(device), stacked.spans, self.label_smoothing)
+            counted = [loss for loss, tokens in losses if tokens and torch.isfinite(loss)]
+            if counted:
+                torch.stack(counted).sum().backward()
+        except Exception:
+            slot.opt.zero_grad(set_to_none=True)
+            raise
+        if not _grads_finite(slot):
+            slot.opt.zero_grad(set_to_none=True)
+            return None
+        if counted:
+            optimizer_step(slot.params, slot.opt, slot.sched, self.optim.max_grad_norm)
+            for _ in range(len(counted) - 1):  # the schedule counts client steps, as without batching
+                slot.sched.step()
+        grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+        self._touched.update(s.client_id for s in steps)
+        self.steps_done += len(steps)
+        self.batch_sizes[len(steps)] += 1
+        return [StepOutcome(grad=g.detach().float().cpu(), loss=float(loss.detach()), tokens=tokens)
+                for g, (loss, tokens) in zip(split_rows(grad, stacked.spans), losses)]
 
     def end_round(self, weights: dict[str, float]) -> Future:
         """Per-client mode: average the clients' server adapters (weighted) into every copy."""
@@ -222,3 +339,7 @@ class ServerEngine:
     def server_adapter(self) -> AdapterState:
         """The server adapter to export (the shared one, or the average after the last round)."""
         return self.call(lambda: adapter_state(self.part.peft, SHARED)).result()
+
+
+def _grads_finite(slot: _Slot) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in slot.params)

@@ -16,7 +16,7 @@ from common.limits import ENVELOPE_BYTES, MessageTooLarge
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
-from common.wire import decode_tensor
+from common.wire import WireError, decode_tensor, encode_tensor
 from splitlora_client.session import SplitSession
 from splitlora_server.aggregator import AggregatorService
 from tests.servers import ClientSide, exchange, join, running_server, server_fingerprint, step_forward
@@ -124,9 +124,11 @@ def test_aggregator_limits_are_named_too() -> None:
 def test_int8_codec_decodes_empty_tensors() -> None:
     """Found by the fuzz test: an empty int8-coded tensor crashed the decoder instead of decoding."""
     for shape in ([0, 4], [4, 0], [0]):
-        rows = 0 if 0 in shape[-1:] else math.prod(shape) // shape[-1]
-        msg = tpb.Tensor(shape=shape, dtype=tpb.DTYPE_FLOAT32, codec=tpb.CODEC_INT8, scales=b"\0\0\x80?" * rows)
+        msg = encode_tensor(torch.zeros(shape), tpb.CODEC_INT8)
         assert decode_tensor(msg).shape == tuple(shape)
+        msg.scales += b"\0\0\x80?"  # one scale too many: refused with a reason, not a crash
+        with pytest.raises(WireError, match="row scales"):
+            decode_tensor(msg)
 
 
 def test_huge_strings_are_not_echoed_back(builtin_model_dir: Path, tmp_path: Path) -> None:

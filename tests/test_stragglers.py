@@ -83,14 +83,14 @@ def test_the_real_client_left_behind_rejoins_by_itself(builtin_model_dir: Path, 
     from splitlora_client.session import SplitSession
     from splitlora_client.trainer import train
 
-    release, original = threading.Event(), SplitSession.step
+    release, original = threading.Event(), SplitSession.send
 
-    def step(self, step, rnd, *args):
+    def send(self, step, rnd, *args):
         if self.client_id == "c" and step == 1:
             assert release.wait(30)  # c stalls before its second step
         return original(self, step, rnd, *args)
 
-    monkeypatch.setattr(SplitSession, "step", step)
+    monkeypatch.setattr(SplitSession, "send", send)
     side = ClientSide(builtin_model_dir)
     adapter = adapter_state(side.part.peft)
     with running_server(builtin_model_dir, tmp_path / "server", clients=3, rounds=2, local_steps=STEPS,
