@@ -5,6 +5,8 @@ Semantics (shared server adapter only):
 - Every client in a batch sees the same server adapter weights. The combined objective is the *sum of the
   per-client mean losses*, so each client's loss and its gradient at the cut are exactly what it would get
   alone with those weights (rows of a transformer batch do not interact; padding is masked and labelled -100).
+- The blocks run once over the stacked batch; the head and loss run client by client on the blocks' output, so
+  only one client's logits (vocabulary-sized) are alive at a time, and one backward pass goes through the blocks.
 - One optimizer step is taken on the combined gradient (clipped as a whole), and the learning-rate schedule
   advances once per client step in the batch, so it follows the configured number of client steps.
 - Processed one by one, client 2 would instead see the adapter already updated by client 1. That update order
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from common.loss import IGNORE_INDEX, causal_lm_loss
+from common.split.parts import SplitPart
 
 
 class _Step(Protocol):
@@ -79,10 +82,26 @@ def stack(steps: Sequence[_Step]) -> Stacked:
         spans=spans)
 
 
-def client_losses(logits: torch.Tensor, labels: torch.Tensor, spans: Sequence[tuple[int, int, int]],
-                  label_smoothing: float) -> list[tuple[torch.Tensor, int]]:
-    """Each step's mean loss over its own target tokens (and their count), from the stacked logits."""
-    return [causal_lm_loss(logits[a:b, :t], labels[a:b, :t], label_smoothing) for a, b, t in spans]
+def forward_backward(part: SplitPart, stacked: Stacked, label_smoothing: float
+                     ) -> tuple[list[tuple[float, int]], torch.Tensor, int]:
+    """Blocks over the whole stack, head and loss per step, backward of the sum of the counted per-step mean
+    losses (those with target tokens and a finite value). Returns each step's (loss, tokens), the gradient at the
+    cut of the stack, and how many losses were counted."""
+    device = part.device
+    hidden = stacked.hidden.to(device).requires_grad_(True)
+    out = part.run_blocks(hidden.to(part.base_dtype), stacked.attention_mask.to(device),
+                          stacked.position_ids.to(device))
+    top = out.detach().requires_grad_(True)
+    labels, results, counted = stacked.labels.to(device), [], 0
+    for a, b, t in stacked.spans:
+        loss, tokens = causal_lm_loss(part.family.head(part.base, top[a:b, :t]), labels[a:b, :t], label_smoothing)
+        if tokens and torch.isfinite(loss):
+            loss.backward()  # frees this step's logits before the next step's are made
+            counted += 1
+        results.append((float(loss.detach()), tokens))
+    if counted:
+        out.backward(top.grad)
+    return results, hidden.grad if hidden.grad is not None else torch.zeros_like(hidden), counted
 
 
 def split_rows(stacked_grad: torch.Tensor, spans: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.seeding import seed_step
 from common.split.parts import SplitPart
-from splitlora_server.batching import BatchSettings, client_losses, split_rows, stack
+from splitlora_server.batching import BatchSettings, forward_backward, split_rows, stack
 from splitlora_server.checkpoint import ServerState, SlotState, capture_slot, restore_slot
 
 log = logging.getLogger(__name__)
@@ -248,14 +248,8 @@ class ServerEngine:
         self.part.train()
         seed_step(self.seed, "server-batch", *(f"{s.client_id}@{s.step}" for s in steps))
         stacked = stack(steps)
-        device = self.part.device
-        hidden = stacked.hidden.to(device).requires_grad_(True)
         try:
-            logits = self.part(hidden, stacked.attention_mask.to(device), stacked.position_ids.to(device))
-            losses = client_losses(logits, stacked.labels.to(device), stacked.spans, self.label_smoothing)
-            counted = [loss for loss, tokens in losses if tokens and torch.isfinite(loss)]
-            if counted:
-                torch.stack(counted).sum().backward()
+            losses, grad, counted = forward_backward(self.part, stacked, self.label_smoothing)
         except Exception:
             slot.opt.zero_grad(set_to_none=True)
             raise
@@ -264,13 +258,12 @@ class ServerEngine:
             return None
         if counted:
             optimizer_step(slot.params, slot.opt, slot.sched, self.optim.max_grad_norm)
-            for _ in range(len(counted) - 1):  # the schedule counts client steps, as without batching
+            for _ in range(counted - 1):  # the schedule counts client steps, as without batching
                 slot.sched.step()
-        grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
         self._touched.update(s.client_id for s in steps)
         self.steps_done += len(steps)
         self.batch_sizes[len(steps)] += 1
-        return [StepOutcome(grad=g.detach().float().cpu(), loss=float(loss.detach()), tokens=tokens)
+        return [StepOutcome(grad=g.detach().float().cpu(), loss=loss, tokens=tokens)
                 for g, (loss, tokens) in zip(split_rows(grad, stacked.spans), losses)]
 
     def end_round(self, weights: dict[str, float]) -> Future:
