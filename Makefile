@@ -7,14 +7,14 @@ DEMO_DIR ?= runs/demo
 DEMO_PORT ?= 50051
 export SPLITLORA_HOME ?= $(CURDIR)/.splitlora-home
 
-.PHONY: venv demo test protos check-protos clean
+.PHONY: venv demo test bench protos check-protos clean
 
 $(BIN)/splitlora-server: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch first: an unpinned torch would pull gigabytes of CUDA packages
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
 	touch $@
 
 venv: $(BIN)/splitlora-server
@@ -24,6 +24,11 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# every benchmark at full size (about an hour on 2 CPU cores); results and plots under BENCH_OUT
+BENCH_OUT ?= runs/bench
+bench: venv
+	$(BIN)/splitlora-bench all --out $(BENCH_OUT)
 
 protos: venv
 	$(BIN)/python scripts/gen_protos.py

@@ -1,0 +1,52 @@
+"""Flags of a real SplitLoRA run (server and clients through the console scripts) and what its clients report."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from benchmarks import procs
+from benchmarks.config import BenchConfig
+from splitlora_client.config import TrainConfig
+from splitlora_server.config import ServeConfig
+
+
+def server_flags(cfg: BenchConfig, model: Path, clients: int, rounds: int, local_steps: int, codec: str,
+                 out: Path) -> list[str]:
+    """`splitlora-server serve` flags of a benchmark run (the port is added by procs.start_server)."""
+    return ["--model", str(model), "--clients", str(clients), "--rounds", str(rounds), "--local-steps",
+            str(local_steps), "--batch-size", str(cfg.batch_size), "--split-layer", str(cfg.split_layer),
+            "--learning-rate", str(cfg.learning_rate), "--warmup-steps", str(cfg.warmup_steps), "--max-seq-len",
+            str(cfg.max_seq_len), "--seed", str(cfg.seed), "--codecs", codec, "--output", str(out),
+            "--finish-grace-seconds", "30", *cfg.lora_flags(), *procs.plaintext_flags(ServeConfig)]
+
+
+def client_flags(cfg: BenchConfig, model: Path, address: str, index: int, clients: int, codec: str,
+                 out: Path) -> list[str]:
+    """`splitlora-client train` flags of client `index` of `clients` (an IID shard of the training data)."""
+    return ["--server", address, "--model", str(model), "--split-layer", str(cfg.split_layer), "--data",
+            str(Path(cfg.train_data).resolve()), "--shard-index", str(index), "--shard-count", str(clients),
+            "--client-id", f"client-{index}", "--seed", str(cfg.seed + index), "--codecs", codec,
+            "--output", str(out), "--join-timeout", "300", *cfg.lora_flags(), *procs.plaintext_flags(TrainConfig)]
+
+
+def summarize(metrics: list[Path]) -> dict:
+    """Wall time of the training steps (first step start to last step end, all clients), median step time, bytes
+    per step each way, and the losses, from the clients' metrics.jsonl."""
+    records = [procs.steps(m) for m in metrics]
+    flat = [r for rs in records for r in rs]
+    start = min(r["time"] - r["seconds"] for r in flat)
+    return {"wall_s": max(r["time"] for r in flat) - start,
+            "step_s_median": statistics.median(r["seconds"] for r in flat),
+            "steps": len(flat),
+            "bytes_up_per_step": statistics.mean(r["bytes_sent"] for r in flat),
+            "bytes_down_per_step": statistics.mean(r["bytes_received"] for r in flat),
+            "losses": [[r["loss"] for r in rs] for rs in records],
+            "round_end_s": _round_ends(flat, start)}
+
+
+def _round_ends(flat: list[dict], start: float) -> list[float]:
+    """Seconds from the start at which the last client finished each round's steps."""
+    ends: dict[int, float] = {}
+    for r in flat:
+        ends[r["round"]] = max(ends.get(r["round"], 0.0), r["time"] - start)
+    return [ends[k] for k in sorted(ends)]

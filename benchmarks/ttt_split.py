@@ -1,0 +1,73 @@
+"""The SplitLoRA run of `time-to-target`: a real server (in this process, so the shared server adapter can be
+read at every round end) and real client processes, each on an IID shard of the training data."""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+
+from benchmarks import procs, split_run
+from benchmarks.baselines import Curve, Evaluate
+from benchmarks.config import BenchConfig
+from common.lora import AdapterState, adapter_state
+from splitlora_server.app import start_server
+from splitlora_server.config import ServeConfig
+from splitlora_server.engine import SHARED
+
+
+def serve_config(cfg: BenchConfig, model: Path, out: Path) -> ServeConfig:
+    """The server of the run, with the same settings `split_run.server_flags` gives a server process."""
+    s = ServeConfig(model=str(model), host="127.0.0.1", port=0, clients=cfg.clients, rounds=cfg.rounds,
+                    local_steps=cfg.local_steps, batch_size=cfg.batch_size, split_layer=cfg.split_layer,
+                    learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, max_seq_len=cfg.max_seq_len,
+                    seed=cfg.seed, codecs=["float32"], output=str(out), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                    lora_dropout=cfg.lora_dropout, lora_targets=list(cfg.lora_targets), **procs.plaintext(ServeConfig))
+    s.validate()
+    return s
+
+
+def snapshot_round_ends(engine) -> dict[int, Future]:
+    """Have the engine copy the shared server adapter whenever the service closes a round (round number -> copy).
+
+    The service closes a round when the last step of it is done, before it answers that step: no step of the
+    next round can be queued yet, so the copy, queued first, is exactly the adapter at the round's end. (The
+    engine's round-closing method is `close_round(rnd, ...)` or, in older servers, `end_round(weights)`.)"""
+    snapshots: dict[int, Future] = {}
+    name = "close_round" if hasattr(engine, "close_round") else "end_round"
+    original = getattr(engine, name)
+
+    def hooked(*args, **kwargs):
+        rnd = args[0] if name == "close_round" else len(snapshots)
+        if rnd not in snapshots:
+            snapshots[rnd] = engine.call(lambda: adapter_state(engine.part.peft, SHARED))
+        return original(*args, **kwargs)
+
+    setattr(engine, name, hooked)
+    return snapshots
+
+
+def splitlora(cfg: BenchConfig, model: Path, work: Path, init: AdapterState, evaluate: Evaluate) -> Curve:
+    """Train with --clients client processes; evaluate the whole-model adapter after every round."""
+    procs.fresh(work)
+    running = start_server(serve_config(cfg, model, work / "server"))
+    snapshots = snapshot_round_ends(running.engine)
+    address = f"127.0.0.1:{running.port}"
+    logs = [work / f"client-{i}.log" for i in range(cfg.clients)]
+    clients = [procs.start_client(split_run.client_flags(cfg, model, address, i, cfg.clients, "float32",
+                                                         work / f"client-{i}"), logs[i], cfg.threads)
+               for i in range(cfg.clients)]
+    try:
+        procs.wait_all(clients, timeout=24 * 3600, logs=logs)
+        if not running.wait_finished():
+            raise RuntimeError("the split server did not finish its rounds")
+        globals_ = [running.aggregator.global_adapter(r) for r in range(cfg.rounds)]
+        server_states = [snapshots[r].result() for r in range(cfg.rounds)]
+    finally:
+        procs.stop(clients)
+        running.stop(grace=0)
+    summary = split_run.summarize([work / f"client-{i}" / "metrics.jsonl" for i in range(cfg.clients)])
+    curve = Curve("SplitLoRA", extra=summary)
+    curve.add(0, evaluate(init), 0.0)
+    per_round = cfg.clients * cfg.local_steps * cfg.batch_size
+    for r, (client_state, server_state) in enumerate(zip(globals_, server_states)):
+        curve.add((r + 1) * per_round, evaluate({**client_state, **server_state}), summary["round_end_s"][r])
+    return curve

@@ -1,0 +1,119 @@
+"""Every benchmark of `splitlora-bench` runs end to end at a tiny size (built-in model, synthetic data).
+No timing is asserted: only that each writes its JSON, Markdown and plots with sane contents."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import assets
+from benchmarks.cli import build_parser, run_benchmarks
+from benchmarks.config import BenchConfig
+from benchmarks.netns import namespaces, netns_unavailable
+from common.data import synthetic_e2e, write_examples
+
+
+@pytest.fixture(scope="module")
+def smoke(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> BenchConfig:
+    """Tiny sizes everywhere; the built-in model (6 x 128) and its synthetic data instead of GPT-2 and E2E."""
+    data = tmp_path_factory.mktemp("bench-data")
+    write_examples(data / "train.txt", synthetic_e2e(96, seed=1))
+    write_examples(data / "eval.txt", synthetic_e2e(16, seed=2))
+    cfg = BenchConfig(out=str(tmp_path_factory.mktemp("bench")), model=str(builtin_model_dir),
+                      train_data=str(data / "train.txt"), eval_data=str(data / "eval.txt"), eval_examples=8,
+                      split_layer=3, batch_size=2, max_seq_len=64, threads=1, overhead_steps=1, overhead_warmup=1,
+                      wire_codecs=["int8"], wire_rounds=1, wire_local_steps=2, scaling_clients=[1, 2],
+                      scaling_seconds=0.5, scaling_warmup_s=0.2, scaling_shapes=["2x16"], scaling_repeats=1,
+                      clients=1, rounds=1, local_steps=2,
+                      project_shapes=[], edge_rates_mbit=[50], edge_codecs=["int8"], edge_steps=2,
+                      edge_clients=[1], edge_repeats=1)
+    cfg.validate()
+    return cfg
+
+
+def _result(cfg: BenchConfig, name: str) -> dict:
+    out = cfg.out_dir
+    assert (out / f"{name}.md").read_text().startswith("## ")
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_the_command_line_knows_every_benchmark():
+    parser = build_parser()
+    for name in ("overhead", "wire", "scaling", "time-to-target", "edge-link", "all"):
+        assert parser.parse_args([name, "--out", "x"])._run
+
+
+def test_overhead(smoke: BenchConfig):
+    run_benchmarks(smoke, ["overhead"])
+    (row,) = _result(smoke, "overhead")["table"]
+    assert row["split_step_s"] > 0 and row["local_step_s"] > 0 and row["ratio"] > 0 and row["wire_MB_per_step"] > 0
+
+
+def test_wire(smoke: BenchConfig):
+    run_benchmarks(smoke, ["wire"])
+    (row,) = _result(smoke, "wire")["table"]  # one codec keeps it quick; the ratios need float32 too
+    assert row["codec"] == "int8" and row["KB_up_per_step"] > row["KB_down_per_step"] > 0
+    assert row["final_val_loss"] > 0 and row["encode+decode_ms"] > 0
+    assert (smoke.out_dir / "wire.png").is_file()
+
+
+def test_scaling(smoke: BenchConfig):
+    run_benchmarks(smoke, ["scaling"])
+    rows = _result(smoke, "scaling")["table"]
+    assert {(r["clients"], r["batching"]) for r in rows} == {(1, "off"), (1, "on"), (2, "off"), (2, "on")}
+    assert all(r["steps_per_s"] > 0 for r in rows)
+
+
+def test_time_to_target(smoke: BenchConfig):
+    run_benchmarks(smoke, ["time-to-target"])
+    curves = _result(smoke, "time-to-target")["measured"]["curves"]
+    assert [c["method"] for c in curves] == ["CenLoRA", "FedLoRA", "SplitLoRA"]
+    assert all(len(c["val_loss"]) == 2 and c["samples"][-1] == 4 for c in curves)
+    assert {p.name for p in smoke.out_dir.glob("ttt-*.png")} == {
+        "ttt-loss-vs-samples.png", "ttt-loss-vs-measured-time.png", "ttt-modeled-tiny-gpu-client-100mbit.png",
+        "ttt-modeled-tiny-gpu-client-1gbit.png"}
+
+
+@pytest.mark.skipif(bool(netns_unavailable()), reason=netns_unavailable() or "")
+def test_edge_link(smoke: BenchConfig):
+    run_benchmarks(smoke, ["edge-link"])
+    rows = _result(smoke, "edge-link")["table"]
+    assert [r["link_mbit"] for r in rows] == [50] and rows[0]["step_s_median"] > 0
+    assert list(namespaces()) == []  # every namespace it made is gone
+
+
+def test_no_plots_without_matplotlib_is_not_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import builtins
+
+    from benchmarks import report
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("matplotlib") else real_import(name, *a, **k))
+    assert report.plot(tmp_path / "x.png", {"a": ([1], [1])}, "x", "y", "t") is None
+
+
+def test_nothing_but_the_benchmarks_import_them():
+    root = Path(__file__).resolve().parent.parent
+    offenders = [str(p.relative_to(root)) for pkg in ("common", "splitlora_server", "splitlora_client")
+                 for p in (root / pkg).rglob("*.py")
+                 if "import benchmarks" in p.read_text() or "from benchmarks" in p.read_text()]
+    assert offenders == []
+
+
+def test_the_generated_base_is_pretrained_on_lines_the_validation_never_sees(builtin_model_dir: Path,
+                                                                               tmp_path: Path):
+    data = tmp_path / "data"
+    data.mkdir()
+    pool = synthetic_e2e(40, seed=3)
+    write_examples(data / "eval.txt", pool)
+    cfg = BenchConfig(out=str(tmp_path / "out"), tokenizer=str(builtin_model_dir), eval_data=str(data / "eval.txt"),
+                      eval_examples=8, n_layer=2, n_embd=32, n_head=2, max_seq_len=32, pretrain_steps=12,
+                      pretrain_batch=4, pretrain_learning_rate=3e-3)
+    model = assets.model_dir(cfg)
+    info = json.loads((model / assets.MARKER).read_text())["pretraining"]
+    held_out = {ex.context for ex in pool[:8]}
+    assert info["lines"] == sum(ex.context not in held_out for ex in pool) < len(pool)
+    assert info["last10_loss"] < info["first_loss"]
+    assert assets.model_dir(cfg) == model and not model.with_name(model.name + ".partial").exists()
+    assert assets.model_dir(cfg, (2, 32)).name.endswith("-s0")  # timing-only shapes are not pretrained
