@@ -36,9 +36,11 @@ def model_dir(cfg: BenchConfig, shape: tuple[int, int] | None = None) -> Path:
 
 
 def _build(cfg: BenchConfig, target: Path, layers: int, width: int, heads: int, pretrain_steps: int) -> None:
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
+    if tokenizer.eos_token is None:  # GPT-2's vocab and merges without a tokenizer_config.json
+        tokenizer = GPT2TokenizerFast.from_pretrained(cfg.tokenizer, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padding is masked anyway
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(cfg.max_seq_len, 256), n_embd=width,
