@@ -17,7 +17,6 @@ import itertools
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -28,33 +27,19 @@ from safetensors.torch import load_file
 from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, aggregate
 from common.faults import fault_point
 from common.limits import ENVELOPE_BYTES, MIN_CHUNK_BYTES, negotiated_chunk
-from common.lora import AdapterError, AdapterState, check_adapter, from_bytes, to_bytes
+from common.lora import AdapterState, from_bytes, to_bytes
 from common.rounds import Quorum, RoundGate
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
+from splitlora_server.aggregator_requests import (Header, Refusal, check_client_id, check_layout,
+                                                  check_repeated_header, parse_adapter)
 from splitlora_server.aggregator_store import AggregatorStore, RoundSummary
 from splitlora_server.auth import AccessDenied, Authenticator
-from splitlora_server.registry import CLIENT_ID_PATTERN
 
 log = logging.getLogger(__name__)
 KEEP_IN_MEMORY = 3  # latest global adapters kept as bytes; older ones are read back from output_dir
 WAIT_SLICE_S = 0.5  # how often a waiting FetchGlobal checks whether its call is still alive
 _Code = grpc.StatusCode
-
-
-class _Refusal(Exception):
-    """A request the service refuses; it becomes the call's gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-@dataclass(frozen=True)
-class _Header:
-    client_id: str
-    round: int
-    num_samples: int
 
 
 class AggregatorService(agrpc.AggregatorServicer):
@@ -201,12 +186,12 @@ class AggregatorService(agrpc.AggregatorServicer):
         """Receive one client's adapter for the open round; close the round when all have come in."""
         try:
             if self.stopping.is_set():
-                raise _Refusal(_Code.UNAVAILABLE, "aggregator shutting down, retry")
+                raise Refusal(_Code.UNAVAILABLE, "aggregator shutting down, retry")
             header, data = self._receive(request_iterator, context)
-            state, checked_against = self._parse(header, data)
+            state, checked_against = parse_adapter(header, data, self._reference)
             submitted = self._accept(header, state, checked_against)
             return apb.SubmitReply(round=header.round, submitted=submitted, expected=self.expected_clients)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             with self._cond:
                 self.refusals += 1
             log.warning("refused submission: %s", refusal.message)
@@ -214,30 +199,30 @@ class AggregatorService(agrpc.AggregatorServicer):
             raise  # unreachable: abort raises
 
     def _receive(self, messages: Iterable[apb.AdapterUpload], context: grpc.ServicerContext
-                 ) -> tuple[_Header, bytes]:
+                 ) -> tuple[Header, bytes]:
         """Read the stream: header checks as soon as the first message is in, then the bytes."""
         stream = iter(messages)
         first = next(stream, None)
         if first is None:
-            raise _Refusal(_Code.INVALID_ARGUMENT, "Submit stream was empty; send AdapterUpload messages with "
+            raise Refusal(_Code.INVALID_ARGUMENT, "Submit stream was empty; send AdapterUpload messages with "
                                                    "client_id, round, num_samples and the adapter bytes")
-        header = _Header(first.client_id, first.round, first.num_samples)
+        header = Header(first.client_id, first.round, first.num_samples)
         self._check_client(header.client_id, header.round, context)
         if header.num_samples == 0:
-            raise _Refusal(_Code.INVALID_ARGUMENT, f"client {header.client_id!r} sent num_samples=0; set it to the "
+            raise Refusal(_Code.INVALID_ARGUMENT, f"client {header.client_id!r} sent num_samples=0; set it to the "
                                                    "number of training samples behind the adapter (it weights the average)")
         with self._cond:
             self._check_open(header)  # fail fast before reading a large upload; re-checked on accept
         problem = self._verify_claim(header.client_id, header.round, header.num_samples) if self._verify_claim else None
         if problem:
-            raise _Refusal(_Code.FAILED_PRECONDITION, f"submission of client {header.client_id!r} for round "
+            raise Refusal(_Code.FAILED_PRECONDITION, f"submission of client {header.client_id!r} for round "
                                                       f"{header.round} refused: {problem}")
         pieces, size = [], 0
         for msg in itertools.chain([first], stream):
-            _check_repeated_header(header, msg)
+            check_repeated_header(header, msg)
             size += len(msg.safetensors_chunk)
             if size > self.max_adapter_bytes:
-                raise _Refusal(_Code.RESOURCE_EXHAUSTED, f"adapter from client {header.client_id!r} exceeds "
+                raise Refusal(_Code.RESOURCE_EXHAUSTED, f"adapter from client {header.client_id!r} exceeds "
                                                          f"{self.max_adapter_bytes} bytes; raise --max-adapter-bytes")
             pieces.append(msg.safetensors_chunk)
         with self._cond:
@@ -246,33 +231,29 @@ class AggregatorService(agrpc.AggregatorServicer):
 
     def _check_client(self, client_id: str, round: int, context: grpc.ServicerContext) -> None:
         """Checks shared by Submit and FetchGlobal that need no round state."""
-        if not client_id:
-            raise _Refusal(_Code.INVALID_ARGUMENT, "client_id is empty; set it to this client's id")
-        if not CLIENT_ID_PATTERN.match(client_id):
-            raise _Refusal(_Code.INVALID_ARGUMENT, f"client id {client_id[:80]!r} must be 1-64 characters of letters, "
-                                                   "digits, '.', '_' or '-', starting with a letter or digit")
+        check_client_id(client_id)
         try:
             self._auth.check_client(context, client_id)
         except AccessDenied as denied:
-            raise _Refusal(denied.code, denied.message) from None
+            raise Refusal(denied.code, denied.message) from None
         if self._is_enrolled is not None and not self._is_enrolled(client_id):
-            raise _Refusal(_Code.PERMISSION_DENIED, f"client {client_id!r} is not enrolled with this aggregator; "
+            raise Refusal(_Code.PERMISSION_DENIED, f"client {client_id!r} is not enrolled with this aggregator; "
                                                     "check its client id and enrolment")
         if round >= self.rounds:
-            raise _Refusal(_Code.OUT_OF_RANGE, f"round {round} is out of range: this run has {self.rounds} "
+            raise Refusal(_Code.OUT_OF_RANGE, f"round {round} is out of range: this run has {self.rounds} "
                                                f"rounds, numbered 0..{self.rounds - 1}")
 
-    def _check_open(self, header: _Header) -> None:
+    def _check_open(self, header: Header) -> None:
         """Refuse a submission to a round other than the open one, or a second one from a client."""
         r, open_round = header.round, self._open_round
         if r < open_round:
-            raise _Refusal(_Code.FAILED_PRECONDITION, f"round {r} is closed; fetch its global adapter and "
+            raise Refusal(_Code.FAILED_PRECONDITION, f"round {r} is closed; fetch its global adapter and "
                                                       f"continue (round {open_round} is open)")
         if r > open_round:
-            raise _Refusal(_Code.FAILED_PRECONDITION, f"round {r} is not open yet; round {open_round} is open "
+            raise Refusal(_Code.FAILED_PRECONDITION, f"round {r} is not open yet; round {open_round} is open "
                                                       f"and needs {self.expected_clients} clients to close")
         if header.client_id in self._pending:
-            raise _Refusal(_Code.ALREADY_EXISTS, f"client {header.client_id!r} already submitted for round {r}; "
+            raise Refusal(_Code.ALREADY_EXISTS, f"client {header.client_id!r} already submitted for round {r}; "
                                                  "wait for the round to close and fetch its global adapter")
         self._check_member(header.client_id)
 
@@ -280,37 +261,22 @@ class AggregatorService(agrpc.AggregatorServicer):
         """Without an enrolment check, the first `expected_clients` ids accepted are the only ones served."""
         if (self._is_enrolled is None and client_id not in self._members
                 and len(self._members) >= self.expected_clients):
-            raise _Refusal(_Code.PERMISSION_DENIED, f"client {client_id!r} is not enrolled: this aggregator serves "
+            raise Refusal(_Code.PERMISSION_DENIED, f"client {client_id!r} is not enrolled: this aggregator serves "
                                                     f"the {self.expected_clients} clients that submitted first "
                                                     f"({', '.join(sorted(self._members))})")
 
-    def _parse(self, header: _Header, data: bytes) -> tuple[AdapterState, AdapterState | None]:
-        """Decode and check the adapter outside the lock; return it and the reference it was checked against."""
-        what = f"adapter from client {header.client_id!r}"
-        try:
-            state = from_bytes(data)
-        except AdapterError as err:
-            raise _Refusal(_Code.INVALID_ARGUMENT, f"{what}: {err}") from err
-        if not state:
-            raise _Refusal(_Code.INVALID_ARGUMENT, f"{what} has no tensors")
-        _check_layout(state, state, what, suffix="")  # float dtypes, finite values
-        reference = self._reference  # set once under the lock and never changed afterwards
-        if reference is not None:
-            _check_layout(state, reference, what)
-        return state, reference
-
-    def _accept(self, header: _Header, state: AdapterState, checked_against: AdapterState | None) -> int:
+    def _accept(self, header: Header, state: AdapterState, checked_against: AdapterState | None) -> int:
         """Record (and store) the submission, closing the round if it may close now; return the round's count."""
         with self._cond:
             self._check_open(header)
             if self._reference is not None and checked_against is not self._reference:
-                _check_layout(state, self._reference, f"adapter from client {header.client_id!r}")
+                check_layout(state, self._reference, f"adapter from client {header.client_id!r}")
             cid = header.client_id
             if self._store is not None and self._store_submissions:
                 try:
                     self._store.write_pending(header.round, cid, header.num_samples, state)
                 except OSError as err:
-                    raise _Refusal(_Code.INTERNAL, f"could not store the submission: {err}; retry it") from err
+                    raise Refusal(_Code.INTERNAL, f"could not store the submission: {err}; retry it") from err
             self._pending[cid] = (header.num_samples, state)
             self._gate.arrive(cid)
             count = len(self._pending)
@@ -319,7 +285,7 @@ class AggregatorService(agrpc.AggregatorServicer):
             if self._gate.ready():
                 try:
                     self._close_round()
-                except _Refusal:
+                except Refusal:
                     del self._pending[cid]
                     self._gate.leave(cid)
                     if self._store is not None:
@@ -345,7 +311,7 @@ class AggregatorService(agrpc.AggregatorServicer):
             if self._store is not None:
                 self._store.write_global(r, glob, summary)
         except (OSError, ValueError) as err:
-            raise _Refusal(_Code.INTERNAL, f"could not close round {r}: {err}; "
+            raise Refusal(_Code.INTERNAL, f"could not close round {r}: {err}; "
                                            "this submission was not recorded, retry it") from err
         self._cache[r] = data
         while len(self._cache) > KEEP_IN_MEMORY:
@@ -373,7 +339,7 @@ class AggregatorService(agrpc.AggregatorServicer):
             if self._gate.ready():
                 try:
                     self._close_round()
-                except _Refusal as refusal:
+                except Refusal as refusal:
                     log.error("round %d: %s", round, refusal.message)
             else:
                 log.warning("round %d: deadline passed without a quorum; the round waits (%s)", round,
@@ -389,7 +355,7 @@ class AggregatorService(agrpc.AggregatorServicer):
                 self._check_member(request.client_id)
             chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
             if chunk is None:
-                raise _Refusal(_Code.INVALID_ARGUMENT, f"the client accepts messages of at most "
+                raise Refusal(_Code.INVALID_ARGUMENT, f"the client accepts messages of at most "
                                                        f"{request.max_message_bytes} bytes; at least "
                                                        f"{MIN_CHUNK_BYTES + ENVELOPE_BYTES} are needed (raise the "
                                                        "client's --max-message-bytes)")
@@ -397,10 +363,10 @@ class AggregatorService(agrpc.AggregatorServicer):
                 return  # cancelled or past its deadline while waiting
             data = self._global_bytes(request.round)
             if data is None:
-                raise _Refusal(_Code.NOT_FOUND, f"the global adapter of round {request.round} is no longer kept in "
+                raise Refusal(_Code.NOT_FOUND, f"the global adapter of round {request.round} is no longer kept in "
                                                 "memory and was not written to disk; start the aggregator with an "
                                                 "output directory to serve old rounds")
-        except _Refusal as refusal:
+        except Refusal as refusal:
             with self._cond:
                 self.refusals += 1
             context.abort(refusal.code, refusal.message)
@@ -418,7 +384,7 @@ class AggregatorService(agrpc.AggregatorServicer):
         with self._cond:
             while round >= self._open_round:
                 if self.stopping.is_set():
-                    raise _Refusal(_Code.UNAVAILABLE, "aggregator shutting down, retry")
+                    raise Refusal(_Code.UNAVAILABLE, "aggregator shutting down, retry")
                 if not context.is_active():
                     return False
                 self._cond.wait(WAIT_SLICE_S)
@@ -436,23 +402,3 @@ class AggregatorService(agrpc.AggregatorServicer):
             return path.read_bytes() if path is not None else None
         except OSError:
             return None
-
-
-def _check_repeated_header(header: _Header, msg: apb.AdapterUpload) -> None:
-    """Later messages may repeat the header fields (unset = not repeated) but must not change them."""
-    for name, value in (("client_id", msg.client_id), ("round", msg.round), ("num_samples", msg.num_samples)):
-        if value and value != getattr(header, name):
-            raise _Refusal(_Code.INVALID_ARGUMENT, f"a later Submit message has {name}={value!r} but the first "
-                                                   f"had {getattr(header, name)!r}; keep the header the same")
-
-
-_SAME_LAYOUT = ("; every client must use the same model, split and LoRA config as the first adapter "
-                "this aggregator accepted")
-
-
-def _check_layout(state: AdapterState, reference: AdapterState, what: str, suffix: str = _SAME_LAYOUT) -> None:
-    """check_adapter as a gRPC refusal: keys, shapes, float dtypes, finite values."""
-    try:
-        check_adapter(state, reference, what=what)
-    except AdapterError as err:
-        raise _Refusal(_Code.INVALID_ARGUMENT, f"{err}{suffix}") from err
