@@ -105,7 +105,10 @@ class ServerEngine:
         self.on_boundary: Callable[[ServerState], None] | None = None  # writes the checkpoint (engine thread)
         self.batching = batching if mode == "shared" else BatchSettings()  # per-client adapters never share
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # client steps per computation
-        self._clients: set[str] = set()
+        self._clients: set[str] = set()  # every client seen (engine thread only)
+        self._streams: collections.Counter[str] = collections.Counter()  # open Train streams per client
+        self._departed: set[str] = set()  # clients whose last stream closed: the batch window does not wait
+        self._streams_lock = threading.Lock()
 
     def start(self) -> "ServerEngine":
         """Start the worker thread."""
@@ -143,14 +146,14 @@ class ServerEngine:
         """`first` and the steps of other clients queued right behind it, up to `max_clients`.
 
         Steps already waiting are always taken; the engine waits (up to the batch window) for more only while
-        some client it knows of is missing from the batch. Collection stops at the first job that is not another
+        some client it knows of, with a stream open, is missing from the batch. Collection stops at the first job that is not another
         client's step: that job runs after the batch, so the queue order is kept.
         """
         batch, members = [first], {first.step.client_id}
         self._clients.add(first.step.client_id)
         deadline = time.monotonic() + self.batching.window_ms / 1000.0
         while len(batch) < self.batching.max_clients:
-            left = deadline - time.monotonic() if len(members) < len(self._clients) else 0.0
+            left = deadline - time.monotonic() if self.awaited(members) else 0.0
             try:
                 job = self._jobs.get(timeout=left) if left > 0 else self._jobs.get_nowait()
             except queue.Empty:
@@ -194,6 +197,25 @@ class ServerEngine:
         future: Future = Future()
         self._jobs.put(_StepJob(step, future))
         return future
+
+    def stream_opened(self, client_id: str) -> None:
+        """The service opened a Train stream of `client_id` (any thread)."""
+        with self._streams_lock:
+            self._streams[client_id] += 1
+            self._departed.discard(client_id)
+
+    def stream_closed(self, client_id: str) -> None:
+        """A Train stream of `client_id` ended; with none left, the batch window stops waiting for it."""
+        with self._streams_lock:
+            self._streams[client_id] -= 1
+            if self._streams[client_id] <= 0:
+                del self._streams[client_id]
+                self._departed.add(client_id)
+
+    def awaited(self, members: set[str]) -> set[str]:
+        """The clients a batch of `members` would wait for: seen before, not in it, and not departed."""
+        with self._streams_lock:
+            return self._clients - members - self._departed
 
     def add_client(self, client_id: str) -> Future:
         """Per-client mode: give a new client its own copy of the server adapter."""

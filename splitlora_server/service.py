@@ -117,6 +117,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         record = self._authenticate(context)
         record.connected = True
+        self.engine.stream_opened(record.client_id)
         parts = Reassembler(max_bytes=self.max_message_bytes * 64)
         try:
             for frame in request_iterator:
@@ -146,6 +147,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 fault_point("server", "reply", self._replies)
         finally:
             record.connected = False
+            self.engine.stream_closed(record.client_id)
 
     def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext) -> spb.StepBackward:
         with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams

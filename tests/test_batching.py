@@ -133,6 +133,25 @@ def test_a_job_queued_between_steps_keeps_its_place(tiny_gpt2_dir: Path):
     assert engine.batch_sizes == {1: 2}
 
 
+def test_the_window_waits_only_for_clients_with_a_stream_open(tiny_gpt2_dir: Path):
+    engine = ServerEngine(_part(tiny_gpt2_dir), "shared", OPTIM, batching=BATCHING).start()
+    try:
+        for client in ("a", "b", "c"):
+            engine.stream_opened(client)
+            engine.submit_step(_inputs(client, 0, 1, 4)).result(timeout=60)
+        assert engine.awaited({"a"}) == {"b", "c"}
+        engine.stream_opened("b")  # b reconnects before its old stream ends
+        engine.stream_closed("b")
+        assert engine.awaited({"a"}) == {"b", "c"}
+        engine.stream_closed("b")
+        engine.stream_closed("c")
+        assert engine.awaited({"a"}) == set()  # departed clients no longer hold the other clients' steps
+        engine.stream_opened("c")
+        assert engine.awaited({"a"}) == {"c"}
+    finally:
+        engine.stop()
+
+
 def test_per_client_mode_is_never_batched(tiny_gpt2_dir: Path):
     engine = ServerEngine(_part(tiny_gpt2_dir), "per-client", OPTIM, batching=BATCHING)
     assert not engine.batching.enabled
