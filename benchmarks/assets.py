@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.config import BenchConfig
 from benchmarks.pretrain import pretrain, pretraining_corpus
-from common.data import Encoded, Example, encode, load_examples
+from common.data import Encoded, Example, encode, load_examples, write_examples
 
 MARKER = "splitlora_bench_model.json"
 
@@ -54,14 +54,14 @@ def _build(cfg: BenchConfig, target: Path, layers: int, width: int, heads: int, 
         with torch.no_grad():
             model.transformer.wte.weight.normal_(0.0, cfg.embedding_std)  # tied: the LM head too
         if pretrain_steps:
-            pool = load_examples(cfg.pretrain_data or cfg.eval_data)
+            pool = load_examples(cfg.pretrain_data)
             _, held_out = examples(cfg)
             corpus = pretraining_corpus(tokenizer, pool, held_out, cfg.max_seq_len)
             losses = pretrain(model, corpus, tokenizer.pad_token_id, pretrain_steps, cfg.pretrain_batch,
                               cfg.pretrain_learning_rate, cfg.seed)
             info["pretraining"] = {"steps": pretrain_steps, "batch": cfg.pretrain_batch, "lines": len(corpus),
                                    "learning_rate": cfg.pretrain_learning_rate,
-                                   "data": cfg.pretrain_data or cfg.eval_data,
+                                   "data": cfg.pretrain_data,
                                    "first_loss": losses[0], "last10_loss": sum(losses[-10:]) / len(losses[-10:])}
     partial = target.with_name(target.name + ".partial")
     for leftover in (partial, target):  # an interrupted build's, without its marker
@@ -81,8 +81,21 @@ def tokenizer_of(model: Path) -> Any:
 
 
 def examples(cfg: BenchConfig) -> tuple[list[Example], list[Example]]:
-    """(training examples, the first --eval-examples held-out examples)."""
-    return load_examples(cfg.train_data), load_examples(cfg.eval_data)[:cfg.eval_examples]
+    """(fine-tuning examples, held-out examples): the held-out ones are the first --eval-examples of --eval-data,
+    or of --train-data when no --eval-data is given; no fine-tuning example shares a held-out example's context
+    (E2E has several references per meaning representation)."""
+    train = load_examples(cfg.train_data)
+    held_out = (load_examples(cfg.eval_data) if cfg.eval_data else train)[:cfg.eval_examples]
+    contexts = {ex.context for ex in held_out}
+    return [ex for ex in train if ex.context not in contexts], held_out
+
+
+def train_file(cfg: BenchConfig) -> Path:
+    """The fine-tuning examples as a file for client processes (OUT/data/train.txt, derived, never committed)."""
+    path = cfg.out_dir / "data" / "train.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_examples(path, examples(cfg)[0])
+    return path.resolve()
 
 
 def encoded(tokenizer: Any, items: list[Example], max_len: int) -> list[Encoded]:

@@ -56,8 +56,10 @@ def run(cfg: BenchConfig) -> Path:
                                  (split.extra["bytes_up_per_step"], split.extra["bytes_down_per_step"]))
     projected = [costs.measure_cost(assets.model_dir(cfg, parse_shape(s)), cfg.split_layer, cfg.lora(), cfg.seed,
                                     cfg.batch_size, seq) for s in cfg.project_shapes if not cfg.model]
-    measured = {"model": model.name, "train_data_bytes": Path(cfg.train_data).stat().st_size, "seq": seq,
+    measured = {"model": model.name, "train_data_bytes": assets.train_file(cfg).stat().st_size, "seq": seq,
                 "curves": [vars(c) for c in curves], "costs": [c.as_dict() for c in [trained, *projected]]}
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)  # kept even if the report fails: `remodel` redoes it
+    (cfg.out_dir / f"{NAME}.json").write_text(json.dumps({"benchmark": NAME, "measured": measured}, default=float))
     return report_time(cfg, measured)
 
 
@@ -93,9 +95,9 @@ def report_time(cfg: BenchConfig, measured: dict) -> Path:
             at = {m: times[m][hit.get(m, split_hit)] if hit.get(m, split_hit) is not None else float("nan")
                   for m in times}
             model_rows.append({"cost_of": _short(cost.model), "profile": p.name, **{f"{m}_s": v for m, v in at.items()},
-                               "CenLoRA/SplitLoRA": at["CenLoRA"] / at["SplitLoRA"],
-                               "FedLoRA/SplitLoRA": at["FedLoRA"] / at["SplitLoRA"],
-                               "FedLoRA/SplitLoRA-int8": at["FedLoRA"] / at["SplitLoRA-int8"]})
+                               "CenLoRA/SplitLoRA": _ratio(at["CenLoRA"], at["SplitLoRA"]),
+                               "FedLoRA/SplitLoRA": _ratio(at["FedLoRA"], at["SplitLoRA"]),
+                               "FedLoRA/SplitLoRA-int8": _ratio(at["FedLoRA"], at["SplitLoRA-int8"])})
     notes = [f"model {measured['model']}: GPT-2-shaped, built here (no model hub) with GPT-2's real tokenizer and "
              f"pretrained for {cfg.pretrain_steps} steps (benchmarks/pretrain.py); split after "
              f"block {cfg.split_layer}; LoRA r={cfg.lora_r} on {','.join(cfg.lora_targets)}; AdamW lr "
@@ -117,6 +119,11 @@ def report_time(cfg: BenchConfig, measured: dict) -> Path:
     return report.write(cfg.out_dir, NAME, "Time to target: CenLoRA vs FedLoRA vs SplitLoRA", result, rows, notes,
                         plots, tables=[("Modeled seconds to the target loss (and time ratios to SplitLoRA):",
                                         model_rows)])
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, or NaN where b is zero (the target was met before training) or not reached."""
+    return a / b if b and b == b else float("nan")
 
 
 def _short(model_name: str) -> str:

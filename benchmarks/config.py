@@ -15,8 +15,10 @@ class BenchConfig:
     """`splitlora-bench`: measure overhead, wire codecs, server scaling, time to target and edge links."""
 
     out: str = option("runs/bench", "Directory for the JSON, Markdown and PNG results.")
-    train_data: str = option("../shared/data/e2e/valid.txt", "Training examples (E2E `context||completion` lines).")
-    eval_data: str = option("../shared/data/e2e/test.txt", "Held-out examples for the validation loss.")
+    train_data: str = option("../shared/data/e2e/valid.txt", "Fine-tuning examples (E2E `context||completion` "
+                                                             "lines).")
+    eval_data: str = option("", "Held-out examples for the validation loss; empty: the first --eval-examples lines "
+                                "of --train-data. Training never sees a held-out example's context.")
     eval_examples: int = option(128, "Held-out examples evaluated (the first N).")
     tokenizer: str = option("../shared/data/gpt2-tokenizer", "Tokenizer directory (GPT-2's real tokenizer).")
     model: str = option("", "Model directory with its tokenizer; empty: build a random-init GPT-2-shaped model "
@@ -29,8 +31,8 @@ class BenchConfig:
                                       "loss) before any LoRA; 0: a random base (see benchmarks/pretrain.py).")
     pretrain_batch: int = option(16, "Lines per pretraining step.")
     pretrain_learning_rate: float = option(1e-3, "AdamW learning rate of the pretraining.")
-    pretrain_data: str = option("", "Lines the base is pretrained on; empty: --eval-data, minus the held-out "
-                                    "examples' contexts.")
+    pretrain_data: str = option("../shared/data/e2e/test.txt", "Lines the generated base is pretrained on (minus "
+                                                                "the held-out contexts).")
     split_layer: int = option(2, "Blocks [0, K) on the client.")
     batch_size: int = option(8, "Examples per client step.")
     max_seq_len: int = option(128, "Longest sequence in tokens.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks import procs
+from benchmarks import assets, procs
 from benchmarks.config import BenchConfig
 from splitlora_client.config import TrainConfig
 from splitlora_server.config import ServeConfig
@@ -24,7 +24,7 @@ def client_flags(cfg: BenchConfig, model: Path, address: str, index: int, client
                  out: Path) -> list[str]:
     """`splitlora-client train` flags of client `index` of `clients` (an IID shard of the training data)."""
     return ["--server", address, "--model", str(model), "--split-layer", str(cfg.split_layer), "--data",
-            str(Path(cfg.train_data).resolve()), "--shard-index", str(index), "--shard-count", str(clients),
+            str(assets.train_file(cfg)), "--shard-index", str(index), "--shard-count", str(clients),
             "--client-id", f"client-{index}", "--seed", str(cfg.seed + index), "--codecs", codec,
             "--output", str(out), "--join-timeout", "300", *cfg.lora_flags(), *procs.plaintext_flags(TrainConfig)]
 

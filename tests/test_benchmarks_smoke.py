@@ -11,7 +11,7 @@ from benchmarks import assets
 from benchmarks.cli import build_parser, run_benchmarks
 from benchmarks.config import BenchConfig
 from benchmarks.netns import namespaces, netns_unavailable
-from common.data import synthetic_e2e, write_examples
+from common.data import load_examples, synthetic_e2e, write_examples
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +106,9 @@ def test_the_generated_base_is_pretrained_on_lines_the_validation_never_sees(bui
     data = tmp_path / "data"
     data.mkdir()
     pool = synthetic_e2e(40, seed=3)
-    write_examples(data / "eval.txt", pool)
-    cfg = BenchConfig(out=str(tmp_path / "out"), tokenizer=str(builtin_model_dir), eval_data=str(data / "eval.txt"),
-                      eval_examples=8, n_layer=2, n_embd=32, n_head=2, max_seq_len=32, pretrain_steps=12,
+    write_examples(data / "lines.txt", pool)
+    cfg = BenchConfig(out=str(tmp_path / "out"), tokenizer=str(builtin_model_dir), train_data=str(data / "lines.txt"),
+                      eval_data="", pretrain_data=str(data / "lines.txt"), eval_examples=8, n_layer=2, n_embd=32, n_head=2, max_seq_len=32, pretrain_steps=12,
                       pretrain_batch=4, pretrain_learning_rate=3e-3)
     model = assets.model_dir(cfg)
     info = json.loads((model / assets.MARKER).read_text())["pretraining"]
@@ -117,3 +117,14 @@ def test_the_generated_base_is_pretrained_on_lines_the_validation_never_sees(bui
     assert info["last10_loss"] < info["first_loss"]
     assert assets.model_dir(cfg) == model and not model.with_name(model.name + ".partial").exists()
     assert assets.model_dir(cfg, (2, 32)).name.endswith("-s0")  # timing-only shapes are not pretrained
+
+
+def test_held_out_examples_share_no_context_with_the_fine_tuning_data(tmp_path: Path):
+    pool = synthetic_e2e(60, seed=4)
+    write_examples(tmp_path / "train.txt", pool)
+    cfg = BenchConfig(out=str(tmp_path / "out"), train_data=str(tmp_path / "train.txt"), eval_data="",
+                      eval_examples=10)
+    train, held_out = assets.examples(cfg)
+    assert held_out == pool[:10]
+    assert train == [ex for ex in pool if ex.context not in {h.context for h in held_out}]
+    assert load_examples(assets.train_file(cfg)) == train
