@@ -27,6 +27,13 @@ def negotiated_chunk(own_chunk: int, peer_max_message: int) -> int | None:
     return min(own_chunk, fits) if fits >= MIN_CHUNK_BYTES else None
 
 
+def too_small(peer_max_message: int) -> str:
+    """Why a client that accepts messages of at most `peer_max_message` bytes cannot be served
+    (`negotiated_chunk` gave None)."""
+    return (f"the client accepts messages of at most {peer_max_message} bytes; at least "
+            f"{MIN_CHUNK_BYTES + ENVELOPE_BYTES} are needed (raise the client's --max-message-bytes)")
+
+
 def explain_too_large(err: grpc.RpcError, peer: str, peer_command: str) -> str | None:
     """A readable account of a RESOURCE_EXHAUSTED size error on a call to `peer`; None for other errors."""
     if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -9,7 +9,6 @@ every side restarts from the same boundary and the run ends exactly as an uninte
 from __future__ import annotations
 
 import logging
-
 from typing import Callable
 
 import grpc

@@ -24,11 +24,10 @@ from splitlora_client.checkpoint import ClientCheckpoints, ClientState
 from splitlora_client.config import TrainConfig
 from splitlora_client.prefetch import StepPreparer
 from splitlora_client.resume import Rounds
-from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.retry import Backoff, Reconnect, channel_options
+from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
 
-log = logging.getLogger("splitlora.client")
 CLIENT_ADAPTER_FILE = "client_adapter.safetensors"
 
 

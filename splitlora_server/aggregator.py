@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, aggregate
 from common.faults import fault_point
-from common.limits import ENVELOPE_BYTES, MIN_CHUNK_BYTES, negotiated_chunk
+from common.limits import negotiated_chunk, too_small
 from common.lora import AdapterState, from_bytes, to_bytes
 from common.rounds import Quorum, RoundGate
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
@@ -188,8 +188,9 @@ class AggregatorService(agrpc.AggregatorServicer):
             if self.stopping.is_set():
                 raise Refusal(_Code.UNAVAILABLE, "aggregator shutting down, retry")
             header, data = self._receive(request_iterator, context)
-            state, checked_against = parse_adapter(header, data, self._reference)
-            submitted = self._accept(header, state, checked_against)
+            reference = self._reference  # set once under the lock and never changed afterwards
+            state = parse_adapter(header, data, reference)
+            submitted = self._accept(header, state, reference)
             return apb.SubmitReply(round=header.round, submitted=submitted, expected=self.expected_clients)
         except Refusal as refusal:
             with self._cond:
@@ -355,10 +356,7 @@ class AggregatorService(agrpc.AggregatorServicer):
                 self._check_member(request.client_id)
             chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
             if chunk is None:
-                raise Refusal(_Code.INVALID_ARGUMENT, f"the client accepts messages of at most "
-                                                       f"{request.max_message_bytes} bytes; at least "
-                                                       f"{MIN_CHUNK_BYTES + ENVELOPE_BYTES} are needed (raise the "
-                                                       "client's --max-message-bytes)")
+                raise Refusal(_Code.INVALID_ARGUMENT, too_small(request.max_message_bytes))
             if not self._wait_closed(request.round, context):
                 return  # cancelled or past its deadline while waiting
             data = self._global_bytes(request.round)

@@ -8,7 +8,7 @@ import grpc
 
 from common.lora import AdapterError, AdapterState, check_adapter, from_bytes
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
-from splitlora_server.registry import CLIENT_ID_PATTERN
+from splitlora_server.registry import invalid_client_id
 
 _Code = grpc.StatusCode
 
@@ -34,15 +34,14 @@ def check_client_id(client_id: str) -> None:
     """An id the registry would accept: 1-64 letters, digits, '.', '_' or '-'."""
     if not client_id:
         raise Refusal(_Code.INVALID_ARGUMENT, "client_id is empty; set it to this client's id")
-    if not CLIENT_ID_PATTERN.match(client_id):
-        raise Refusal(_Code.INVALID_ARGUMENT, f"client id {client_id[:80]!r} must be 1-64 characters of letters, "
-                                              "digits, '.', '_' or '-', starting with a letter or digit")
+    problem = invalid_client_id(client_id)
+    if problem:
+        raise Refusal(_Code.INVALID_ARGUMENT, problem)
 
 
-def parse_adapter(header: Header, data: bytes, reference: AdapterState | None
-                  ) -> tuple[AdapterState, AdapterState | None]:
+def parse_adapter(header: Header, data: bytes, reference: AdapterState | None) -> AdapterState:
     """Decode and check an uploaded adapter (outside the service's lock) against `reference`, the layout of the
-    first adapter accepted (None before that); return it and the reference it was checked against."""
+    first adapter accepted (None before that)."""
     what = f"adapter from client {header.client_id!r}"
     try:
         state = from_bytes(data)
@@ -53,7 +52,7 @@ def parse_adapter(header: Header, data: bytes, reference: AdapterState | None
     check_layout(state, state, what, suffix="")  # float dtypes, finite values
     if reference is not None:
         check_layout(state, reference, what)
-    return state, reference
+    return state
 
 
 def check_repeated_header(header: Header, msg: apb.AdapterUpload) -> None:

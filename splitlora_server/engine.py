@@ -134,8 +134,12 @@ class ServerEngine:
 
     @staticmethod
     def _run(future: Future, fn: Callable[[], Any]) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
+        if future.set_running_or_notify_cancel():
+            ServerEngine._settle(future, fn)
+
+    @staticmethod
+    def _settle(future: Future, fn: Callable[[], Any]) -> None:
+        """Resolve a running `future` with `fn()` or the exception it raises."""
         try:
             future.set_result(fn())
         except Exception as err:  # the worker must outlive any single bad job
@@ -146,8 +150,8 @@ class ServerEngine:
         """`first` and the steps of other clients queued right behind it, up to `max_clients`.
 
         Steps already waiting are always taken; the engine waits (up to the batch window) for more only while
-        some client it knows of, with a stream open, is missing from the batch. Collection stops at the first job that is not another
-        client's step: that job runs after the batch, so the queue order is kept.
+        some client it knows of, with a stream open, is missing from the batch. Collection stops at the first
+        job that is not another client's step: that job runs after the batch, so the queue order is kept.
         """
         batch, members = [first], {first.step.client_id}
         self._clients.add(first.step.client_id)
@@ -180,11 +184,7 @@ class ServerEngine:
                 job.future.set_result(outcome)
             return
         for job in jobs:
-            try:
-                job.future.set_result(self._step(job.step))
-            except Exception as err:
-                log.exception("engine step failed")
-                job.future.set_exception(err)
+            self._settle(job.future, lambda: self._step(job.step))
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the worker thread after every job queued before it."""

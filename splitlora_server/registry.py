@@ -14,6 +14,14 @@ T = TypeVar("T")
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def invalid_client_id(client_id: str) -> str | None:
+    """Why `client_id` is not a valid client id, or None if it is."""
+    if CLIENT_ID_PATTERN.match(client_id):
+        return None
+    return (f"client id {client_id[:80]!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit")
+
+
 class RegistryError(Exception):
     """A client may not do what it asked; `kind` picks the gRPC status."""
 
@@ -63,9 +71,9 @@ class Registry:
 
     def join(self, client_id: str) -> ClientRecord:
         """Enrol a new client or renew a known one's session."""
-        if not CLIENT_ID_PATTERN.match(client_id):
-            raise RegistryError("invalid", f"client id {client_id[:80]!r} must be 1-64 characters of letters, digits, "
-                                           "'.', '_' or '-', starting with a letter or digit")
+        problem = invalid_client_id(client_id)
+        if problem:
+            raise RegistryError("invalid", problem)
         with self.lock:
             record = self.clients.get(client_id)
             if record is None:

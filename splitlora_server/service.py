@@ -14,7 +14,7 @@ from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.faults import fault_point
 from common.fingerprint import differences
-from common.limits import ENVELOPE_BYTES, MIN_CHUNK_BYTES, negotiated_chunk
+from common.limits import negotiated_chunk, too_small
 from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine import ServerEngine, StepInputs
@@ -59,9 +59,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
         chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
         if chunk is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"the client accepts messages of at most {request.max_message_bytes} bytes; at least "
-                          f"{MIN_CHUNK_BYTES + ENVELOPE_BYTES} are needed (raise the client's --max-message-bytes)")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
         diff = differences(self.fingerprint, request.fingerprint)
         if diff:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
