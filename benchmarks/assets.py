@@ -3,6 +3,7 @@ to fetch GPT-2's weights from) with GPT-2's real tokenizer, and the E2E examples
 copied into the repository."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -27,8 +28,10 @@ def model_dir(cfg: BenchConfig, shape: tuple[int, int] | None = None) -> Path:
     steps = 0 if shape else cfg.pretrain_steps
     heads = cfg.n_head if width == cfg.n_embd else max(1, width // 64)
     name = f"gpt2-random-{layers}x{width}-e{cfg.embedding_std:g}-s{cfg.seed}"
-    if steps:
-        name += f"-pre{steps}x{cfg.pretrain_batch}-lr{cfg.pretrain_learning_rate:g}"
+    if steps:  # the name says what the base learned from, so a changed data selection builds a new one
+        corpus = hashlib.sha256("\n".join([str(Path(cfg.pretrain_data).resolve()), cfg.train_data, cfg.eval_data,
+                                           str(cfg.eval_examples)]).encode()).hexdigest()[:8]
+        name += f"-pre{steps}x{cfg.pretrain_batch}-lr{cfg.pretrain_learning_rate:g}-{corpus}"
     target = cfg.out_dir / "models" / name
     if not (target / MARKER).is_file():
         _build(cfg, target, layers, width, heads, steps)
@@ -90,12 +93,19 @@ def examples(cfg: BenchConfig) -> tuple[list[Example], list[Example]]:
     return [ex for ex in train if ex.context not in contexts], held_out
 
 
+_WRITTEN: dict[tuple[str, ...], Path] = {}  # train files this process has written, by what they hold
+
+
 def train_file(cfg: BenchConfig) -> Path:
-    """The fine-tuning examples as a file for client processes (OUT/data/train.txt, derived, never committed)."""
-    path = cfg.out_dir / "data" / "train.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_examples(path, examples(cfg)[0])
-    return path.resolve()
+    """The fine-tuning examples as a file for client processes (OUT/data/train.txt, derived, never committed);
+    written once per process and data selection, however many client processes read it."""
+    key = (str(cfg.out_dir.resolve()), cfg.train_data, cfg.eval_data, str(cfg.eval_examples))
+    if key not in _WRITTEN:
+        path = cfg.out_dir / "data" / "train.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_examples(path, examples(cfg)[0])
+        _WRITTEN[key] = path.resolve()
+    return _WRITTEN[key]
 
 
 def encoded(tokenizer: Any, items: list[Example], max_len: int) -> list[Encoded]:

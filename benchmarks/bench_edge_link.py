@@ -13,7 +13,6 @@ from benchmarks import assets, procs, report, split_run
 from benchmarks.config import BenchConfig
 from benchmarks.netns import Links, netns_unavailable
 
-
 PORT = 50051  # inside the server's own namespace, so always free
 
 

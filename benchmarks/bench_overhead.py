@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from benchmarks import assets, procs, report
+from benchmarks.baselines import WholeModelTrainer
 from benchmarks.config import BenchConfig, parse_shape
 from benchmarks.evaluate import full_model
 from common.data import BatchStream
@@ -20,7 +21,6 @@ from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.split.parts import SplitPart
 from common.wire import codec_from_name
 from splitlora_client.session import SplitSession
-from splitlora_server.config import ServeConfig
 
 
 def cpu_seconds(pid: int) -> float:
@@ -75,20 +75,14 @@ class _InProcessSplitStep:
         optimizer_step(self.params, self.opt, self.sched, self.optim.max_grad_norm)
 
 
-class _LocalStep:
-    """The same fine-tuning without a split: the whole model with LoRA, in this process."""
+class _LocalStep(WholeModelTrainer):
+    """The same fine-tuning without a split: the whole model with LoRA, in this process (CenLoRA's step)."""
 
     def __init__(self, cfg: BenchConfig, model: Path, optim: OptimSettings) -> None:
-        self.model = full_model(model, cfg.lora()).train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt, self.sched = build_optimizer(self.params, optim)
-        self.optim = optim
+        super().__init__(full_model(model, cfg.lora()).train(), optim, 0.1, cfg.seed, "overhead-local")
 
     def __call__(self, batch: dict) -> None:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"]).logits
-        causal_lm_loss(logits, batch["labels"], 0.1)[0].backward()
-        optimizer_step(self.params, self.opt, self.sched, self.optim.max_grad_norm)
+        self.step(batch)
 
 
 def measure(cfg: BenchConfig, shape: tuple[int, int], work: Path) -> dict:
@@ -106,7 +100,7 @@ def measure(cfg: BenchConfig, shape: tuple[int, int], work: Path) -> dict:
          str(cfg.batch_size), "--split-layer", str(cfg.split_layer), "--warmup-steps", "0", "--learning-rate",
          str(cfg.learning_rate), "--max-seq-len", str(cfg.max_seq_len), "--codecs", "float32",
          "--seed", str(cfg.seed), "--output", str(work / "server"), *cfg.lora_flags(),
-         *procs.plaintext_flags(ServeConfig)],
+         *procs.PLAINTEXT_FLAGS],
         work / "server.log", cfg.threads, port=procs.free_port())
     split = None
     try:  # the local model loads while the server starts; the client's Join waits for the server

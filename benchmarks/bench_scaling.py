@@ -20,7 +20,6 @@ from common.fingerprint import compute_fingerprint
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.split.parts import load_config
 from splitlora_client.session import SplitSession
-from splitlora_server.config import ServeConfig
 
 
 class LoadClient:
@@ -106,7 +105,7 @@ def run(cfg: BenchConfig) -> Path:
     common = ["--model", str(model), "--clients", str(most), "--rounds", "1", "--local-steps", "100000000",
               "--batch-size", str(cfg.batch_size), "--split-layer", str(cfg.split_layer), "--max-seq-len",
               str(cfg.max_seq_len), "--seed", str(cfg.seed), "--output", str(work / "out"), *cfg.lora_flags(),
-              *procs.plaintext_flags(ServeConfig)]
+              *procs.PLAINTEXT_FLAGS]
     modes = {"off": ["--max-batch-clients", "1"],
              "on": ["--max-batch-clients", str(most), "--batch-window-ms", str(cfg.batch_window_ms)]}
     servers = {m: procs.start_server(common + flags, work / f"server-{m}.log", cfg.threads, port=procs.free_port())

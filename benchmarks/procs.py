@@ -1,7 +1,6 @@
 """Real processes through the console scripts: a split server, clients, and what they leave behind."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -15,15 +14,7 @@ from typing import Sequence
 BIN = Path(sys.executable).parent
 
 
-def plaintext(config_cls: type) -> dict[str, bool]:
-    """`insecure=True` where the role's config has that option (TLS by default), else nothing: the benchmarks run
-    on loopback and in private namespaces, and measure the protocol, not TLS."""
-    return {"insecure": True} if "insecure" in {f.name for f in dataclasses.fields(config_cls)} else {}
-
-
-def plaintext_flags(config_cls: type) -> list[str]:
-    """`plaintext` as command-line flags."""
-    return ["--insecure"] if plaintext(config_cls) else []
+PLAINTEXT_FLAGS = ["--insecure"]  # loopback and private namespaces: the benchmarks measure the protocol, not TLS
 
 
 def env(threads: int) -> dict[str, str]:

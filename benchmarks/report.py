@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -12,7 +13,6 @@ import torch
 
 def environment() -> dict[str, Any]:
     """Where the numbers were measured."""
-    import os
     return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

@@ -6,8 +6,6 @@ from pathlib import Path
 
 from benchmarks import assets, procs
 from benchmarks.config import BenchConfig
-from splitlora_client.config import TrainConfig
-from splitlora_server.config import ServeConfig
 
 
 def server_flags(cfg: BenchConfig, model: Path, clients: int, rounds: int, local_steps: int, codec: str,
@@ -17,7 +15,7 @@ def server_flags(cfg: BenchConfig, model: Path, clients: int, rounds: int, local
             str(local_steps), "--batch-size", str(cfg.batch_size), "--split-layer", str(cfg.split_layer),
             "--learning-rate", str(cfg.learning_rate), "--warmup-steps", str(cfg.warmup_steps), "--max-seq-len",
             str(cfg.max_seq_len), "--seed", str(cfg.seed), "--codecs", codec, "--output", str(out),
-            "--finish-grace-seconds", "30", *cfg.lora_flags(), *procs.plaintext_flags(ServeConfig)]
+            "--finish-grace-seconds", "30", *cfg.lora_flags(), *procs.PLAINTEXT_FLAGS]
 
 
 def client_flags(cfg: BenchConfig, model: Path, address: str, index: int, clients: int, codec: str,
@@ -26,7 +24,7 @@ def client_flags(cfg: BenchConfig, model: Path, address: str, index: int, client
     return ["--server", address, "--model", str(model), "--split-layer", str(cfg.split_layer), "--data",
             str(assets.train_file(cfg)), "--shard-index", str(index), "--shard-count", str(clients),
             "--client-id", f"client-{index}", "--seed", str(cfg.seed + index), "--codecs", codec,
-            "--output", str(out), "--join-timeout", "300", *cfg.lora_flags(), *procs.plaintext_flags(TrainConfig)]
+            "--output", str(out), "--join-timeout", "300", *cfg.lora_flags(), *procs.PLAINTEXT_FLAGS]
 
 
 def summarize(metrics: list[Path]) -> dict:

@@ -20,7 +20,7 @@ def serve_config(cfg: BenchConfig, model: Path, out: Path) -> ServeConfig:
                     local_steps=cfg.local_steps, batch_size=cfg.batch_size, split_layer=cfg.split_layer,
                     learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, max_seq_len=cfg.max_seq_len,
                     seed=cfg.seed, codecs=["float32"], output=str(out), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                    lora_dropout=cfg.lora_dropout, lora_targets=list(cfg.lora_targets), **procs.plaintext(ServeConfig))
+                    lora_dropout=cfg.lora_dropout, lora_targets=list(cfg.lora_targets), insecure=True)
     s.validate()
     return s
 
@@ -29,19 +29,16 @@ def snapshot_round_ends(engine) -> dict[int, Future]:
     """Have the engine copy the shared server adapter whenever the service closes a round (round number -> copy).
 
     The service closes a round when the last step of it is done, before it answers that step: no step of the
-    next round can be queued yet, so the copy, queued first, is exactly the adapter at the round's end. (The
-    engine's round-closing method is `close_round(rnd, ...)` or, in older servers, `end_round(weights)`.)"""
+    next round can be queued yet, so the copy, queued first, is exactly the adapter at the round's end."""
     snapshots: dict[int, Future] = {}
-    name = "close_round" if hasattr(engine, "close_round") else "end_round"
-    original = getattr(engine, name)
+    close_round = engine.close_round
 
-    def hooked(*args, **kwargs):
-        rnd = args[0] if name == "close_round" else len(snapshots)
+    def hooked(rnd: int, *args, **kwargs):
         if rnd not in snapshots:
             snapshots[rnd] = engine.call(lambda: adapter_state(engine.part.peft, SHARED))
-        return original(*args, **kwargs)
+        return close_round(rnd, *args, **kwargs)
 
-    setattr(engine, name, hooked)
+    engine.close_round = hooked
     return snapshots
 
 

@@ -2,7 +2,11 @@
 No timing is asserted: only that each writes its JSON, Markdown and plots with sane contents."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,7 @@ import pytest
 from benchmarks import assets
 from benchmarks.cli import build_parser, run_benchmarks
 from benchmarks.config import BenchConfig
-from benchmarks.netns import namespaces, netns_unavailable
+from benchmarks.netns import PREFIX, namespaces, netns_unavailable
 from common.data import load_examples, synthetic_e2e, write_examples
 
 
@@ -81,6 +85,42 @@ def test_edge_link(smoke: BenchConfig):
     rows = _result(smoke, "edge-link")["table"]
     assert [r["link_mbit"] for r in rows] == [50] and rows[0]["step_s_median"] > 0
     assert list(namespaces()) == []  # every namespace it made is gone
+
+
+@pytest.mark.skipif(bool(netns_unavailable()), reason=netns_unavailable() or "")
+def test_edge_link_removes_its_namespaces_when_terminated(smoke: BenchConfig, tmp_path: Path):
+    flags = ["--model", smoke.model, "--train-data", smoke.train_data, "--eval-data", smoke.eval_data,
+             "--eval-examples", "8", "--split-layer", "3", "--batch-size", "2", "--max-seq-len", "64", "--threads", "1",
+             "--edge-rates-mbit", "50", "--edge-codecs", "int8", "--edge-clients", "1", "--edge-repeats", "1",
+             "--edge-steps", "100000", "--out", str(tmp_path)]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("splitlora-bench")), "edge-link", *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tag = f"{PREFIX}{proc.pid % 100000}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _namespaces_tagged(tag) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _namespaces_tagged(tag), "the benchmark never created its namespaces"
+        proc.terminate()
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+    assert _namespaces_tagged(tag) == []
+
+
+def _namespaces_tagged(tag: str) -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    return [ns for ns in listed if ns.startswith(tag)]
+
+
+def test_edge_link_says_why_it_skipped(smoke: BenchConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from benchmarks import bench_edge_link
+
+    monkeypatch.setattr(bench_edge_link, "netns_unavailable", lambda: "network namespaces need root")
+    bench_edge_link.run(dataclasses.replace(smoke, out=str(tmp_path)))
+    result = json.loads((tmp_path / "edge-link.json").read_text())
+    assert result["skipped"] == "network namespaces need root" and result["table"] == []
+    assert "skipped: network namespaces need root" in (tmp_path / "edge-link.md").read_text()
 
 
 def test_no_plots_without_matplotlib_is_not_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
