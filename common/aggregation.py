@@ -20,6 +20,11 @@ Aggregator = Callable[[Sequence[AdapterState], Sequence[float]], AdapterState]
 DEFAULT_TRIM_FRACTION = 0.2
 
 
+def _f64(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` detached, on the CPU, in float64: the precision every mode computes in."""
+    return tensor.detach().to("cpu", torch.float64)
+
+
 def _check_inputs(states: Sequence[AdapterState], weights: Sequence[float]) -> list[float]:
     """Validate states and weights together; return the weights as floats."""
     if not states:
@@ -59,7 +64,7 @@ def fedavg(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterS
     for key in states[0]:
         acc = torch.zeros(states[0][key].shape, dtype=torch.float64)
         for state, w in zip(states, ws):
-            acc.add_(state[key].detach().to("cpu", torch.float64), alpha=w / total)
+            acc.add_(_f64(state[key]), alpha=w / total)
         out[key] = acc.to(torch.float32)
     return out
 
@@ -68,7 +73,7 @@ def _sorted_mean(states: Sequence[AdapterState], trim: int) -> AdapterState:
     """Per coordinate: drop the `trim` lowest and highest values and average the rest (float64 maths)."""
     out: AdapterState = {}
     for key in states[0]:
-        stacked = torch.stack([s[key].detach().to("cpu", torch.float64) for s in states])
+        stacked = torch.stack([_f64(s[key]) for s in states])
         kept = stacked.sort(dim=0).values[trim:len(states) - trim]
         out[key] = kept.mean(dim=0).to(torch.float32)
     return out
@@ -89,11 +94,14 @@ def trimmed_mean(states: Sequence[AdapterState], weights: Sequence[float],
     return _sorted_mean(states, math.floor(trim_fraction * len(states)))
 
 
+def _norm(tensors: AdapterState) -> float:
+    """L2 norm over every tensor together."""
+    return math.sqrt(sum(float(t.pow(2).sum()) for t in tensors.values()))
+
+
 def update_norm(state: AdapterState, reference: AdapterState) -> float:
     """L2 norm of `state - reference` over every tensor together."""
-    total = sum(float((state[k].detach().to("cpu", torch.float64) - ref.detach().to("cpu", torch.float64))
-                      .pow(2).sum()) for k, ref in reference.items())
-    return math.sqrt(total)
+    return _norm({k: _f64(state[k]) - _f64(ref) for k, ref in reference.items()})
 
 
 def clip_updates(states: Sequence[AdapterState], reference: AdapterState, clip_norm: float) -> list[AdapterState]:
@@ -101,13 +109,13 @@ def clip_updates(states: Sequence[AdapterState], reference: AdapterState, clip_n
     if not clip_norm > 0 or not math.isfinite(clip_norm):
         raise ValueError(f"clip_norm must be a positive number, got {clip_norm}")
     _check_same_layout([reference, *states])
+    ref64 = {k: _f64(ref) for k, ref in reference.items()}
     clipped = []
     for state in states:
-        norm = update_norm(state, reference)
+        delta = {k: _f64(state[k]) - ref for k, ref in ref64.items()}
+        norm = _norm(delta)
         scale = 1.0 if norm <= clip_norm else clip_norm / norm
-        clipped.append({k: (ref.detach().to("cpu", torch.float64) + scale * (state[k].detach().to(
-            "cpu", torch.float64) - ref.detach().to("cpu", torch.float64))).to(torch.float32)
-            for k, ref in reference.items()})
+        clipped.append({k: (ref64[k] + scale * d).to(torch.float32) for k, d in delta.items()})
     return clipped
 
 

@@ -42,6 +42,14 @@ def _check_file(path: str, flag: str) -> None:
         raise ConfigError(f"{flag}: file {path} does not exist")
 
 
+def _tls_flags_given(insecure: bool, flags: Sequence[tuple[str, object]]) -> list[str]:
+    """The TLS flags that are set; ConfigError when --insecure is combined with any of them."""
+    given = [flag for flag, value in flags if value]
+    if insecure and given:
+        raise ConfigError(f"--insecure cannot be combined with {', '.join(given)}: choose TLS or plaintext")
+    return given
+
+
 def _warn_if_readable_by_others(key_path: str) -> None:
     try:
         mode = os.stat(key_path).st_mode
@@ -65,11 +73,10 @@ class ServerTlsOptions:
 
     def validate_tls(self) -> None:
         """Exactly one of TLS files and --insecure; TLS settings complete and readable."""
-        given = [f for f, v in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
-                                ("--tls-ca", self.tls_ca), ("--require-client-cert", self.require_client_cert)) if v]
+        given = _tls_flags_given(self.insecure, (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                                                 ("--tls-ca", self.tls_ca),
+                                                 ("--require-client-cert", self.require_client_cert)))
         if self.insecure:
-            if given:
-                raise ConfigError(f"--insecure cannot be combined with {', '.join(given)}: choose TLS or plaintext")
             return
         if not given:
             raise ConfigError("no transport security configured: give --tls-cert FILE --tls-key FILE (and "
@@ -100,12 +107,9 @@ class ClientTlsOptions:
 
     def validate_tls(self) -> None:
         """Exactly one of TLS files and --insecure; TLS settings complete and readable."""
-        given = [f for f, v in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert),
-                                ("--tls-key", self.tls_key), ("--tls-server-name", self.tls_server_name)) if v]
-        if self.insecure:
-            if given:
-                raise ConfigError(f"--insecure cannot be combined with {', '.join(given)}: choose TLS or plaintext")
-        elif not self.tls_ca:
+        _tls_flags_given(self.insecure, (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert),
+                                         ("--tls-key", self.tls_key), ("--tls-server-name", self.tls_server_name)))
+        if not self.insecure and not self.tls_ca:
             raise ConfigError("no transport security configured: give --tls-ca FILE (the CA that signed the "
                               "server's certificate) and, for mutual TLS, --tls-cert FILE --tls-key FILE; or "
                               "--insecure to connect in plaintext on a trusted network")

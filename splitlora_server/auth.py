@@ -163,22 +163,19 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or not details.method.startswith(PROTECTED_PREFIX):
             return handler  # unknown methods (UNIMPLEMENTED) and the health service stay as they are
-        admin = details.method in ADMIN_METHODS
+        auth = self.authenticator
+        rule = auth.check_admin if details.method in ADMIN_METHODS else auth.authenticate
 
         def check(context: grpc.ServicerContext) -> None:
-            try:
-                self.authenticator.check_admin(context) if admin else self.authenticator.authenticate(context)
-            except AccessDenied as denied:
-                log.warning("refused %s from %s: %s", details.method, context.peer(), denied.message)
-                context.abort(denied.code, denied.message)
+            abort_if_denied(context, lambda: rule(context), details.method)
 
         return _guarded(handler, check)
 
 
-def abort_if_denied(context: grpc.ServicerContext, check: Callable[[], None]) -> None:
-    """Run an access check in a handler; a refusal becomes the call's status."""
+def abort_if_denied(context: grpc.ServicerContext, check: Callable[[], None], call: str = "a call") -> None:
+    """Run an access check in a handler or interceptor; a refusal is logged and becomes the call's status."""
     try:
         check()
     except AccessDenied as denied:
-        log.warning("refused a call from %s: %s", context.peer(), denied.message)
+        log.warning("refused %s from %s: %s", call, context.peer(), denied.message)
         context.abort(denied.code, denied.message)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+import grpc
+
 from common.cli import add_command, run_main
 from splitlora_server import healthcheck, status
-from splitlora_server.admin import ShutdownConfig
-from splitlora_server.certs import CertsConfig
+from splitlora_server.admin import ShutdownConfig, shutdown
+from splitlora_server.certs import CertsConfig, make_certs
 from splitlora_server.config import AggregateConfig, ExportConfig, ServeConfig
-from splitlora_server.tokens import TokenAddConfig, TokenRemoveConfig
+from splitlora_server.tokens import TokenAddConfig, TokenRemoveConfig, add_token, remove_token
 
 
 def _serve(cfg: ServeConfig) -> int:
@@ -30,14 +32,12 @@ def _export(cfg: ExportConfig) -> int:
 
 
 def _certs(cfg: CertsConfig) -> int:
-    from splitlora_server.certs import make_certs
     for path in make_certs(cfg):
         print(path)
     return 0
 
 
 def _token_add(cfg: TokenAddConfig) -> int:
-    from splitlora_server.tokens import add_token
     token = add_token(cfg)
     print(f"token of {cfg.identity!r} (shown once; its hash is in {cfg.tokens_file}):", file=sys.stderr)
     print(token)
@@ -45,30 +45,23 @@ def _token_add(cfg: TokenAddConfig) -> int:
 
 
 def _token_remove(cfg: TokenRemoveConfig) -> int:
-    from splitlora_server.tokens import remove_token
     remove_token(cfg)
     print(f"revoked the token of {cfg.identity!r}; restart the servers that read {cfg.tokens_file}", file=sys.stderr)
     return 0
 
 
-def _admin(call):
-    def run(cfg) -> int:
-        import grpc
-        try:
-            out = call(cfg)
-        except grpc.RpcError as err:
-            print(f"splitlora-server: the server refused: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
-        if out:
-            print(out)
-        return 0
-    return run
+def _shutdown(cfg: ShutdownConfig) -> int:
+    try:
+        shutdown(cfg)
+    except grpc.RpcError as err:
+        print(f"splitlora-server: the server refused: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    print("shutdown requested")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line interface of the server."""
-    from splitlora_server.admin import shutdown
-
     parser = argparse.ArgumentParser(prog="splitlora-server",
                                      description="SplitLoRA server: split federated LoRA fine-tuning over gRPC.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -85,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "show a running server's clients, round, steps/s, bytes and errors (admin)", log_level="WARNING")
     add_command(sub, "health", healthcheck.HealthConfig, healthcheck.run,
                 "exit 0 if a server or aggregator reports SERVING, else 1", log_level="WARNING")
-    add_command(sub, "shutdown", ShutdownConfig, _admin(lambda cfg: shutdown(cfg) or "shutdown requested"),
-                "stop a running server (admin)")
+    add_command(sub, "shutdown", ShutdownConfig, _shutdown, "stop a running server (admin)")
     return parser
 
 

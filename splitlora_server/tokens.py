@@ -82,9 +82,6 @@ class TokenStore:
         """The identity holding `token`, or None."""
         return self._by_hash.get(hash_token(token))
 
-    def __len__(self) -> int:
-        return len(self._by_hash)
-
 
 def _save(path: Path, entries: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

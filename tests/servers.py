@@ -212,3 +212,21 @@ def train_ok(harness: Harness, md: Sequence[tuple[str, str]], *forwards: spb.Ste
 def grad_of(reply: spb.StepBackward) -> torch.Tensor:
     """The decoded gradient of a server answer."""
     return decode_tensor(reply.grad, name="grad")
+
+
+# -- a client that trains ------------------------------------------------------------------------------------
+def train_steps(session, client: ClientSide, local_steps: int, lr: float, batch_size: int = 4,
+                seed: int = 100) -> Iterator[float]:
+    """Train round 0 through a joined `SplitSession`: `local_steps` steps of real batches (seeded `seed + step`)
+    with AdamW on the client part's LoRA parameters; yield each step's loss once the optimiser has stepped."""
+    params = [p for p in client.part.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    for step in range(local_steps):
+        batch = client.batch(batch_size, seed=seed + step)
+        hidden = client.part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        result = session.step(step, 0, hidden.detach(), batch["attention_mask"], batch["labels"],
+                              batch["position_ids"])
+        hidden.backward(result.grad)
+        opt.step()
+        opt.zero_grad()
+        yield result.loss

@@ -31,7 +31,8 @@ from common.tls import ClientTlsOptions, bearer_metadata, open_channel
 from splitlora_client.session import SplitSession
 from splitlora_server.cli import main as server_main
 from splitlora_server.tokens import TokenAddConfig, add_token
-from tests.servers import RPC_TIMEOUT, ClientSide, Harness, metadata, running_server, server_fingerprint
+from tests.servers import (RPC_TIMEOUT, ClientSide, Harness, metadata, running_server, server_fingerprint,
+                           train_steps)
 
 Code = grpc.StatusCode
 OK = "OK"
@@ -90,22 +91,10 @@ def train_one_round(harness: Harness, client: ClientSide, tls: ClientTlsOptions,
     channel = open_channel(f"localhost:{harness.running.port}", tls)
     session = SplitSession(channel, client_id)
     reply = session.join(server_fingerprint(harness), [tpb.CODEC_RAW], timeout=30)
-    params = [p for p in client.part.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    losses, samples = [], 0
-    for step in range(reply.schedule.local_steps):
-        batch = client.batch(4, seed=100 + step)
-        hidden = client.part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-        result = session.step(step, 0, hidden.detach(), batch["attention_mask"], batch["labels"],
-                              batch["position_ids"])
-        hidden.backward(result.grad)
-        opt.step()
-        opt.zero_grad()
-        losses.append(result.loss)
-        samples += 4
+    losses = list(train_steps(session, client, reply.schedule.local_steps, lr=1e-2, batch_size=4))
     session.close()
-    reply = submit_adapter(agrpc.AggregatorStub(channel), client_id, 0, samples, adapter_state(client.part.peft),
-                           timeout=RPC_TIMEOUT)
+    reply = submit_adapter(agrpc.AggregatorStub(channel), client_id, 0, 4 * len(losses),
+                           adapter_state(client.part.peft), timeout=RPC_TIMEOUT)
     assert (reply.round, reply.submitted) == (0, 1)
     channel.close()
     return losses

@@ -24,7 +24,7 @@ from common.wire import chunked, decode_tensor, encode_tensor
 from splitlora_client.session import SplitSession
 from splitlora_server.service import CLIENT_ID_KEY, SESSION_KEY
 from tests.servers import (ClientSide, Harness, exchange, fingerprint_for, grad_of, join, metadata, running_server,
-                           server_fingerprint, train_ok, valid_forward)
+                           server_fingerprint, train_ok, train_steps, valid_forward)
 
 Code = grpc.StatusCode
 LOCAL_STEPS = 3   # the small schedule: 2 rounds x 3 local steps, batch 4
@@ -371,19 +371,11 @@ def test_bad_client_does_not_disturb_a_good_one(frame_server: Harness, builtin_m
         good = ClientSide(builtin_model_dir)  # its own part: it trains
         session = SplitSession(frame_server.channel, good_id)
         reply = session.join(server_fingerprint(frame_server), [tpb.CODEC_RAW], timeout=30)
-        params = [p for p in good.part.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=reply.schedule.learning_rate)
         good.part.train()
         losses = []
-        for step in range(reply.schedule.local_steps):  # the whole of round 0
-            batch = good.batch(BATCH, seed=100 + step)
-            hidden = good.part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-            result = session.step(step, 0, hidden.detach(), batch["attention_mask"], batch["labels"],
-                                  batch["position_ids"])
-            hidden.backward(result.grad)
-            opt.step()
-            opt.zero_grad()
-            losses.append(result.loss)
+        steps = train_steps(session, good, reply.schedule.local_steps, reply.schedule.learning_rate, BATCH)
+        for step, loss in enumerate(steps):  # the whole of round 0
+            losses.append(loss)
             status = frame_server.client_status(good_id)
             assert status.steps == step + 1 and status.last_error == ""
         session.close()
