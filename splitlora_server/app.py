@@ -150,8 +150,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
         aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",
                                        max_adapter_bytes=cfg.max_adapter_bytes,
                                        is_enrolled=lambda cid: cid in registry.clients, chunk_bytes=cfg.chunk_bytes,
-                                       mode=cfg.aggregation, clip_norm=cfg.clip_norm, trim_fraction=cfg.trim_fraction,
-                                       auth=auth, verify_claim=registry.verify_claim,
+                                       strategy=cfg.strategy(), auth=auth, verify_claim=registry.verify_claim,
                                        on_round_closed=lambda r, _: service.close_round(r, aggregator.included(r)),
                                        quorum=quorum, store_submissions=False)
         aggregator.restore(up_to=resumed if resumed is not None else 0)
@@ -216,8 +215,8 @@ def aggregate(cfg: AggregateConfig) -> int:
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the aggregator")
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
-                                   chunk_bytes=cfg.chunk_bytes, mode=cfg.aggregation, clip_norm=cfg.clip_norm,
-                                   trim_fraction=cfg.trim_fraction, auth=auth, quorum=cfg.quorum(cfg.clients))
+                                   chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
+                                   quorum=cfg.quorum(cfg.clients))
     aggregator.restore()
     agrpc.add_AggregatorServicer_to_server(aggregator, server)
     health_servicer = _add_health(server, "splitlora.v1.Aggregator")

@@ -24,7 +24,7 @@ import grpc
 import torch
 from safetensors.torch import load_file
 
-from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, aggregate
+from common.aggregation import ClientUpdate, Strategy, build_strategy
 from common.faults import fault_point
 from common.limits import negotiated_chunk, too_small
 from common.lora import AdapterState, from_bytes, to_bytes
@@ -45,7 +45,7 @@ _Code = grpc.StatusCode
 class AggregatorService(agrpc.AggregatorServicer):
     """Round-based aggregation of client LoRA adapters over gRPC.
 
-    `mode`, `clip_norm`, `trim_fraction`: how a round's adapters are combined (common.aggregation).
+    `strategy`: how a round's adapters are combined (common.aggregation; FedAvg by default).
     `auth`: a client may submit and fetch only as itself. `verify_claim(client_id, round, num_samples)`:
     an error message when the split server knows the claim to be false (round not trained, samples inflated).
     """
@@ -53,18 +53,15 @@ class AggregatorService(agrpc.AggregatorServicer):
     def __init__(self, expected_clients: int, rounds: int, output_dir: Path | None,
                  max_adapter_bytes: int = 512 << 20, is_enrolled: Callable[[str], bool] | None = None,
                  chunk_bytes: int = 1 << 20,
-                 on_round_closed: Callable[[int, AdapterState], None] | None = None, *, mode: str = "fedavg",
-                 clip_norm: float = 0.0, trim_fraction: float = DEFAULT_TRIM_FRACTION,
-                 auth: Authenticator | None = None,
+                 on_round_closed: Callable[[int, AdapterState], None] | None = None, *,
+                 strategy: Strategy | None = None, auth: Authenticator | None = None,
                  verify_claim: Callable[[str, int, int], str | None] | None = None,
                  quorum: Quorum | None = None, store_submissions: bool = True) -> None:
         for name, value in (("expected_clients", expected_clients), ("rounds", rounds),
                             ("max_adapter_bytes", max_adapter_bytes), ("chunk_bytes", chunk_bytes)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if mode not in MODES:
-            raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {sorted(MODES)}")
-        self.mode, self.clip_norm, self.trim_fraction = mode, clip_norm, trim_fraction
+        self.strategy = strategy or build_strategy()
         self._auth, self._verify_claim = auth or Authenticator(), verify_claim
         self._previous: AdapterState | None = None  # the last global adapter: the clipping reference
         self.expected_clients, self.rounds = expected_clients, rounds
@@ -305,8 +302,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         weights = [pending[c][0] for c in ids]
         summary = RoundSummary({c: pending[c][0] for c in ids})
         try:
-            glob = aggregate([pending[c][1] for c in ids], weights, mode=self.mode, clip_norm=self.clip_norm,
-                             reference=self._previous, trim_fraction=self.trim_fraction)
+            glob = self.strategy.aggregate(r, [ClientUpdate(c, pending[c][1], pending[c][0]) for c in ids],
+                                           self._previous)
             fault_point("aggregator", "close", r)
             data = to_bytes(glob)
             if self._store is not None:
@@ -320,9 +317,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         self._summary[r] = summary
         self._pending, self._previous = {}, glob
         late = "" if len(ids) >= self.expected_clients else f" (deadline passed; {self.expected_clients - len(ids)} missing)"
-        log.info("round %d closed (%s%s): %d clients, %d samples%s", r, self.mode,
-                 f", updates clipped to norm {self.clip_norm}" if self.clip_norm else "", len(ids), sum(weights),
-                 late, extra={"round": r})
+        log.info("round %d closed (%s): %d clients, %d samples%s", r, self.strategy.describe(), len(ids),
+                 sum(weights), late, extra={"round": r})
         if self._on_round_closed is not None:
             try:
                 self._on_round_closed(r, glob)

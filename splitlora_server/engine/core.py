@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal, Union
 
 import torch
 
-from common.aggregation import aggregate
+from common.aggregation import ClientUpdate, Strategy, build_strategy
 from common.faults import fault_point
 from common.lora import AdapterState, adapter_state, load_adapter_state
 from common.loss import causal_lm_loss
@@ -87,11 +87,12 @@ class ServerEngine:
     """Owns the server part and its optimizers; runs jobs from a queue on a single worker thread."""
 
     def __init__(self, part: SplitPart, mode: AdapterMode, optim: OptimSettings, label_smoothing: float = 0.1,
-                 seed: int = 0, batching: BatchSettings = BatchSettings()) -> None:
+                 seed: int = 0, batching: BatchSettings = BatchSettings(), strategy: Strategy | None = None) -> None:
         if mode not in ("shared", "per-client"):
             raise ValueError(f"server adapter mode {mode!r} is not 'shared' or 'per-client'")
         self.part, self.mode, self.optim, self.label_smoothing = part, mode, optim, label_smoothing
         self.slots: dict[str, _Slot] = {SHARED: _Slot(part, SHARED, optim)}
+        self.strategy = strategy or build_strategy()  # averages the per-client server adapters at a round end
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._carry: collections.deque[_Job] = collections.deque()  # taken from the queue, not batchable
         self._thread = threading.Thread(target=self._work, name="splitlora-engine", daemon=True)
@@ -288,18 +289,18 @@ class ServerEngine:
         return [StepOutcome(grad=g.detach().float().cpu(), loss=loss, tokens=tokens)
                 for g, (loss, tokens) in zip(split_rows(grad, stacked.spans), losses)]
 
-    def end_round(self, weights: dict[str, float]) -> Future:
-        """Per-client mode: average the clients' server adapters (weighted) into every copy."""
-        return self.call(lambda: self._end_round(weights))
+    def end_round(self, rnd: int, weights: dict[str, float]) -> Future:
+        """Per-client mode: average the clients' server adapters (the strategy, weighted) into every copy."""
+        return self.call(lambda: self._end_round(rnd, weights))
 
-    def _end_round(self, weights: dict[str, float]) -> None:
+    def _end_round(self, rnd: int, weights: dict[str, float]) -> None:
         if self.mode != "per-client":
             return
         clients = sorted(c for c in weights if c in self.slots and c != SHARED)  # a fixed order: bit-reproducible
         if not clients:
             return
-        merged = aggregate([adapter_state(self.part.peft, self.slots[c].name) for c in clients],
-                           [weights[c] for c in clients])
+        updates = [ClientUpdate(c, adapter_state(self.part.peft, self.slots[c].name), weights[c]) for c in clients]
+        merged = self.strategy.aggregate(rnd, updates, adapter_state(self.part.peft, SHARED))
         for slot in self.slots.values():
             load_adapter_state(self.part.peft, merged, slot.name)
 
@@ -309,7 +310,7 @@ class ServerEngine:
         return self.call(lambda: self._close_round(rnd, weights, clients))
 
     def _close_round(self, rnd: int, weights: dict[str, float], clients: list[str]) -> None:
-        self._end_round(weights)
+        self._end_round(rnd, weights)
         fault_point("server", "round-end", rnd)
         self.boundary_round, self._touched = rnd + 1, set()
         self.snapshots = {key: slot.capture(self.part) for key, slot in self.slots.items()}
