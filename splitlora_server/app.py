@@ -25,7 +25,7 @@ from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
 from splitlora_server.engine.batching import BatchSettings
 from splitlora_server.engine.core import ServerEngine
-from splitlora_server.engine.state import ServerCheckpoints, ServerState, run_identity
+from splitlora_server.engine.state import ServerCheckpoints, run_identity
 from splitlora_server.frames import FrameLimits
 from splitlora_server.ops.metrics import metrics_for
 from splitlora_server.options import AggregateConfig, ServeConfig
@@ -132,7 +132,10 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
     optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
     batching = BatchSettings(cfg.batch_window_ms, cfg.max_batch_clients)
-    engine = ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed, batching).start()
+    checkpoints = ServerCheckpoints(Path(cfg.output), run_identity(cfg, fingerprint))
+    engine = ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed, batching,
+                          on_boundary=lambda state: checkpoints.save(
+                              state, fault=lambda: fault_point("server", "checkpoint", state.round - 1))).start()
     quorum, in_process = cfg.quorum(cfg.clients), not cfg.aggregator
     registry = Registry(cfg.clients, cfg.rounds, cfg.local_steps, quorum, self_closing=not in_process)
     schedule = spb.Schedule(rounds=cfg.rounds, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
@@ -142,7 +145,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
-    resumed = _resume(cfg, engine, registry, run_identity(cfg, fingerprint))
+    resumed = _resume(checkpoints, engine, registry)
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
     aggregator = None
@@ -163,14 +166,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                          health=health_servicer, resumed_round=resumed)
 
 
-def _resume(cfg: ServeConfig, engine: ServerEngine, registry: Registry, run: dict) -> int | None:
-    """Checkpoint every round boundary from now on; resume from the newest checkpoint in --output, if any."""
-    checkpoints = ServerCheckpoints(Path(cfg.output), run)
-
-    def on_boundary(state: ServerState) -> None:
-        checkpoints.save(state, fault=lambda: fault_point("server", "checkpoint", state.round - 1))
-
-    engine.on_boundary = on_boundary
+def _resume(checkpoints: ServerCheckpoints, engine: ServerEngine, registry: Registry) -> int | None:
+    """Resume from the newest checkpoint in --output, if any; return the round it starts."""
     state = checkpoints.latest()
     if state is None:
         return None

@@ -17,7 +17,7 @@ from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
-from splitlora_server.engine.core import ServerEngine, StepInputs
+from splitlora_server.engine.core import ServerEngine
 from splitlora_server.frames import FrameLimits, decode_step
 from splitlora_server.registry import ClientRecord, Registry, RegistryError
 
@@ -165,13 +165,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} belongs to round {self.registry.round_of(fwd.step)}, frame says {fwd.round}")
         try:
-            step = decode_step(fwd, self.limits, record.codec)
+            step = decode_step(fwd, self.limits, record.codec, record.client_id)
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
-        inputs = StepInputs(record.client_id, fwd.step, step.hidden, step.attention_mask, step.position_ids,
-                            step.labels)
         try:
-            future = self.registry.admit(record, fwd.step, lambda: self.engine.submit_step(inputs))
+            future = self.registry.admit(record, fwd.step, lambda: self.engine.submit_step(step))
         except RegistryError as err:
             self._fail(context, record, _STATUS_BY_KIND[err.kind], str(err))
         try:
@@ -181,7 +179,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} produced a non-finite loss; the update was skipped")
-        if self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens, samples=int(step.hidden.shape[0])):
+        if self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens, samples=step.rows):
             self.close_round(self.registry.round_of(fwd.step))  # before the reply: no client sees round r+1 early
         return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
                                 tokens=outcome.tokens, bytes_received=fwd.ByteSize())
