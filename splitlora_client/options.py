@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config.engine import ConfigError, option
-from common.config.sections import ModelOptions, TransportOptions
+from common.config.sections import ModelOptions, SplitModeOptions, TransportOptions
+from common.defenses import DefenseSettings
 from common.tls import ClientTlsOptions
 from common.wire import CODEC_NAMES
 from splitlora_client.scalars import TENSORBOARD_HINT, tensorboard_available
@@ -15,7 +16,7 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
 
 
 @dataclass
-class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
+class TrainConfig(ModelOptions, SplitModeOptions, TransportOptions, ClientTlsOptions):
     """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server."""
 
     server: str = option("127.0.0.1:50051", "Split server address host:port.")
@@ -41,10 +42,21 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
                                                 "backoff from 0.1 s).")
     progress: bool = option(True, "Show a progress bar.")
     tensorboard: bool = option(False, "Also write TensorBoard scalars to OUTPUT/tensorboard (needs tensorboardX).")
+    defense_clip: float = option(0.0, "Activation defense: clip each token's cut activation to this L2 norm before "
+                                      "sending (0: off). See docs/privacy.md.")
+    defense_noise: float = option(0.0, "Activation defense: add Gaussian noise of std NOISE x CLIP to each clipped "
+                                       "activation (needs --defense-clip; 0: off).")
+    defense_nopeek: float = option(0.0, "NoPeek: weight of the distance-correlation loss between the input "
+                                        "embeddings and the sent activations (0: off).")
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
         self.validate_model()
+        self.validate_split_mode()
+        try:
+            self.defense_settings().check()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.validate_transport()
         self.validate_tls()
         for name in ("server", "aggregator"):
@@ -64,6 +76,10 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
             raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
         if self.tensorboard and not tensorboard_available():
             raise ConfigError(TENSORBOARD_HINT)
+
+    def defense_settings(self) -> DefenseSettings:
+        """The activation defenses this client applies before sending."""
+        return DefenseSettings(self.defense_clip, self.defense_noise, self.defense_nopeek)
 
     @property
     def output_dir(self) -> Path:

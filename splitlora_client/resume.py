@@ -14,7 +14,6 @@ from typing import Callable
 import grpc
 
 from common.faults import fault_point
-from common.lora import load_adapter_state
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from splitlora_client.aggregator import fetch_global, submit_adapter
@@ -64,7 +63,7 @@ class RoundSync:
             self._submit(round - 1, self.samples)
             fault_point("client", "submit", round - 1)
         state, num_clients, total = self._fetch(round - 1)
-        load_adapter_state(self.state.peft, state)
+        self.state.load_adapter(state)
         self.in_memory = None
         return num_clients, total
 
@@ -111,12 +110,19 @@ class RoundSync:
     def step(self, step: int, round: int, *tensors, while_waiting: Callable[[], None] | None = None) -> StepResult:
         """One step through the server (`while_waiting` runs between sending and receiving); Reconnect when the
         stream is lost or the server's view has moved."""
-        self.in_memory = None
-        try:
+        def exchange() -> StepResult:
             sent = self.session.send(step, round, *tensors)
             if while_waiting is not None:
                 while_waiting()
-            result = self.session.receive(step, sent)
+            return self.session.receive(step, sent)
+        return self.guarded(step, exchange)
+
+    def guarded(self, step: int, exchange: Callable[[], StepResult]) -> StepResult:
+        """Run one step's exchange(s) with the server; Reconnect when the stream is lost or the server's view has
+        moved (a u-shape step's two exchanges are one `exchange`: `splitlora_client.ushape`)."""
+        self.in_memory = None
+        try:
+            result = exchange()
         except grpc.RpcError as err:
             if err.code() in TRANSIENT or err.code() in RESYNC:
                 raise Reconnect(f"step {step}: {err.code().name}: {err.details()}") from err

@@ -74,19 +74,30 @@ class SplitSession:
         """Send one step's activations; return the gradient at the cut and the loss."""
         return self.receive(step, self.send(step, rnd, hidden, attention_mask, labels, position_ids))
 
-    def send(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-             position_ids: torch.Tensor) -> int:
-        """Queue one step's frame (in pieces if large) without waiting; return the bytes it takes."""
+    def send(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor,
+             labels: torch.Tensor | None, position_ids: torch.Tensor) -> int:
+        """Queue one step's frame (in pieces if large) without waiting; return the bytes it takes. `labels` None:
+        u-shape mode, the frame carries none."""
         if self.reply is None:
             raise RuntimeError("join before training")
-        if self._call is None:
-            self._open()
         codec = self.reply.codec
         # the integer tensors in their smallest exact types (the server widens them): 9 bytes a token, not 24
-        frame = spb.ClientFrame(forward=spb.StepForward(
+        forward = spb.StepForward(
             step=step, round=rnd, hidden=encode_tensor(hidden, codec),
-            attention_mask=encode_tensor(attention_mask.to(torch.uint8)), labels=encode_tensor(labels.to(torch.int32)),
-            position_ids=encode_tensor(position_ids.to(torch.int32))))
+            attention_mask=encode_tensor(attention_mask.to(torch.uint8)),
+            position_ids=encode_tensor(position_ids.to(torch.int32)))
+        if labels is not None:
+            forward.labels.CopyFrom(encode_tensor(labels.to(torch.int32)))
+        return self._put(spb.ClientFrame(forward=forward))
+
+    def send_top_grad(self, step: int, grad: torch.Tensor) -> int:
+        """U-shape mode: queue a step's gradient at the top cut; return the bytes it takes."""
+        grad_msg = encode_tensor(grad, self.reply.codec)
+        return self._put(spb.ClientFrame(top_grad=spb.StepTopGrad(step=step, grad=grad_msg)))
+
+    def _put(self, frame: spb.ClientFrame) -> int:
+        if self._call is None:
+            self._open()
         sent = 0
         for piece in chunked([frame], spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
             sent += piece.ByteSize()
@@ -95,13 +106,22 @@ class SplitSession:
 
     def receive(self, step: int, sent: int = 0) -> StepResult:
         """Wait for the server's answer to `step` (sent with `send`)."""
+        back, received = self._read(step, "backward")
+        return StepResult(decode_tensor(back.grad, name="grad"), back.loss, back.tokens, sent, received)
+
+    def receive_top(self, step: int) -> tuple[torch.Tensor, int]:
+        """U-shape mode: wait for the server blocks' output at the top cut of `step`; return it and its bytes."""
+        top, received = self._read(step, "top")
+        return decode_tensor(top.hidden, name="top hidden"), received
+
+    def _read(self, step: int, kind: str):
         try:
-            return self._receive(step, sent)
+            return self._receive(step, kind)
         except grpc.RpcError as err:
             raise_if_too_large(err, "split server", "splitlora-server serve")
             raise
 
-    def _receive(self, step: int, sent: int) -> StepResult:
+    def _receive(self, step: int, kind: str):
         parts, received = Reassembler(max_bytes=1 << 34), 0
         for out in self._responses:
             received += out.ByteSize()
@@ -110,11 +130,12 @@ class SplitSession:
                 if data is None:
                     continue
                 out = spb.ServerFrame.FromString(data)
-            back = out.backward
-            if back.step != step:
-                raise RuntimeError(f"server answered step {back.step} while step {step} was sent")
-            grad = decode_tensor(back.grad, name="grad")
-            return StepResult(grad, back.loss, back.tokens, sent, received)
+            if out.WhichOneof("kind") != kind:
+                raise RuntimeError(f"server answered {out.WhichOneof('kind')} while {kind} of step {step} was awaited")
+            msg = getattr(out, kind)
+            if msg.step != step:
+                raise RuntimeError(f"server answered step {msg.step} while step {step} was sent")
+            return msg, received
         raise ConnectionError("the server closed the training stream")
 
     def close(self) -> None:

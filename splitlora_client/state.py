@@ -40,10 +40,11 @@ class ClientState:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     batches: BatchStream
+    top: PeftModel | None = None  # u-shape mode: the top part (blocks [L-J, L) and the head); one adapter with it
 
     def capture(self, samples: int = 0) -> Snapshot:
         """Copy the state; `samples`: examples trained on in the round just done (the submission's weight)."""
-        adapter = adapter_state(self.peft)
+        adapter = self.local_adapter()
         optim_tensors, optim_meta = optimizer_state(self.opt, "optim")
         return Snapshot({**{f"adapter.{k}": v for k, v in adapter.items()}, **optim_tensors},
                         {"adapter_keys": sorted(adapter), "optim": optim_meta, "sched": scheduler_state(self.sched),
@@ -51,13 +52,23 @@ class ClientState:
 
     def restore(self, snap: Snapshot) -> None:
         """Put a captured state back, exactly."""
-        load_adapter_state(self.peft, {k: snap.tensors[f"adapter.{k}"] for k in snap.meta["adapter_keys"]})
+        self.load_adapter({k: snap.tensors[f"adapter.{k}"] for k in snap.meta["adapter_keys"]})
         load_optimizer_state(self.opt, snap.tensors, snap.meta["optim"], "optim")
         load_scheduler_state(self.sched, snap.meta["sched"])
         self.batches.load_state_dict(snap.meta["data"])
 
     def local_adapter(self) -> dict[str, torch.Tensor]:
-        return adapter_state(self.peft)
+        """The client's adapter: its bottom part's, and in u-shape mode its top part's too (disjoint keys)."""
+        return {**adapter_state(self.peft), **(adapter_state(self.top) if self.top is not None else {})}
+
+    def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a whole client adapter (as `local_adapter` returns it) into the part(s), checked per part."""
+        if self.top is None:
+            load_adapter_state(self.peft, state)
+            return
+        bottom_keys = set(adapter_state(self.peft))
+        load_adapter_state(self.peft, {k: v for k, v in state.items() if k in bottom_keys})
+        load_adapter_state(self.top, {k: v for k, v in state.items() if k not in bottom_keys})
 
 
 class ClientCheckpoints:

@@ -17,10 +17,12 @@ from common.data import BatchStream, encode, load_examples, shard, synthetic_e2e
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.logs import ContextLogger
-from common.lora import adapter_state, write_adapter_file
+from common.lora import write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
+from common.defenses import ActivationDefense
 from common.split.parts import SplitPart
+from common.split.ushape import u_shape_parts
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
 from splitlora_client.options import TrainConfig
@@ -29,6 +31,7 @@ from splitlora_client.resume import RoundSync
 from splitlora_client.retry import Backoff, Reconnect, channel_options
 from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
+from splitlora_client.ushape import TopHead, u_exchange
 from splitlora_client.state import ClientCheckpoints, ClientState
 
 CLIENT_ADAPTER_FILE = "client_adapter.safetensors"
@@ -90,6 +93,8 @@ class _Loop:
     rounds: RoundSync
     metrics: MetricsLog
     bar: tqdm
+    top: TopHead | None = None  # u-shape mode: the client's top part (the loss is computed here)
+    defense: ActivationDefense = ActivationDefense()
 
     def local_steps(self, rnd: int) -> int:
         """Train the local steps of round `rnd` through the server; return the samples they used."""
@@ -100,14 +105,18 @@ class _Loop:
             started = time.perf_counter()
             prepared = ahead.pop() if ahead else prep.prepare(step)
             batch = prepared.batch
-            hidden = prep.forward(prepared)
+            hidden = self.defense.apply(prep.forward(prepared), batch["attention_mask"])  # before anything is sent
             # within the round only: a checkpoint at the boundary must not have drawn the next batch
             prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
                 if cfg.overlap and local + 1 < sched.local_steps else None
-            result = self.rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
-                                      batch["position_ids"], while_waiting=prepare_next)
+            if self.top is None:
+                result = self.rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
+                                          batch["position_ids"], while_waiting=prepare_next)
+            else:
+                result = self.rounds.guarded(step, lambda: u_exchange(self.rounds.session, self.top, step, rnd,
+                                                                      hidden.detach(), batch, prepare_next))
             fault_point("client", "step", step)
-            hidden.backward(result.grad.to(hidden.dtype))
+            self.defense.backward(self.part, batch, hidden, result.grad)  # with NoPeek's term, when on
             optimizer_step(params, self.opt, self.lr_sched, self.optim.max_grad_norm)
             samples += int(batch["input_ids"].shape[0])
             seconds = time.perf_counter() - started
@@ -140,11 +149,21 @@ class _Loop:
                 self.metrics.write(event="rejoin", client=cfg.client_id, round=rnd, reason=str(why))
 
 
+def client_parts(cfg: TrainConfig, model_dir: Path, lora, seed: int) -> tuple[SplitPart, SplitPart | None]:
+    """The client's bottom part (embeddings, blocks [0, K)) and, in u-shape mode, its top part (blocks [L-J, L),
+    final norm, head), in training mode."""
+    if not cfg.u_shape:
+        return SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=seed).train(), None
+    bottom, _, top = u_shape_parts(model_dir, cfg.split_layer, cfg.top_blocks)
+    return (SplitPart(model_dir, bottom, None, lora, cfg.dtype, lora_seed=seed).train(),
+            SplitPart(model_dir, top, None, lora, cfg.dtype, lora_seed=seed).train())
+
+
 def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger
           ) -> tuple[SplitSession, Any, tuple, agrpc.AggregatorStub, bool]:
     """Connect and join the server; return the session, the Join reply, the join arguments (for rejoining), the
     aggregator's stub and whether the aggregator shares the server's channel."""
-    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
+    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora, cfg.u_shape, cfg.top_blocks)
     options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
     channel = open_channel(cfg.server, cfg, options)
     session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes)
@@ -169,15 +188,16 @@ def train(cfg: TrainConfig) -> Path:
     session, reply, join_args, aggregator, shared_channel = _join(cfg, model_dir, lora, log)
     sched = reply.schedule
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
-    part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=sched.seed)
-    part.train()
+    bottom, top_part = client_parts(cfg, model_dir, lora, sched.seed)
+    part = bottom
     batches = BatchStream(load_private_data(cfg, tokenizer, sched.max_seq_len), sched.batch_size,
                           tokenizer.pad_token_id, seed=cfg.seed)
     optim = OptimSettings(sched.learning_rate, sched.weight_decay, sched.warmup_steps,
                           sched.rounds * sched.local_steps, sched.max_grad_norm)
-    params = [p for p in part.parameters() if p.requires_grad]
+    top = TopHead(top_part, sched.label_smoothing) if top_part is not None else None
+    params = [p for p in part.parameters() if p.requires_grad] + (top.params if top is not None else [])
     opt, lr_sched = build_optimizer(params, optim)
-    state = ClientState(part.peft, opt, lr_sched, batches)
+    state = ClientState(part.peft, opt, lr_sched, batches, top_part.peft if top_part is not None else None)
     out_dir = cfg.output_dir
     checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, join_args[0]), state.capture())
     backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
@@ -188,7 +208,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
                unit="step", dynamic_ncols=True)
     loop = _Loop(cfg, sched, part, params, optim, opt, lr_sched, StepPreparer(part, batches, cfg.seed, cfg.client_id),
-                 rounds, metrics, bar)
+                 rounds, metrics, bar, top, ActivationDefense(cfg.defense_settings()))
     try:
         loop.run(reply.start_round)
     finally:
@@ -196,6 +216,6 @@ def train(cfg: TrainConfig) -> Path:
         metrics.close()
         session.close()
     path = out_dir / CLIENT_ADAPTER_FILE
-    write_adapter_file(path, adapter_state(part.peft))
+    write_adapter_file(path, state.local_adapter())
     log.info("client adapter written to %s", path)
     return path

@@ -20,8 +20,10 @@ from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.split.parts import SplitPart
+from common.split.ushape import u_shape_parts
 from common.tls import add_port
 from splitlora_server.aggregator.service import AggregatorService
+from splitlora_server.ushape import TopCut
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
 from splitlora_server.engine.batching import BatchSettings
 from splitlora_server.engine.core import ServerEngine
@@ -158,9 +160,10 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the split server")
     stop = stop if stop is not None else threading.Event()
     model_dir, lora = cfg.model_dir(), cfg.lora_settings()
-    part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
+    segment = u_shape_parts(model_dir, cfg.split_layer, cfg.top_blocks)[1] if cfg.u_shape else "server"
+    part = SplitPart(model_dir, segment, cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
                      gradient_checkpointing=cfg.gradient_checkpointing)
-    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
+    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora, cfg.u_shape, cfg.top_blocks)
     checkpoints = ServerCheckpoints(Path(cfg.output), run_identity(cfg, fingerprint))
     engine = _engine(cfg, part, checkpoints)
     in_process = not cfg.aggregator
@@ -170,7 +173,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     schedule = _schedule(cfg, max_positions)
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
-                                   cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
+                                   cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
+                                   top=TopCut(cfg.top_blocks) if cfg.u_shape else None)
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
     aggregator = None

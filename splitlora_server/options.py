@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, Strategy, StrategyOptions, build_strategy
 from common.config.engine import ConfigError, option
-from common.config.sections import ModelOptions, TransportOptions
+from common.config.sections import ModelOptions, SplitModeOptions, TransportOptions
 from common.tls import ServerTlsOptions
 from common.wire import CODEC_NAMES
 from splitlora_server.rounds.gate import Quorum
@@ -76,8 +76,8 @@ class RoundOptions:
 
 
 @dataclass
-class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
-                  RoundOptions):
+class ServeConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOptions, AuthOptions,
+                  AggregationOptions, RoundOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -118,6 +118,7 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
         self.validate_model()
+        self.validate_split_mode()
         self.validate_transport()
         self.validate_tls()
         self.validate_auth()

@@ -18,10 +18,12 @@ from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine.core import ServerEngine
+from splitlora_server.engine.jobs import Step
 from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits, decode_step
 from splitlora_server.registry import ClientRecord, Registry
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
+from splitlora_server.ushape import TopCut
 
 log = logging.getLogger(__name__)
 CLIENT_ID_KEY = "x-splitlora-client-id"
@@ -37,7 +39,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def __init__(self, engine: ServerEngine, registry: Registry, fingerprint: spb.Fingerprint,
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
-                 on_shutdown: Callable[[str], None] | None = None) -> None:
+                 on_shutdown: Callable[[str], None] | None = None, top: TopCut | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
         self.rounds: RoundCoordinator = registry.coordinator
         self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
@@ -45,6 +47,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self.codecs = [codec_from_name(c) for c in codecs]
         self.aggregator_address = aggregator_address
         self.max_message_bytes, self.chunk_bytes = max_message_bytes, chunk_bytes
+        self.top = top  # u-shape mode: steps awaiting their top-cut gradient (None: standard mode)
         self.stopping = threading.Event()  # set on shutdown: calls are refused with UNAVAILABLE (retry)
         self._replies = 0
 
@@ -67,6 +70,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
         self.engine.add_client(record.client_id).result()
         with record.step_lock:  # after any step of its old stream still in flight
+            if self.top is not None:
+                self.top.drop(record.client_id)  # a u-shape step of its old stream is abandoned (it changed nothing)
             start, partial = self.registry.resume(record)
             if partial:
                 self.engine.rollback(record.client_id, start).result()
@@ -128,13 +133,14 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                         frame = spb.ClientFrame.FromString(data)
                     except (WireError, DecodeError) as err:
                         self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame part: {err}")
-                    if frame.WhichOneof("kind") != "forward":
+                    if frame.WhichOneof("kind") not in ("forward", "top_grad"):
                         self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
-                                   "a reassembled frame must hold a StepForward")
-                elif kind != "forward":
-                    self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, "empty frame: set forward or part")
-                reply = self._step(record, frame.forward, context)
-                for out in chunked([spb.ServerFrame(backward=reply)], spb.ServerFrame, record.chunk_bytes):
+                                   "a reassembled frame must hold a StepForward or a StepTopGrad")
+                elif kind not in ("forward", "top_grad"):
+                    self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                               "empty frame: set forward, top_grad or part")
+                reply = self._step(record, frame, context)
+                for out in chunked([reply], spb.ServerFrame, record.chunk_bytes):
                     record.bytes_out += out.ByteSize()
                     yield out
                 self._replies += 1
@@ -143,12 +149,36 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             record.connected = False
             self.engine.stream_closed(record.client_id)
 
-    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext) -> spb.StepBackward:
+    def _step(self, record: ClientRecord, frame: spb.ClientFrame, context: grpc.ServicerContext) -> spb.ServerFrame:
         with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
-            return self._step_locked(record, fwd, context)
+            if frame.WhichOneof("kind") == "top_grad":
+                return spb.ServerFrame(backward=self._top_grad_locked(record, frame.top_grad, context))
+            return self._step_locked(record, frame.forward, context)
+
+    def _refuse(self, context: grpc.ServicerContext, record: ClientRecord, refused: Refused) -> None:
+        if self.top is not None:
+            self.top.drop(record.client_id)  # a refused u-shape step is forgotten: the probe changed nothing
+        self._fail(context, record, refused.code, refused.message)
+
+    def _top_grad_locked(self, record: ClientRecord, msg: spb.StepTopGrad, context: grpc.ServicerContext
+                         ) -> spb.StepBackward:
+        if self.top is None:
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                       "a top-cut gradient (StepTopGrad) was sent, but the server runs --split-mode standard: it "
+                       "holds the head and computes the loss from the step's labels")
+        try:
+            step = self.top.take(record.client_id, msg, self.limits, record.codec)
+        except Refused as refused:
+            self._refuse(context, record, refused)
+        return self._train(record, step, self.registry.round_of(step.step), msg.ByteSize(), context)
 
     def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext
-                     ) -> spb.StepBackward:
+                     ) -> spb.ServerFrame:
+        if self.top is not None:
+            try:
+                self.top.check_none_awaited(record.client_id, fwd.step)
+            except Refused as refused:
+                self._refuse(context, record, refused)
         total = self.schedule.rounds * self.schedule.local_steps
         if fwd.step >= total:
             self._fail(context, record, grpc.StatusCode.OUT_OF_RANGE,
@@ -161,10 +191,30 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} belongs to round {self.registry.round_of(fwd.step)}, frame says {fwd.round}")
         try:
-            step = decode_step(fwd, self.limits, record.codec, record.client_id)
+            step = decode_step(fwd, self.limits, record.codec, record.client_id, u_shape=self.top is not None)
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
-        rnd = fwd.round
+        if self.top is not None:
+            return spb.ServerFrame(top=self._probe(record, step, fwd, context))
+        return spb.ServerFrame(backward=self._train(record, step, fwd.round, fwd.ByteSize(), context))
+
+    def _probe(self, record: ClientRecord, step: Step, fwd: spb.StepForward, context: grpc.ServicerContext) -> spb.StepTop:
+        """U-shape, a step's first exchange: the server blocks' output at the top cut; the step is then awaited."""
+        try:
+            with self.rounds.open_for(record.client_id, fwd.round):
+                future = self.engine.probe(step)
+        except Refused as refused:
+            self._fail(context, record, refused.code, refused.message)
+        try:
+            top = future.result()
+        except Exception as err:  # a failure inside the engine is reported, never fatal to the server
+            self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
+        self.top.park(step)
+        return spb.StepTop(step=fwd.step, hidden=encode_tensor(top, record.codec), bytes_received=fwd.ByteSize())
+
+    def _train(self, record: ClientRecord, step: Step, rnd: int, nbytes: int, context: grpc.ServicerContext
+               ) -> spb.StepBackward:
+        """Run a decoded step through the engine, account it and answer it (gradient at the bottom cut)."""
         try:
             with self.rounds.open_for(record.client_id, rnd):  # no step overtakes a round close
                 future = self.engine.submit_step(step)
@@ -173,17 +223,17 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         try:
             outcome = future.result()
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
-            self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
+            self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {step.step}: {err}")
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
-                       f"step {fwd.step} produced a non-finite loss; the update was skipped")
-        if self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens, samples=step.rows):
+                       f"step {step.step} produced a non-finite loss; the update was skipped")
+        if self.registry.step_done(record, step.step, outcome.loss, outcome.tokens, samples=step.rows):
             try:  # the round may close here, before the reply: no client sees round r+1 early
                 self.rounds.arrive(record.client_id, rnd, FINISHED)
             except Refused as refused:
                 self._fail(context, record, refused.code, refused.message)
-        return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
-                                tokens=outcome.tokens, bytes_received=fwd.ByteSize())
+        return spb.StepBackward(step=step.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
+                                tokens=outcome.tokens, bytes_received=nbytes)
 
     # -- status ----------------------------------------------------------------------------------------------
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusReply:

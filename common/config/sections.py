@@ -45,6 +45,34 @@ class ModelOptions:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
+SPLIT_MODES = ("standard", "u-shape")
+
+
+@dataclass
+class SplitModeOptions:
+    """Where the labels live: with the server's head (standard) or on the client (u-shape, docs/privacy.md)."""
+
+    split_mode: str = option("standard", "standard: the server holds blocks [K, L) and the head and receives the "
+                                         "labels; u-shape: the client also holds blocks [L-J, L), the final norm "
+                                         "and the head, and labels, logits and loss never leave it.",
+                             choices=list(SPLIT_MODES))
+    top_blocks: int = option(0, "u-shape mode: J, the last blocks the client runs after the server's (J >= 0).")
+
+    @property
+    def u_shape(self) -> bool:
+        """Whether the labels stay on the client."""
+        return self.split_mode == "u-shape"
+
+    def validate_split_mode(self) -> None:
+        """J >= 0, and only in u-shape mode."""
+        if self.split_mode not in SPLIT_MODES:
+            raise ConfigError(f"split_mode must be one of {list(SPLIT_MODES)}, got {self.split_mode!r}")
+        if self.top_blocks < 0:
+            raise ConfigError(f"top_blocks must be >= 0, got {self.top_blocks}")
+        if self.top_blocks and not self.u_shape:
+            raise ConfigError("top_blocks needs --split-mode u-shape")
+
+
 # Keepalive pings every 30 s find dead peers during long waits (a FetchGlobal can wait a whole round); the
 # server-side half lets clients ping that often while no data flows, instead of answering GOAWAY too_many_pings.
 KEEPALIVE_OPTIONS: list[tuple[str, int]] = [

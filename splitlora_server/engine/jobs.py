@@ -21,7 +21,8 @@ class Step:
     hidden: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None  # None in u-shape mode: the labels stay on the client
+    top_grad: torch.Tensor | None = None  # u-shape mode: the client's dLoss/dHidden at the top cut
 
     @property
     def rows(self) -> int:
