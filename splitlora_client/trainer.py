@@ -7,7 +7,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -159,13 +159,14 @@ def client_parts(cfg: TrainConfig, model_dir: Path, lora, seed: int) -> tuple[Sp
             SplitPart(model_dir, top, None, lora, cfg.dtype, lora_seed=seed).train())
 
 
-def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger
+def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger, observe: Callable | None = None
           ) -> tuple[SplitSession, Any, tuple, agrpc.AggregatorStub, bool]:
     """Connect and join the server; return the session, the Join reply, the join arguments (for rejoining), the
     aggregator's stub and whether the aggregator shares the server's channel."""
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora, cfg.u_shape, cfg.top_blocks)
     options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
     channel = open_channel(cfg.server, cfg, options)
+    channel = observe(channel) if observe is not None else channel
     session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes)
     codecs = [codec_from_name(c) for c in cfg.codecs]
     first_join = Backoff(cap=5.0, budget=cfg.join_timeout)
@@ -178,14 +179,16 @@ def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger
     return session, reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
     """Run every round of split training for this client; return the path of its final adapter.
 
     Losing the server (or the aggregator) is not an error: the client backs off, joins again and resumes from
-    its checkpoint of the round the server restarts it at; a restarted client does the same from its --output."""
+    its checkpoint of the round the server restarts it at; a restarted client does the same from its --output.
+    `observe(channel)` may wrap the server channel (e.g. `grpc.intercept_channel`: the privacy benchmark records
+    what the server receives)."""
     log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
     model_dir, lora = cfg.model_dir(), cfg.lora_settings()
-    session, reply, join_args, aggregator, shared_channel = _join(cfg, model_dir, lora, log)
+    session, reply, join_args, aggregator, shared_channel = _join(cfg, model_dir, lora, log, observe)
     sched = reply.schedule
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
     bottom, top_part = client_parts(cfg, model_dir, lora, sched.seed)

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-import pytest
 import torch
 from google.protobuf.message import Message
 from transformers import AutoTokenizer
 
 import splitlora_client.trainer as trainer
+from benchmarks.privacy_wire import Capture
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import decode_tensor
 from splitlora_client.options import TrainConfig
@@ -19,33 +19,6 @@ from splitlora_server.app import start_server
 from splitlora_server.options import ServeConfig
 
 INT_DTYPES = {tpb.DTYPE_INT64, tpb.DTYPE_INT32, tpb.DTYPE_INT8, tpb.DTYPE_UINT8, tpb.DTYPE_BOOL}
-
-
-class Capture(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
-              grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
-    """Records every request message the client sends, whatever the RPC."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, Message]] = []
-
-    def _tap(self, method: str, requests):
-        for request in requests:
-            self.sent.append((method, request))
-            yield request
-
-    def intercept_unary_unary(self, continuation, details, request):
-        self.sent.append((details.method, request))
-        return continuation(details, request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        self.sent.append((details.method, request))
-        return continuation(details, request)
-
-    def intercept_stream_stream(self, continuation, details, requests):
-        return continuation(details, self._tap(details.method, requests))
-
-    def intercept_stream_unary(self, continuation, details, requests):
-        return continuation(details, self._tap(details.method, requests))
 
 
 def _tensors(msg: Message, path: str = ""):
@@ -62,17 +35,15 @@ def _tensors(msg: Message, path: str = ""):
                 yield from _tensors(v, f"{path}.{field.name}")
 
 
-def _train(tmp: Path, split_mode: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Capture, TrainConfig]:
+def _train(tmp: Path, split_mode: str) -> tuple[Capture, TrainConfig]:
     capture = Capture()
-    opened = trainer.open_channel
-    monkeypatch.setattr(trainer, "open_channel", lambda *a, **k: grpc.intercept_channel(opened(*a, **k), capture))
     u = {"split_mode": split_mode, "top_blocks": 1 if split_mode == "u-shape" else 0, "split_layer": 2}
     running = start_server(ServeConfig(port=0, clients=1, rounds=2, local_steps=2, batch_size=4, warmup_steps=1,
                                        output=str(tmp / "server"), insecure=True, **u))
     cfg = TrainConfig(server=f"127.0.0.1:{running.port}", client_id="solo", output=str(tmp / "solo"),
                       progress=False, builtin_examples=8, insecure=True, **u)
     try:
-        trainer.train(cfg)
+        trainer.train(cfg, observe=lambda channel: grpc.intercept_channel(channel, capture))
         assert running.wait_finished()
     finally:
         running.stop(grace=0)
@@ -109,8 +80,8 @@ def _leaks(capture: Capture, cfg: TrainConfig, vocab: int) -> list[str]:
     return found
 
 
-def test_u_shape_server_receives_no_label_logit_or_token_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    capture, cfg = _train(tmp_path / "u", "u-shape", monkeypatch)
+def test_u_shape_server_receives_no_label_logit_or_token_id(tmp_path: Path) -> None:
+    capture, cfg = _train(tmp_path / "u", "u-shape")
     methods = [m for m, _ in capture.sent]
     assert any(m.endswith("/Train") for m in methods) and any(m.endswith("/Submit") for m in methods)
     frames = [msg.WhichOneof("kind") for m, msg in capture.sent if m.endswith("/Train")]
@@ -119,8 +90,8 @@ def test_u_shape_server_receives_no_label_logit_or_token_id(tmp_path: Path, monk
     assert _leaks(capture, cfg, vocab) == []
 
 
-def test_the_capture_finds_the_labels_of_standard_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    capture, cfg = _train(tmp_path / "std", "standard", monkeypatch)
+def test_the_capture_finds_the_labels_of_standard_mode(tmp_path: Path) -> None:
+    capture, cfg = _train(tmp_path / "std", "standard")
     vocab = int(trainer.SplitPart(cfg.model_dir(), "client", 2).vocab_size)
     leaks = _leaks(capture, cfg, vocab)
     assert any("labels tensor" in leak for leak in leaks) and any("target token ids" in leak for leak in leaks)
