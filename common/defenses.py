@@ -1,5 +1,5 @@
 """Activation defenses the client applies to its cut activations before anything is sent; the product
-(`splitlora_client.trainer`) and the attack benchmark (`benchmarks/privacy`) use this one code path.
+(the client trainer) and the attack benchmark (`splitlora-bench privacy`) use this one code path.
 
 - Per-token L2 clipping of h_K to `clip` followed by Gaussian noise of std `noise * clip` (the Gaussian mechanism
   on each token's activation; `gaussian_epsilon` says what that does and does not guarantee).
