@@ -141,3 +141,32 @@ def aggregate(states: Sequence[AdapterState], weights: Sequence[float], mode: st
         _check_inputs(states, weights)
         states = clip_updates(states, reference if reference is not None else median(states, weights), clip_norm)
     return fn(states, weights)
+
+
+def non_finite_keys(state: AdapterState) -> list[str]:
+    """Keys of the tensors of `state` that hold NaN or Inf."""
+    return [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+
+
+def _peak(state: AdapterState) -> float:
+    return max((float(v.detach().abs().max()) if v.numel() else 0.0 for v in state.values()), default=0.0)
+
+
+def guarded_aggregate(states: Sequence[AdapterState], names: Sequence[str], weights: Sequence[float],
+                      previous: AdapterState | None, **kwargs) -> tuple[AdapterState | None, str | None]:
+    """`aggregate`, but never a result with NaN or Inf: then the previous global adapter (or, without one, the
+    combination of the adapters that are finite) is the result, and the second value says which adapters were
+    to blame (those not finite themselves, else the one with the largest value). (result, None) when all is well."""
+    result = aggregate(states, weights, **kwargs)
+    if not non_finite_keys(result):
+        return result, None
+    blamed = [n for n, s in zip(names, states) if non_finite_keys(s)] or \
+        [max(zip(names, states), key=lambda pair: _peak(pair[1]))[0]]
+    why = f"the combination was not finite; blamed: {', '.join(blamed)}"
+    if previous is not None:
+        return previous, why + "; the previous global adapter is kept"
+    kept = [(s, w) for n, s, w in zip(names, states, weights) if n not in blamed]
+    fallback = aggregate([s for s, _ in kept], [w for _, w in kept], **kwargs) if kept else None
+    if fallback is None or non_finite_keys(fallback):
+        return None, why + "; no finite combination is left"
+    return fallback, why + "; combined without them"

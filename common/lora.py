@@ -1,8 +1,6 @@
 """LoRA adapter state in and out: extraction, validated loading, safetensors bytes and whole-model export."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -10,7 +8,8 @@ from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from safetensors.torch import save_file
+
+from common.integrity import read_verified, write_with_digest
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,8 +36,8 @@ def check_adapter(state: AdapterState, reference: AdapterState, what: str = "ada
         value = state[key]
         if tuple(value.shape) != tuple(ref.shape):
             raise AdapterError(f"{what} tensor {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
-        if not value.is_floating_point():
-            raise AdapterError(f"{what} tensor {key} has dtype {value.dtype}, expected a float dtype")
+        if value.dtype != torch.float32:  # the adapter's own dtype: a float64 1e300 would overflow when averaged
+            raise AdapterError(f"{what} tensor {key} has dtype {value.dtype}, the adapter's dtype is float32")
         if not torch.isfinite(value).all():
             raise AdapterError(f"{what} tensor {key} contains NaN or Inf")
 
@@ -68,12 +67,13 @@ def from_bytes(data: bytes) -> AdapterState:
 
 
 def write_adapter_file(path: Path, state: AdapterState) -> None:
-    """Write an adapter state to a safetensors file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+    """Write an adapter state to a safetensors file atomically, with its SHA-256 next to it (common.integrity)."""
+    write_with_digest(Path(path), to_bytes(state))
+
+
+def read_adapter_file(path: Path) -> AdapterState:
+    """Read an adapter file after checking it against its SHA-256 (IntegrityError names a damaged file)."""
+    return from_bytes(read_verified(Path(path)))
 
 
 def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,

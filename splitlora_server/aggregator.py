@@ -22,10 +22,10 @@ from typing import Callable, Iterable, Iterator
 
 import grpc
 import torch
-from safetensors.torch import load_file
-
-from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, aggregate
+from common.adapter_layout import Layout, LayoutError, UploadCheck
+from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, guarded_aggregate
 from common.faults import fault_point
+from common.integrity import IntegrityError
 from common.limits import negotiated_chunk, too_small
 from common.lora import AdapterState, from_bytes, to_bytes
 from common.rounds import Quorum, RoundGate
@@ -48,6 +48,9 @@ class AggregatorService(agrpc.AggregatorServicer):
     `mode`, `clip_norm`, `trim_fraction`: how a round's adapters are combined (common.aggregation).
     `auth`: a client may submit and fetch only as itself. `verify_claim(client_id, round, num_samples)`:
     an error message when the split server knows the claim to be false (round not trained, samples inflated).
+    `layout`: the keys and shapes of the run's client adapter (common.adapter_layout), from the model and LoRA
+    configuration; every upload is checked against it piece by piece. Without one (embedded uses and tests only:
+    both commands pass one) the first accepted adapter defines the layout.
     """
 
     def __init__(self, expected_clients: int, rounds: int, output_dir: Path | None,
@@ -57,7 +60,7 @@ class AggregatorService(agrpc.AggregatorServicer):
                  clip_norm: float = 0.0, trim_fraction: float = DEFAULT_TRIM_FRACTION,
                  auth: Authenticator | None = None,
                  verify_claim: Callable[[str, int, int], str | None] | None = None,
-                 quorum: Quorum | None = None, store_submissions: bool = True) -> None:
+                 quorum: Quorum | None = None, store_submissions: bool = True, layout: Layout | None = None) -> None:
         for name, value in (("expected_clients", expected_clients), ("rounds", rounds),
                             ("max_adapter_bytes", max_adapter_bytes), ("chunk_bytes", chunk_bytes)):
             if value < 1:
@@ -74,7 +77,9 @@ class AggregatorService(agrpc.AggregatorServicer):
         self._cond = threading.Condition()
         self._open_round = 0
         self._pending: dict[str, tuple[int, AdapterState]] = {}
-        self._reference: AdapterState | None = None  # keys/shapes of the first accepted adapter (meta tensors)
+        self._layout = layout
+        self._reference: AdapterState | None = None if layout is None else {  # keys/shapes every adapter must have
+            k: torch.empty(shape, device="meta") for k, shape in layout.items()}
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._summary: dict[int, RoundSummary] = {}
         self._fetched: dict[int, set[str]] = {}
@@ -162,8 +167,7 @@ class AggregatorService(agrpc.AggregatorServicer):
             for summary in self._summary.values():  # who was enrolled, and the clipping reference
                 self._members.update(summary.samples if summary is not None else ())
             if closed:
-                last = load_file(str(self._store.global_path(closed[-1])))
-                self._previous = {k: v.float() for k, v in last.items()}
+                self._previous = from_bytes(self._store.global_bytes(closed[-1]))
             self._open_round = len(closed)
             self._gate.open(self._open_round)
             if self._open_round < self.rounds:
@@ -195,7 +199,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         except Refusal as refusal:
             with self._cond:
                 self.refusals += 1
-            log.warning("refused submission: %s", refusal.message)
+            self._auth.refusals.refuse(self._auth.caller(context), refusal.code.name.lower(),
+                                       f"submission: {refusal.message}")
             context.abort(refusal.code, refusal.message)
             raise  # unreachable: abort raises
 
@@ -218,6 +223,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         if problem:
             raise Refusal(_Code.FAILED_PRECONDITION, f"submission of client {header.client_id!r} for round "
                                                       f"{header.round} refused: {problem}")
+        if self._layout is not None:
+            return header, self._receive_checked(header, itertools.chain([first], stream))
         pieces, size = [], 0
         for msg in itertools.chain([first], stream):
             check_repeated_header(header, msg)
@@ -229,6 +236,21 @@ class AggregatorService(agrpc.AggregatorServicer):
         with self._cond:
             self.bytes_received += size
         return header, b"".join(pieces)
+
+    def _receive_checked(self, header: Header, messages: Iterable[apb.AdapterUpload]) -> bytes:
+        """The upload checked piece by piece against the layout: refused at the first piece that cannot fit,
+        never holding more than the adapter's exact size."""
+        upload = UploadCheck(self._layout, self.max_adapter_bytes)
+        try:
+            for msg in messages:
+                check_repeated_header(header, msg)
+                upload.add(msg.safetensors_chunk)
+                with self._cond:
+                    self.bytes_received += len(msg.safetensors_chunk)
+            return upload.finish()
+        except LayoutError as err:
+            raise Refusal(_Code.INVALID_ARGUMENT, f"adapter from client {header.client_id!r}: {err}; every client "
+                                                   "must use the model, split and LoRA config of this run") from None
 
     def _check_client(self, client_id: str, round: int, context: grpc.ServicerContext) -> None:
         """Checks shared by Submit and FetchGlobal that need no round state."""
@@ -305,8 +327,13 @@ class AggregatorService(agrpc.AggregatorServicer):
         weights = [pending[c][0] for c in ids]
         summary = RoundSummary({c: pending[c][0] for c in ids})
         try:
-            glob = aggregate([pending[c][1] for c in ids], weights, mode=self.mode, clip_norm=self.clip_norm,
-                             reference=self._previous, trim_fraction=self.trim_fraction)
+            glob, incident = guarded_aggregate([pending[c][1] for c in ids], ids, weights, self._previous,
+                                               mode=self.mode, clip_norm=self.clip_norm, reference=self._previous,
+                                               trim_fraction=self.trim_fraction)
+            if incident:
+                self._auth.refusals.incident(f"round {r}: {incident}")
+            if glob is None:
+                raise ValueError(f"no finite global adapter ({incident})")
             fault_point("aggregator", "close", r)
             data = to_bytes(glob)
             if self._store is not None:
@@ -395,8 +422,11 @@ class AggregatorService(agrpc.AggregatorServicer):
                 return None
             if round in self._cache:
                 return self._cache[round]
-        path = self.round_path(round)
         try:
-            return path.read_bytes() if path is not None else None
+            return self._store.global_bytes(round) if self._store is not None else None
+        except IntegrityError as err:
+            self._auth.refusals.incident(str(err))
+            raise Refusal(_Code.DATA_LOSS, f"the global adapter of round {round} on the aggregator's disk is damaged; "
+                                            "the operator must restore it") from None
         except OSError:
             return None

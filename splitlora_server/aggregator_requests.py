@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 
 from common.lora import AdapterError, AdapterState, check_adapter, from_bytes
+from common.redact import shown
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from splitlora_server.registry import invalid_client_id
 
@@ -59,7 +60,7 @@ def check_repeated_header(header: Header, msg: apb.AdapterUpload) -> None:
     """Later messages may repeat the header fields (unset = not repeated) but must not change them."""
     for name, value in (("client_id", msg.client_id), ("round", msg.round), ("num_samples", msg.num_samples)):
         if value and value != getattr(header, name):
-            raise Refusal(_Code.INVALID_ARGUMENT, f"a later Submit message has {name}={value!r} but the first "
+            raise Refusal(_Code.INVALID_ARGUMENT, f"a later Submit message has {name}={shown(value)} but the first "
                                                    f"had {getattr(header, name)!r}; keep the header the same")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common.adapter_layout import adapter_layout
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.lora import export_adapter, write_adapter_file
@@ -21,6 +23,7 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.split.parts import SplitPart
 from common.tls import add_port
+from splitlora_server.admission import Admission, AdmissionInterceptor, AdmissionOptions
 from splitlora_server.aggregator import AggregatorService
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
 from splitlora_server.checkpoint import ServerCheckpoints, ServerState, run_identity
@@ -33,12 +36,30 @@ from splitlora_server.registry import Registry
 from splitlora_server.service import SplitTrainingService
 
 log = logging.getLogger("splitlora.server")
+RPC_THREADS = "splitlora-rpc"
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
 
 
-def _grpc_server(max_workers: int, options: list[tuple[str, int]], auth: Authenticator) -> grpc.Server:
-    return grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="splitlora-rpc"),
-                       options=options, interceptors=[AuthInterceptor(auth)])
+def _grpc_server(max_workers: int, options: list[tuple[str, int]], auth: Authenticator,
+                 limits: AdmissionOptions) -> tuple[grpc.Server, Admission]:
+    """A grpc server whose calls are authenticated, then admitted (splitlora_server.admission)."""
+    admission = Admission(auth, limits, max_workers)
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=RPC_THREADS),
+                         options=options, interceptors=[AuthInterceptor(auth), AdmissionInterceptor(admission)])
+    return server, admission
+
+
+def exit_if_stuck(code: int, grace: float) -> None:
+    """After an orderly stop: if handler threads are still alive `grace` seconds later (a call that ignores
+    cancellation), exit at once rather than hang in the interpreter's join of the thread pool."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not any(t.name.startswith(RPC_THREADS) and t.is_alive() for t in threading.enumerate()):
+            return
+        time.sleep(0.05)
+    log.error("handler threads still running %.1f s after shutdown; exiting without waiting for them", grace)
+    logging.shutdown()
+    os._exit(code)
 
 
 def _add_health(server: grpc.Server, *services: str) -> health.HealthServicer:
@@ -64,6 +85,7 @@ class RunningServer:
     stop_requested: threading.Event = field(default_factory=threading.Event)  # set by the admin Shutdown call
     health: health.HealthServicer | None = None
     resumed_round: int | None = None  # the round the server resumed at from its checkpoint, if it did
+    admission: Admission | None = None
 
     def wait_finished(self, stop: threading.Event | None = None) -> bool:
         """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
@@ -107,13 +129,18 @@ class RunningServer:
         self.service.stopping.set()
         if self.aggregator is not None:
             self.aggregator.stopping.set()
-        self.engine.call(lambda: None).result(timeout=60)  # steps already queued finish
+        try:
+            self.engine.call(lambda: None).result(timeout=self.config.shutdown_grace_seconds)  # queued steps finish
+        except TimeoutError:
+            log.warning("the engine did not finish its queued steps within %.1f s", self.config.shutdown_grace_seconds)
         log.info("shutting down; a restart with --output %s resumes at round %d", self.config.output,
                  self.registry.current_round())
 
     def stop(self, grace: float = 2.0) -> None:
-        """Stop serving and stop the engine."""
-        self.server.stop(grace).wait()
+        """Stop serving (open calls are cancelled after `grace` seconds) and stop the engine."""
+        self.server.stop(grace).wait(grace + 1.0)
+        if self.admission is not None:
+            self.admission.close()
         self.engine.stop()
 
 
@@ -143,7 +170,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
     resumed = _resume(cfg, engine, registry, run_identity(cfg, fingerprint))
-    server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
+    server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
     aggregator = None
     if in_process:  # its round close drives the server's (average + checkpoint) before anyone sees the result
@@ -153,7 +180,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                                        mode=cfg.aggregation, clip_norm=cfg.clip_norm, trim_fraction=cfg.trim_fraction,
                                        auth=auth, verify_claim=registry.verify_claim,
                                        on_round_closed=lambda r, _: service.close_round(r, aggregator.included(r)),
-                                       quorum=quorum, store_submissions=False)
+                                       quorum=quorum, store_submissions=False,
+                                       layout=adapter_layout(model_dir, "client", cfg.split_layer, lora))
         aggregator.restore(up_to=resumed if resumed is not None else 0)
         service.submitted, service.round_status = aggregator.has_submitted, aggregator.round_status
         agrpc.add_AggregatorServicer_to_server(aggregator, server)
@@ -161,7 +189,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the split server")
     server.start()
     return RunningServer(server, port, cfg, part, engine, registry, service, aggregator, stop_requested=stop,
-                         health=health_servicer, resumed_round=resumed)
+                         health=health_servicer, resumed_round=resumed, admission=admission)
 
 
 def _resume(cfg: ServeConfig, engine: ServerEngine, registry: Registry, run: dict) -> int | None:
@@ -203,9 +231,10 @@ def serve(cfg: ServeConfig) -> int:
         running.wait_for_final_fetches(cfg.finish_grace_seconds)
     else:
         running.drain()
-    running.stop()
+    running.stop(cfg.shutdown_grace_seconds)
     if metrics is not None:
         metrics.stop()
+    exit_if_stuck(0 if finished else 1, 1.0)
     return 0 if finished else 1
 
 
@@ -214,10 +243,12 @@ def aggregate(cfg: AggregateConfig) -> int:
     stop = _stop_on_signals()
     cfg.validate_tls()
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the aggregator")
-    server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
+    server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
+    layout = adapter_layout(cfg.model_dir(), "client", cfg.split_layer, cfg.lora_settings())
     aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
                                    chunk_bytes=cfg.chunk_bytes, mode=cfg.aggregation, clip_norm=cfg.clip_norm,
-                                   trim_fraction=cfg.trim_fraction, auth=auth, quorum=cfg.quorum(cfg.clients))
+                                   trim_fraction=cfg.trim_fraction, auth=auth, quorum=cfg.quorum(cfg.clients),
+                                   layout=layout)
     aggregator.restore()
     agrpc.add_AggregatorServicer_to_server(aggregator, server)
     health_servicer = _add_health(server, "splitlora.v1.Aggregator")
@@ -235,7 +266,9 @@ def aggregate(cfg: AggregateConfig) -> int:
     else:
         health_servicer.enter_graceful_shutdown()
         aggregator.stopping.set()
-    server.stop(2.0).wait()
+    server.stop(cfg.shutdown_grace_seconds).wait(cfg.shutdown_grace_seconds + 1.0)
+    admission.close()
     if metrics is not None:
         metrics.stop()
+    exit_if_stuck(0 if aggregator.finished else 1, 1.0)
     return 0 if aggregator.finished else 1

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 
+from common.redact import shown
 from common.tls import AUTHORIZATION_KEY, BEARER
+from splitlora_server.refusals import RefusalBook
+from splitlora_server.registry import CLIENT_ID_PATTERN
 from splitlora_server.tokens import TokenStore
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,7 @@ class Authenticator:
 
     def __init__(self, tokens: TokenStore | None = None, certificates: bool = False) -> None:
         self.tokens, self.certificates = tokens, certificates
+        self.refusals = RefusalBook()  # every refusal of the servers this authenticator guards, by caller
 
     @property
     def enabled(self) -> bool:
@@ -81,6 +85,10 @@ class Authenticator:
         """The caller's identity; AccessDenied(UNAUTHENTICATED) for a bearer token that is not valid."""
         if self.certificates and context.auth_context().get(_CN_KEY):
             name = certificate_identity(context.auth_context())
+            if name and not CLIENT_ID_PATTERN.match(name):
+                raise AccessDenied(grpc.StatusCode.UNAUTHENTICATED,
+                                   f"the certificate's name {shown(name)} is not a valid client id (1-64 letters, "
+                                   "digits, '.', '_', '-'); issue certificates with `splitlora-server certs`")
             if name:
                 return Identity(name, "certificate")
         if self.tokens is None:
@@ -96,6 +104,14 @@ class Authenticator:
             raise AccessDenied(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid here (unknown or "
                                                                 "revoked); ask the operator for a token")
         return Identity(name, "token")
+
+    def caller(self, context: grpc.ServicerContext) -> str:
+        """Who to count a call against: the caller's identity, else its peer address."""
+        try:
+            identity = self.identify(context)
+        except AccessDenied:
+            identity = None
+        return identity.name if identity is not None else context.peer()
 
     def authenticate(self, context: grpc.ServicerContext) -> Identity | None:
         """The caller's identity; AccessDenied(UNAUTHENTICATED) when one is required and none was given."""
@@ -117,7 +133,7 @@ class Authenticator:
         if client_id != identity.name:
             raise AccessDenied(grpc.StatusCode.PERMISSION_DENIED,
                                f"authenticated as {identity.name!r} (by {identity.via}) but acting as client "
-                               f"{client_id!r}: a client may only act as itself")
+                               f"{shown(client_id)}: a client may only act as itself")
 
     def check_admin(self, context: grpc.ServicerContext) -> None:
         """Administrative calls need the admin credential (when identities are configured)."""
@@ -136,8 +152,10 @@ def build_authenticator(tokens_file: str, certificates: bool, role: str) -> Auth
     return auth
 
 
-def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], None]) -> grpc.RpcMethodHandler:
-    """The same handler, running `check(context)` before its behaviour."""
+def rewrap(handler: grpc.RpcMethodHandler, before: Callable[[Any, grpc.ServicerContext], Any],
+           request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+    """The same handler, running `before(request, context)` (which returns the request to pass on) before its
+    behaviour; with `request_deserializer`, that one instead of the handler's."""
     kinds = {(False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
              (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
              (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
@@ -146,10 +164,9 @@ def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerConte
     behaviour = getattr(handler, attribute)
 
     def guarded(request, context: grpc.ServicerContext):
-        check(context)
-        return behaviour(request, context)
+        return behaviour(before(request, context), context)
 
-    return factory(guarded, request_deserializer=handler.request_deserializer,
+    return factory(guarded, request_deserializer=request_deserializer or handler.request_deserializer,
                    response_serializer=handler.response_serializer)
 
 
@@ -166,16 +183,19 @@ class AuthInterceptor(grpc.ServerInterceptor):
         auth = self.authenticator
         rule = auth.check_admin if details.method in ADMIN_METHODS else auth.authenticate
 
-        def check(context: grpc.ServicerContext) -> None:
-            abort_if_denied(context, lambda: rule(context), details.method)
+        def check(request, context: grpc.ServicerContext):
+            abort_if_denied(context, lambda: rule(context), details.method, auth.refusals)
+            return request
 
-        return _guarded(handler, check)
+        return rewrap(handler, check)
 
 
-def abort_if_denied(context: grpc.ServicerContext, check: Callable[[], None], call: str = "a call") -> None:
-    """Run an access check in a handler or interceptor; a refusal is logged and becomes the call's status."""
+def abort_if_denied(context: grpc.ServicerContext, check: Callable[[], None], call: str = "a call",
+                    refusals: RefusalBook | None = None) -> None:
+    """Run an access check in a handler or interceptor; a refusal is counted, logged (rate-limited) and becomes
+    the call's status."""
     try:
         check()
     except AccessDenied as denied:
-        log.warning("refused %s from %s: %s", call, context.peer(), denied.message)
+        (refusals or RefusalBook()).refuse(context.peer(), denied.code.name.lower(), f"{call}: {denied.message}")
         context.abort(denied.code, denied.message)

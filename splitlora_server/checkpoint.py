@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 from peft import PeftModel
 
-from common.checkpointing import (CheckpointDir, Tensors, check_same_run, load_optimizer_state, load_scheduler_state,
-                                  optimizer_state, scheduler_state)
+from common.checkpointing import (CheckpointDir, CheckpointFormatError, Tensors, check_same_run, load_optimizer_state,
+                                  load_scheduler_state, optimizer_state, scheduler_state)
 from common.lora import adapter_state, load_adapter_state
 
 ROLE = "server"
@@ -81,6 +81,9 @@ class ServerCheckpoints:
         if ckpt is None:
             return None
         check_same_run(ckpt.meta["run"], self.run, ckpt.path)
+        if "clients" in self.run and len(ckpt.meta["clients"]) > int(self.run["clients"]):
+            raise CheckpointFormatError(f"checkpoint {ckpt.path} enrols {len(ckpt.meta['clients'])} clients, more "
+                                        f"than --clients {self.run['clients']}; refusing to resume from it")
         slots = {}
         for i, slot in enumerate(ckpt.meta["slots"]):
             adapter = {k: ckpt.tensors[f"slot{i}.adapter.{k}"] for k in slot["adapter_keys"]}

@@ -11,6 +11,7 @@ from common.configuration import ConfigError, option
 from common.tls import ServerTlsOptions
 from common.rounds import Quorum
 from common.wire import CODEC_NAMES
+from splitlora_server.admission import AdmissionOptions
 
 
 @dataclass
@@ -73,7 +74,7 @@ class RoundOptions:
 
 @dataclass
 class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
-                  RoundOptions):
+                  RoundOptions, AdmissionOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -125,6 +126,7 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.validate_admission(self.max_workers)
         if self.max_batch_clients < 0 or self.batch_window_ms < 0:
             raise ConfigError("max_batch_clients and batch_window_ms must be >= 0")
         for name in ("port", "metrics_port"):
@@ -138,9 +140,11 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
 
 
 @dataclass
-class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions, RoundOptions):
+class AggregateConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
+                      RoundOptions, AdmissionOptions):
     """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
-    see client adapters."""
+    see client adapters. Give it the model, split and LoRA flags of the run: the adapters it accepts must have
+    the layout they define."""
 
     host: str = option("127.0.0.1", "Address to listen on.")
     port: int = option(50052, "Port to listen on.")
@@ -156,9 +160,11 @@ class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, Aggregati
     def validate(self) -> None:
         """Reject settings that cannot work."""
         self.validate_rounds(self.clients)
-        for name in ("clients", "rounds"):
+        self.validate_model()
+        for name in ("clients", "rounds", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.validate_admission(self.max_workers)
         self.validate_transport()
         self.validate_tls()
         self.validate_auth()

@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal, Union
 import torch
 
 from common.lora import AdapterState, adapter_state, load_adapter_state
-from common.aggregation import aggregate
+from common.aggregation import guarded_aggregate
 from common.faults import fault_point
 from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
@@ -109,6 +109,7 @@ class ServerEngine:
         self._streams: collections.Counter[str] = collections.Counter()  # open Train streams per client
         self._departed: set[str] = set()  # clients whose last stream closed: the batch window does not wait
         self._streams_lock = threading.Lock()
+        self.incidents: list[str] = []  # e.g. a round whose per-client average was not finite (shown by status)
 
     def start(self) -> "ServerEngine":
         """Start the worker thread."""
@@ -298,8 +299,14 @@ class ServerEngine:
         clients = sorted(c for c in weights if c in self.slots and c != SHARED)  # a fixed order: bit-reproducible
         if not clients:
             return
-        merged = aggregate([adapter_state(self.part.peft, self.slots[c].name) for c in clients],
-                           [weights[c] for c in clients])
+        previous = self.snapshots[SHARED].adapter if SHARED in self.snapshots else None
+        merged, incident = guarded_aggregate([adapter_state(self.part.peft, self.slots[c].name) for c in clients],
+                                             clients, [weights[c] for c in clients], previous)
+        if incident:  # never a non-finite server adapter: the round start's is kept
+            self.incidents.append(f"per-client server adapters: {incident}")
+            log.error("per-client server adapters: %s", incident)
+        if merged is None:
+            return
         for slot in self.slots.values():
             load_adapter_state(self.part.peft, merged, slot.name)
 

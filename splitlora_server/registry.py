@@ -8,17 +8,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
+from common.redact import shown
 from common.rounds import Quorum, RoundGate
 
 T = TypeVar("T")
-CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The client id character set (documented in SECURITY.md); \Z, not $: "alice\n" is not "alice".
+CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 def invalid_client_id(client_id: str) -> str | None:
     """Why `client_id` is not a valid client id, or None if it is."""
     if CLIENT_ID_PATTERN.match(client_id):
         return None
-    return (f"client id {client_id[:80]!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
+    return (f"client id {shown(client_id)} must be 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
 
 
@@ -90,10 +92,10 @@ class Registry:
         with self.lock:
             record = self.clients.get(client_id)
         if record is None:
-            raise RegistryError("unknown", f"unknown client {client_id!r}: it has not joined this server "
+            raise RegistryError("unknown", f"unknown client {shown(client_id)}: it has not joined this server "
                                            "(call Join first)")
         if not secrets.compare_digest(record.session, session):
-            raise RegistryError("session", f"session of client {client_id!r} is not current; join again")
+            raise RegistryError("session", f"session of client {shown(client_id)} is not current; join again")
         return record
 
     def verify_claim(self, client_id: str, rnd: int, num_samples: int) -> str | None:

@@ -15,10 +15,11 @@ from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.faults import fault_point
 from common.fingerprint import differences
 from common.limits import negotiated_chunk, too_small
+from common.redact import shown
 from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine import ServerEngine, StepInputs
-from splitlora_server.frames import FrameLimits, decode_step
+from splitlora_server.frames import FrameLimits, decode_step, max_frame_bytes
 from splitlora_server.registry import ClientRecord, Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def Join(self, request: spb.JoinRequest, context: grpc.ServicerContext) -> spb.JoinReply:
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
+        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id), "Join",
+                        self.auth.refusals)
         chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
         if chunk is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
@@ -96,17 +98,16 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if not client_id or not session:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           f"missing {CLIENT_ID_KEY} / {SESSION_KEY} metadata; call Join first")
-        abort_if_denied(context, lambda: self.auth.check_client(context, client_id))
+        abort_if_denied(context, lambda: self.auth.check_client(context, client_id), "Train", self.auth.refusals)
         try:
             return self.registry.authenticate(client_id, session)
         except RegistryError as err:
             context.abort(_STATUS_BY_KIND[err.kind], str(err))
 
     def _fail(self, context: grpc.ServicerContext, record: ClientRecord, code: grpc.StatusCode, message: str):
-        record.last_error = f"{code.name}: {message}"
+        record.last_error = f"{code.name}: {message[:300]}"
         record.errors += 1
-        log.warning("client %s: %s", record.client_id, record.last_error,
-                    extra={"client": record.client_id, "round": self.registry.round_of(record.next_step)})
+        self.auth.refusals.refuse(record.client_id, code.name.lower(), message)  # rate-limited, no traceback
         context.abort(code, message)
 
     def Train(self, request_iterator: Iterator[spb.ClientFrame], context: grpc.ServicerContext
@@ -116,7 +117,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         record = self._authenticate(context)
         record.connected = True
         self.engine.stream_opened(record.client_id)
-        parts = Reassembler(max_bytes=self.max_message_bytes * 64)
+        parts = Reassembler(max_frame_bytes(self.limits, record.codec), max_piece=record.chunk_bytes)
         try:
             for frame in request_iterator:
                 if self.stopping.is_set():  # shutting down: no new step; the client retries after a restart
@@ -144,6 +145,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 self._replies += 1
                 fault_point("server", "reply", self._replies)
         finally:
+            parts.clear()  # a partial frame is dropped with its stream
             record.connected = False
             self.engine.stream_closed(record.client_id)
 
@@ -220,10 +222,14 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                                         bytes_out=r.bytes_out, last_error=r.last_error)
                        for r in sorted(reg.clients.values(), key=lambda r: r.client_id)]
         text, waiting = self.round_status()
+        counts, incidents = self.auth.refusals.snapshot()
+        refusals = [spb.RefusalCount(caller=shown(caller, 64), reason=reason, count=n)
+                    for (caller, reason), n in sorted(counts.items())]
         return spb.StatusReply(round=reg.current_round(), rounds=reg.rounds, steps=reg.total_steps,
                                steps_per_second=reg.steps_per_second(), clients=clients,
                                server_adapter_mode=self.engine.mode, finished=reg.finished.is_set(),
-                               round_status=text, waiting_for_quorum=waiting)
+                               round_status=text, waiting_for_quorum=waiting, refusals=refusals,
+                               incidents=[*incidents, *self.engine.incidents[-20:]])
 
     # -- shutdown (the interceptor lets only the admin credential through) ------------------------------------
     def Shutdown(self, request: spb.ShutdownRequest, context: grpc.ServicerContext) -> spb.ShutdownReply:

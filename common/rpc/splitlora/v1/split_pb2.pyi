@@ -159,8 +159,18 @@ class ClientStatus(_message.Message):
     last_error: str
     def __init__(self, client_id: _Optional[str] = ..., connected: _Optional[bool] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
+class RefusalCount(_message.Message):
+    __slots__ = ("caller", "reason", "count")
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    caller: str
+    reason: str
+    count: int
+    def __init__(self, caller: _Optional[str] = ..., reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
 class StatusReply(_message.Message):
-    __slots__ = ("round", "rounds", "steps", "steps_per_second", "clients", "server_adapter_mode", "finished", "round_status", "waiting_for_quorum")
+    __slots__ = ("round", "rounds", "steps", "steps_per_second", "clients", "server_adapter_mode", "finished", "round_status", "waiting_for_quorum", "refusals", "incidents")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +180,8 @@ class StatusReply(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ROUND_STATUS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_QUORUM_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    INCIDENTS_FIELD_NUMBER: _ClassVar[int]
     round: int
     rounds: int
     steps: int
@@ -179,7 +191,9 @@ class StatusReply(_message.Message):
     finished: bool
     round_status: str
     waiting_for_quorum: bool
-    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ..., round_status: _Optional[str] = ..., waiting_for_quorum: _Optional[bool] = ...) -> None: ...
+    refusals: _containers.RepeatedCompositeFieldContainer[RefusalCount]
+    incidents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ..., round_status: _Optional[str] = ..., waiting_for_quorum: _Optional[bool] = ..., refusals: _Optional[_Iterable[_Union[RefusalCount, _Mapping]]] = ..., incidents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)
