@@ -221,7 +221,8 @@ def serve(cfg: ServeConfig) -> int:
     """Run `splitlora-server serve` until training ends (exit 0) or a signal stops it (exit 1)."""
     stop = _stop_on_signals()
     running = start_server(cfg, stop)
-    metrics = metrics_for(cfg.host, cfg.metrics_port, running.registry, running.aggregator)
+    metrics = metrics_for(cfg.host, cfg.metrics_port, running.registry, running.aggregator,
+                          running.service.auth.refusals)
     log.info("listening on %s:%d; expecting %d clients for %d rounds of %d steps", cfg.host, running.port,
              cfg.clients, cfg.rounds, cfg.local_steps)
     print(f"splitlora-server listening on {cfg.host}:{running.port}", flush=True)
@@ -254,7 +255,7 @@ def aggregate(cfg: AggregateConfig) -> int:
     health_servicer = _add_health(server, "splitlora.v1.Aggregator")
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the aggregator")
     server.start()
-    metrics = metrics_for(cfg.host, cfg.metrics_port, aggregator=aggregator)
+    metrics = metrics_for(cfg.host, cfg.metrics_port, aggregator=aggregator, refusals=auth.refusals)
     print(f"splitlora-server aggregate listening on {cfg.host}:{port}", flush=True)
     while not stop.is_set() and not aggregator.finished:
         stop.wait(0.2)
