@@ -12,6 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from common.atomic import atomic_write_bytes
+
 SUFFIX = ".sha256"
 
 
@@ -35,8 +37,6 @@ def settings_digest(settings: object) -> str:
 
 def write_with_digest(path: Path, data: bytes) -> None:
     """Write `data` to `path` and its digest next to it, both atomically."""
-    from common.checkpointing import atomic_write_bytes  # here: checkpointing imports this module
-
     path = Path(path)
     digest_path(path).unlink(missing_ok=True)
     atomic_write_bytes(path, data)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
-from common.configuration import ConfigError, option
+from common.config.engine import ConfigError, option
 from splitlora_server.auth import ADMIN_METHODS, PROTECTED_PREFIX, Authenticator, rewrap
 from splitlora_server.refusals import RefusalBook
 

@@ -16,9 +16,9 @@ import grpc
 
 from common.redact import shown
 from common.tls import AUTHORIZATION_KEY, BEARER
+from splitlora_server.ops.tokens import TokenStore
 from splitlora_server.refusals import RefusalBook
 from splitlora_server.registry import CLIENT_ID_PATTERN
-from splitlora_server.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 ADMIN_ID = "admin"

@@ -6,7 +6,7 @@ from pathlib import Path
 from common.lora import export_adapter, read_adapter_file
 from common.split import family_for
 from common.split.parts import load_config
-from splitlora_server.config import ExportConfig
+from splitlora_server.options import ExportConfig
 
 
 def newest_global_adapter(aggregator_dir: str | Path) -> Path:

@@ -14,12 +14,12 @@ import pytest
 import torch
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from safetensors.torch import save as st_save
 
+from common.adapter_layout import adapter_layout
 from common.aggregation import guarded_aggregate
-from common.aggregator_client import fetch_global, submit_adapter
-from common.checkpointing import CheckpointFormatError
-from common.configuration import ConfigError
+from splitlora_client.aggregator import fetch_global, submit_adapter
+from common.state import CheckpointFormatError
+from common.config.engine import ConfigError
 from common.integrity import IntegrityError, digest_path, sha256_hex
 from common.lora import ADAPTER_WEIGHTS, adapter_state, write_adapter_file
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
@@ -27,15 +27,16 @@ from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
+from common.split.parts import LoraSettings
 from common.tls import ClientTlsOptions, open_channel
-from splitlora_server.aggregator import AggregatorService
+from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.app import start_server
 from splitlora_server.auth import build_authenticator
-from splitlora_server.certs import CertsConfig, _Issuer, make_certs
-from splitlora_server.config import ExportConfig
+from splitlora_server.ops.certs import CertsConfig, _Issuer, make_certs
+from splitlora_server.options import ExportConfig
 from splitlora_server.export import export
-from tests.attacks import Legit, channel_of, joined_metadata, mtls, mtls_server
-from tests.servers import exchange, serve_config, server_fingerprint
+from tests.support.attacks import Legit, channel_of, joined_metadata, mtls, mtls_server
+from tests.support.servers import serve_config, server_fingerprint
 
 Code = grpc.StatusCode
 ROUND = {"clients": 2, "rounds": 2, "local_steps": 2}
@@ -196,8 +197,6 @@ def test_damaged_state_is_refused_naming_the_file(builtin_model_dir: Path, deplo
 def test_a_damaged_stored_submission_stops_the_aggregator(builtin_model_dir: Path, deployment_certs: Path,
                                                           tmp_path: Path) -> None:
     """Item 9: the standalone aggregator's stored submissions are verified when it restarts."""
-    from common.adapter_layout import adapter_layout
-    from common.split.parts import LoraSettings
     c = deployment_certs
     layout = adapter_layout(builtin_model_dir, "client", 3, LoraSettings())
     auth = build_authenticator("", True, "the aggregator")
@@ -220,4 +219,3 @@ def test_a_damaged_stored_submission_stops_the_aggregator(builtin_model_dir: Pat
     flip(stored)
     with pytest.raises(IntegrityError, match=stored.name):
         AggregatorService(2, 1, tmp_path / "agg", layout=layout).restore()
-    assert st_save  # safetensors is the only format read back

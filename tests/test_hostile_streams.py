@@ -11,26 +11,27 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.procs import BIN
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
-from common.wire import chunked
+from common.tls import open_channel
 from splitlora_client.session import SplitSession
 from splitlora_server.frames import max_frame_bytes
-from tests.attacks import (MIN_RATIO, SUBMIT, TRAIN, HeldStreams, Legit, channel_of, joined_metadata, mtls,
+from tests.support.attacks import (MIN_RATIO, SUBMIT, TRAIN, HeldStreams, Legit, channel_of, joined_metadata, mtls,
                            mtls_server, rate_ratio, rss_bytes, server_tls)
-from tests.servers import valid_forward
+from tests.support.servers import fingerprint_for
 
 Code = grpc.StatusCode
-BIN = Path(sys.executable).parent
 LONG_ROUND = {"clients": 2, "rounds": 1, "local_steps": 200}
 
 
@@ -134,8 +135,8 @@ def test_frame_reassembly_is_bounded_by_the_schedule(builtin_model_dir: Path, de
 
         def attack_on() -> None:  # frames never completed, again and again, from a process of its own; niced, as
             # it would be on a machine of its own: what is measured is the server's work, not the attacker's
-            flood.append(subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "tests.attacks", f"localhost:{server.running.port}",
-                                           str(c), "alice", session, str(over), str(over - 8), str(16 << 10), "4"],
+            flood.append(subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "tests.support.attacks",
+                                           f"localhost:{server.running.port}", str(c), "alice", session, str(over), str(over - 8), str(16 << 10), "4"],
                                           stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent))
             time.sleep(2.0)  # its imports and first streams
 
@@ -185,7 +186,6 @@ def test_closing_a_session_cancels_its_stream(deployment_certs: Path, tmp_path: 
             release.wait(60)
             return iter(())
 
-    from concurrent.futures import ThreadPoolExecutor
     server = grpc.server(ThreadPoolExecutor(4))
     sgrpc.add_SplitTrainingServicer_to_server(Stuck(), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -218,8 +218,6 @@ def test_undecodable_messages_are_refused_quietly_and_shutdown_stays_within_grac
                             stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
     try:
         port = int(re.search(r":(\d+)", proc.stdout.readline()).group(1))
-        from common.tls import open_channel
-        from tests.servers import fingerprint_for
         channel = open_channel(f"localhost:{port}", mtls(c, "alice"))
         reply = sgrpc.SplitTrainingStub(channel).Join(spb.JoinRequest(
             client_id="alice", fingerprint=fingerprint_for(str(builtin_model_dir))), timeout=30)

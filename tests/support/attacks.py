@@ -22,7 +22,7 @@ from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.tls import ClientTlsOptions, open_channel
 from splitlora_client.session import SplitSession
-from tests.servers import ClientSide, Harness, metadata, running_server, server_fingerprint
+from tests.support.servers import ClientSide, Harness, metadata, running_server, server_fingerprint
 
 TRAIN = "/splitlora.v1.SplitTraining/Train"
 SUBMIT = "/splitlora.v1.Aggregator/Submit"
@@ -159,7 +159,7 @@ def flood_partial_frames(address: str, certs: Path, who: str, session: str, coun
     return sent
 
 
-if __name__ == "__main__":  # the flood in a process of its own: python -m tests.attacks ADDRESS CERTS WHO SESSION ...
+if __name__ == "__main__":  # the flood in a process of its own: python -m tests.support.attacks ADDRESS CERTS WHO SESSION ...
     import sys
 
     args = sys.argv[1:]

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from common.redact import shown
-from splitlora_server.aggregator import AggregatorService
+from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.refusals import RefusalBook
 from splitlora_server.registry import Registry
 
