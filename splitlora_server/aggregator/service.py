@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import grpc
 import torch
-from common.adapter_layout import Layout, LayoutError, UploadCheck
+from common.adapter_layout import Layout
 from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, guarded_aggregate
 from common.faults import fault_point
 from common.integrity import IntegrityError
@@ -30,8 +30,8 @@ from common.limits import negotiated_chunk, too_small
 from common.lora import AdapterState, from_bytes, to_bytes
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
-from splitlora_server.aggregator.requests import (Header, Refusal, check_client_id, check_layout,
-                                                  check_repeated_header, parse_adapter)
+from splitlora_server.aggregator.requests import (Header, Refusal, check_client_id, check_layout, parse_adapter,
+                                                  read_upload)
 from splitlora_server.aggregator.store import AggregatorStore, RoundSummary
 from splitlora_server.auth import AccessDenied, Authenticator
 from splitlora_server.rounds.gate import Quorum, RoundGate
@@ -223,34 +223,10 @@ class AggregatorService(agrpc.AggregatorServicer):
         if problem:
             raise Refusal(_Code.FAILED_PRECONDITION, f"submission of client {header.client_id!r} for round "
                                                       f"{header.round} refused: {problem}")
-        if self._layout is not None:
-            return header, self._receive_checked(header, itertools.chain([first], stream))
-        pieces, size = [], 0
-        for msg in itertools.chain([first], stream):
-            check_repeated_header(header, msg)
-            size += len(msg.safetensors_chunk)
-            if size > self.max_adapter_bytes:
-                raise Refusal(_Code.RESOURCE_EXHAUSTED, f"adapter from client {header.client_id!r} exceeds "
-                                                         f"{self.max_adapter_bytes} bytes; raise --max-adapter-bytes")
-            pieces.append(msg.safetensors_chunk)
+        data = read_upload(header, itertools.chain([first], stream), self._layout, self.max_adapter_bytes)
         with self._cond:
-            self.bytes_received += size
-        return header, b"".join(pieces)
-
-    def _receive_checked(self, header: Header, messages: Iterable[apb.AdapterUpload]) -> bytes:
-        """The upload checked piece by piece against the layout: refused at the first piece that cannot fit,
-        never holding more than the adapter's exact size."""
-        upload = UploadCheck(self._layout, self.max_adapter_bytes)
-        try:
-            for msg in messages:
-                check_repeated_header(header, msg)
-                upload.add(msg.safetensors_chunk)
-                with self._cond:
-                    self.bytes_received += len(msg.safetensors_chunk)
-            return upload.finish()
-        except LayoutError as err:
-            raise Refusal(_Code.INVALID_ARGUMENT, f"adapter from client {header.client_id!r}: {err}; every client "
-                                                   "must use the model, split and LoRA config of this run") from None
+            self.bytes_received += len(data)
+        return header, data
 
     def _check_client(self, client_id: str, round: int, context: grpc.ServicerContext) -> None:
         """Checks shared by Submit and FetchGlobal that need no round state."""
