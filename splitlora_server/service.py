@@ -144,6 +144,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                     yield out
                 self._replies += 1
                 fault_point("server", "reply", self._replies)
+            if parts.pending:  # the client ended its stream within a frame
+                self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                           "the stream ended in the middle of a frame; the partial frame was dropped")
         finally:
             parts.clear()  # a partial frame is dropped with its stream
             record.connected = False

@@ -130,6 +130,8 @@ def test_frame_reassembly_is_bounded_by_the_schedule(builtin_model_dir: Path, de
         over = budget // (16 << 10) + 4
         err = _part_stream(server, alice, md, over, over, 16 << 10)
         assert err.code() == Code.INVALID_ARGUMENT  # refused while they arrive, at the budget
+        err = _part_stream(server, alice, md, 8, 3, 16 << 10)  # a stream that ends within a frame
+        assert err.code() == Code.INVALID_ARGUMENT and "partial frame was dropped" in err.details()
         rss_before, flood = rss_bytes(), []
         session = md[1][1]
 
