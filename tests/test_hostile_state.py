@@ -22,16 +22,18 @@ from common.state import CheckpointFormatError
 from common.config.engine import ConfigError
 from common.integrity import IntegrityError, digest_path, sha256_hex
 from common.lora import ADAPTER_WEIGHTS, adapter_state, write_adapter_file
+from common.optim import OptimSettings
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
-from common.split.parts import LoraSettings
+from common.split.parts import LoraSettings, SplitPart
 from common.tls import ClientTlsOptions, open_channel
 from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.app import start_server
 from splitlora_server.auth import build_authenticator
+from splitlora_server.engine.core import ServerEngine
 from splitlora_server.ops.certs import CertsConfig, _Issuer, make_certs
 from splitlora_server.options import ExportConfig
 from splitlora_server.export import export
@@ -219,3 +221,25 @@ def test_a_damaged_stored_submission_stops_the_aggregator(builtin_model_dir: Pat
     flip(stored)
     with pytest.raises(IntegrityError, match=stored.name):
         AggregatorService(2, 1, tmp_path / "agg", layout=layout).restore()
+
+
+def test_a_non_finite_per_client_server_adapter_is_not_averaged_in(tiny_gpt2_dir: Path) -> None:
+    """Item 4, the server's per-client copies: a copy that is not finite is left out of the round average and
+    named in status; no copy is ever loaded with NaN or Inf."""
+    engine = ServerEngine(SplitPart(tiny_gpt2_dir, "server", 2, LoraSettings(r=2, alpha=4, dropout=0.0)), "per-client",
+                          OptimSettings(learning_rate=1e-2, warmup_steps=1, total_steps=10)).start()
+    try:
+        for client in ("alice", "mallory"):
+            engine.add_client(client).result()
+        before = engine.adapter_of("alice")
+        poisoned = engine.slots["mallory"].name
+        for name, param in engine.part.peft.named_parameters():
+            if f".{poisoned}." in name:
+                param.data.fill_(math.inf)
+        engine.end_round({"alice": 4.0, "mallory": 4.0}).result()
+        for client in ("alice", "mallory"):
+            assert all(torch.isfinite(v).all() for v in engine.adapter_of(client).values())
+        assert all(torch.equal(engine.adapter_of("alice")[k], v) for k, v in before.items())
+        assert any("mallory" in text for text in engine.incidents)
+    finally:
+        engine.stop()
