@@ -128,7 +128,8 @@ class Admission:
         for old in replaced:
             self.refusals.refuse(caller, "train-replaced", "a newer Train stream of the same caller replaced it")
             old.context.cancel()
-        context.add_callback(lambda: self.release(call))
+        if not context.add_callback(lambda: self.release(call)):
+            self.release(call)  # the call is already over
         return call
 
     def _refuse(self, context: grpc.ServicerContext, caller: str, reason: str, message: str) -> None:

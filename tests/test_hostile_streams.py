@@ -27,6 +27,7 @@ from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.tls import open_channel
 from splitlora_client.session import SplitSession
 from splitlora_server.frames import max_frame_bytes
+from splitlora_server.ops.metrics import RefusalCollector
 from tests.support.attacks import (MIN_RATIO, SUBMIT, TRAIN, HeldStreams, Legit, channel_of, joined_metadata, mtls,
                            mtls_server, rate_ratio, rss_bytes, server_tls)
 from tests.support.servers import fingerprint_for
@@ -100,6 +101,9 @@ def test_the_rpc_cap_is_clear_and_leaves_health_and_admin_alone(builtin_model_di
         assert "maximum of 3 calls (--max-concurrent-rpcs)" in info.value.details()
         assert healthy(server.channel) and server.status().round == 0
         assert refusals(server, "carol") == {"rpc-limit": 1}
+        (family, _) = RefusalCollector(server.running.service.auth.refusals).collect()  # as Prometheus metrics
+        assert ("carol", "rpc-limit", 1.0) in {(x.labels["caller"].strip("'"), x.labels["reason"], x.value)
+                                                for x in family.samples}
         for call in waits:
             call.cancel()
         held.release()
