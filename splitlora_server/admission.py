@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -29,6 +30,7 @@ from splitlora_server.auth import ADMIN_METHODS, PROTECTED_PREFIX, Authenticator
 from splitlora_server.refusals import RefusalBook
 
 TRAIN = "/splitlora.v1.SplitTraining/Train"
+RPC_THREADS = "splitlora-rpc"  # the handler threads' name prefix
 UNDECODABLE = object()  # what the safe deserializer returns for bytes that are not the method's message
 WATCH_INTERVAL_S = 0.25
 
@@ -79,10 +81,12 @@ class _Call:
 
 
 class Admission:
-    """The bookkeeping of admitted calls; `interceptor()` applies it to a grpc server."""
+    """The handler threads (`pool`, for grpc.server) and the bookkeeping of the calls admitted to them; the
+    `AdmissionInterceptor` applies it."""
 
     def __init__(self, auth: Authenticator, options: AdmissionOptions, max_workers: int) -> None:
         self.auth, self.options, self.cap = auth, options, options.rpc_cap(max_workers)
+        self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=RPC_THREADS)
         self.refusals: RefusalBook = auth.refusals
         self._lock = threading.Lock()
         self._calls: set[_Call] = set()
@@ -97,8 +101,9 @@ class Admission:
             return len(self._calls)
 
     def close(self) -> None:
-        """Stop the first-message watchdog."""
+        """Stop the first-message watchdog and let idle handler threads end (after the server stopped)."""
         self._stop.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def caller_of(self, context: grpc.ServicerContext) -> str:
         """The caller's identity (its peer address when identities are not configured)."""

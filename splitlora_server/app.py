@@ -6,7 +6,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.split.parts import SplitPart
 from common.tls import add_port
-from splitlora_server.admission import Admission, AdmissionInterceptor, AdmissionOptions
+from splitlora_server.admission import RPC_THREADS, Admission, AdmissionInterceptor, AdmissionOptions
 from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
 from splitlora_server.engine.batching import BatchSettings
@@ -36,7 +35,6 @@ from splitlora_server.registry import Registry
 from splitlora_server.service import SplitTrainingService
 
 log = logging.getLogger("splitlora.server")
-RPC_THREADS = "splitlora-rpc"
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
 
 
@@ -44,14 +42,15 @@ def _grpc_server(max_workers: int, options: list[tuple[str, int]], auth: Authent
                  limits: AdmissionOptions) -> tuple[grpc.Server, Admission]:
     """A grpc server whose calls are authenticated, then admitted (splitlora_server.admission)."""
     admission = Admission(auth, limits, max_workers)
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=RPC_THREADS),
-                         options=options, interceptors=[AuthInterceptor(auth), AdmissionInterceptor(admission)])
+    server = grpc.server(admission.pool, options=options,
+                         interceptors=[AuthInterceptor(auth), AdmissionInterceptor(admission)])
     return server, admission
 
 
 def exit_if_stuck(code: int, grace: float) -> None:
-    """After an orderly stop: if handler threads are still alive `grace` seconds later (a call that ignores
-    cancellation), exit at once rather than hang in the interpreter's join of the thread pool."""
+    """After an orderly stop (idle handler threads end with `Admission.close`): if handler threads are still alive
+    `grace` seconds later (a call that ignores cancellation), exit at once rather than hang in the interpreter's
+    join of the thread pool."""
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if not any(t.name.startswith(RPC_THREADS) and t.is_alive() for t in threading.enumerate()):
