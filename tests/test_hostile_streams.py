@@ -138,21 +138,24 @@ def test_frame_reassembly_is_bounded_by_the_schedule(builtin_model_dir: Path, de
         assert err.code() == Code.INVALID_ARGUMENT  # refused while they arrive, at the budget
         err = _part_stream(server, alice, md, 8, 3, 16 << 10)  # a stream that ends within a frame
         assert err.code() == Code.INVALID_ARGUMENT and "partial frame was dropped" in err.details()
-        rss_before, flood = rss_bytes(), []
-        session = md[1][1]
-
-        def attack_on() -> None:  # frames never completed, again and again, from a process of its own; niced, as
-            # it would be on a machine of its own: what is measured is the server's work, not the attacker's
-            flood.append(subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "tests.support.attacks",
-                                           f"localhost:{server.running.port}", str(c), "alice", session, str(over), str(over - 8), str(16 << 10), "4"],
-                                          stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent))
-            time.sleep(2.0)  # its imports and first streams
-
-        def attack_off() -> None:
-            out, _ = flood[-1].communicate(timeout=120)
-            assert int(out) > 5  # streams were sent during the measurement
-
-        ratio = rate_ratio(legit, attack_on, attack_off, blocks=2, per_block=10)
+        rss_before, session = rss_bytes(), md[1][1]
+        # frames never completed, again and again, from a process of its own, niced as if on a machine of its own
+        # (what is measured is the server's work, not the attacker's); paused between the blocks of bob's steps
+        flood = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "tests.support.attacks",
+                                  f"localhost:{server.running.port}", str(c), "alice", session, str(over),
+                                  str(over - 8), str(16 << 10), "600"], stdout=subprocess.DEVNULL,
+                                 cwd=Path(__file__).parent.parent)
+        try:
+            while refusals(server, "alice").get("invalid_argument", 0) < 5:  # it is up and flooding
+                time.sleep(0.2)
+            flood.send_signal(signal.SIGSTOP)
+            before = refusals(server, "alice")["invalid_argument"]
+            ratio = rate_ratio(legit, lambda: flood.send_signal(signal.SIGCONT),
+                               lambda: flood.send_signal(signal.SIGSTOP), blocks=6, per_block=6)
+            assert refusals(server, "alice")["invalid_argument"] > before + 6  # it flooded during the blocks
+        finally:
+            flood.kill()
+            flood.wait()
         assert ratio >= MIN_RATIO, f"bob's step rate under attack is {ratio:.2f} of its rate alone"
         cap = server.running.admission.cap
         # each admitted call holds at most one frame in pieces and the piece in flight; 64 MiB for the allocator
