@@ -184,18 +184,19 @@ class AuthInterceptor(grpc.ServerInterceptor):
         rule = auth.check_admin if details.method in ADMIN_METHODS else auth.authenticate
 
         def check(request, context: grpc.ServicerContext):
-            abort_if_denied(context, lambda: rule(context), details.method, auth.refusals)
+            abort_if_denied(context, lambda: rule(context), details.method, auth)
             return request
 
         return rewrap(handler, check)
 
 
 def abort_if_denied(context: grpc.ServicerContext, check: Callable[[], None], call: str = "a call",
-                    refusals: RefusalBook | None = None) -> None:
-    """Run an access check in a handler or interceptor; a refusal is counted, logged (rate-limited) and becomes
-    the call's status."""
+                    auth: Authenticator | None = None) -> None:
+    """Run an access check in a handler or interceptor; a refusal is counted against the caller (by `auth`),
+    logged (rate-limited) and becomes the call's status."""
     try:
         check()
     except AccessDenied as denied:
-        (refusals or RefusalBook()).refuse(context.peer(), denied.code.name.lower(), f"{call}: {denied.message}")
+        book, caller = (auth.refusals, auth.caller(context)) if auth is not None else (RefusalBook(), context.peer())
+        book.refuse(caller, denied.code.name.lower(), f"{call}: {denied.message}")
         context.abort(denied.code, denied.message)

@@ -57,8 +57,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def Join(self, request: spb.JoinRequest, context: grpc.ServicerContext) -> spb.JoinReply:
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id), "Join",
-                        self.auth.refusals)
+        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id), "Join", self.auth)
         chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
         if chunk is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
@@ -98,7 +97,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if not client_id or not session:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           f"missing {CLIENT_ID_KEY} / {SESSION_KEY} metadata; call Join first")
-        abort_if_denied(context, lambda: self.auth.check_client(context, client_id), "Train", self.auth.refusals)
+        abort_if_denied(context, lambda: self.auth.check_client(context, client_id), "Train", self.auth)
         try:
             return self.registry.authenticate(client_id, session)
         except RegistryError as err:
