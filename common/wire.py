@@ -191,7 +191,8 @@ class Reassembler:
         self._size += len(part.data)
         if self._size > self.max_bytes:
             self.clear()
-            raise WireError(f"reassembled frame exceeds the largest frame this stream may send ({self.max_bytes} bytes)")
+            raise WireError(f"reassembled frame exceeds the largest frame this stream may send "
+                            f"({self.max_bytes} bytes)")
         self._parts.append(part.data)
         if len(self._parts) < self._count:
             return None

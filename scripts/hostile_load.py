@@ -147,7 +147,8 @@ class Attacker:
 
     def run(self) -> dict:
         jobs = [lambda: self.idle_streams(self.mallory, TRAIN, self.md),
-                lambda: self.idle_streams(self.eve, SUBMIT, None), self.partial_frames, self.undecodable, self.huge_shape, self.bad_uploads, self.long_ids]
+                lambda: self.idle_streams(self.eve, SUBMIT, None), self.partial_frames, self.undecodable,
+                self.huge_shape, self.bad_uploads, self.long_ids]
         threads = [threading.Thread(target=job, daemon=True) for job in jobs]
         for thread in threads:
             thread.start()

@@ -144,8 +144,8 @@ def test_client_ids_are_a_character_set_and_never_echoed_whole(builtin_model_dir
             server)), timeout=30))
         assert code == Code.UNAUTHENTICATED and "not a valid client id" in details
         alice = sgrpc.SplitTrainingStub(channel_of(server, c, "alice"))
-        code, details = rpc_code(lambda: alice.Join(spb.JoinRequest(client_id="a" * (1 << 20),
-                                                                     fingerprint=server_fingerprint(server)), timeout=30))
+        huge = spb.JoinRequest(client_id="a" * (1 << 20), fingerprint=server_fingerprint(server))
+        code, details = rpc_code(lambda: alice.Join(huge, timeout=30))
         assert code == Code.PERMISSION_DENIED and len(details) < 300
         assert {cl.client_id for cl in server.status().clients} == set()
         assert all(len(r.caller) < 100 for r in server.status().refusals)

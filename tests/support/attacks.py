@@ -159,7 +159,7 @@ def flood_partial_frames(address: str, certs: Path, who: str, session: str, coun
     return sent
 
 
-if __name__ == "__main__":  # the flood in a process of its own: python -m tests.support.attacks ADDRESS CERTS WHO SESSION ...
+if __name__ == "__main__":  # python -m tests.support.attacks ADDRESS CERTS WHO SESSION COUNT PIECES SIZE SECONDS
     import sys
 
     args = sys.argv[1:]
