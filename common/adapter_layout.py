@@ -18,7 +18,8 @@ from accelerate import init_empty_weights
 from peft import get_peft_model, get_peft_model_state_dict
 
 from common.split import family_for
-from common.split.loading import Side, load_config, skeleton
+from common.split.loading import load_config, skeleton
+from common.split.segment import Segment, Side
 from common.split.parts import LoraSettings
 
 Layout = dict[str, tuple[int, ...]]
@@ -34,7 +35,7 @@ def adapter_layout(model_dir: str | Path, side: Side, split_layer: int, lora: Lo
     """Keys and shapes of one side's LoRA adapter, as `common.lora.adapter_state` names them."""
     config = load_config(model_dir)
     family = family_for(config.model_type)
-    base = skeleton(config, family, side, split_layer)
+    base = skeleton(config, family, Segment.of_side(side, split_layer, family.num_layers(config)))
     with init_empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft = get_peft_model(base, lora.peft_config(family))

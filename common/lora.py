@@ -26,16 +26,20 @@ def adapter_state(model: PeftModel, adapter_name: str = "default") -> AdapterSta
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
-def check_adapter(state: AdapterState, reference: AdapterState, what: str = "adapter") -> None:
-    """Refuse an adapter whose keys, shapes or values do not fit `reference`."""
+def check_adapter(state: AdapterState, reference: AdapterState, what: str = "adapter", against: str = "the model's",
+                  values: bool = True) -> None:
+    """Refuse an adapter whose keys or shapes do not fit `reference` (`against` names it in the message), or,
+    with `values`, whose tensors are not float or not finite. The one adapter-layout check of the tree."""
     missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
     if missing or extra:
-        raise AdapterError(f"{what} keys differ from the model's: missing {missing[:3]}"
+        raise AdapterError(f"{what} keys differ from {against}: missing {missing[:3]}"
                            f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
     for key, ref in reference.items():
         value = state[key]
         if tuple(value.shape) != tuple(ref.shape):
             raise AdapterError(f"{what} tensor {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if not values:
+            continue
         if value.dtype != torch.float32:  # the adapter's own dtype: a float64 1e300 would overflow when averaged
             raise AdapterError(f"{what} tensor {key} has dtype {value.dtype}, the adapter's dtype is float32")
         if not torch.isfinite(value).all():

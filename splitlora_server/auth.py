@@ -16,6 +16,7 @@ import grpc
 
 from common.redact import shown
 from common.tls import AUTHORIZATION_KEY, BEARER
+from splitlora_server.errors import Refused, abort
 from splitlora_server.ops.tokens import TokenStore
 from splitlora_server.refusals import RefusalBook
 from splitlora_server.registry import CLIENT_ID_PATTERN
@@ -48,12 +49,8 @@ class Identity:
         return self.name == ADMIN_ID
 
 
-class AccessDenied(Exception):
+class AccessDenied(Refused):
     """A call the caller may not make; `code` is UNAUTHENTICATED or PERMISSION_DENIED."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def _text(values: list[bytes]) -> list[str]:
@@ -199,4 +196,4 @@ def abort_if_denied(context: grpc.ServicerContext, check: Callable[[], None], ca
     except AccessDenied as denied:
         book, caller = (auth.refusals, auth.caller(context)) if auth is not None else (RefusalBook(), context.peer())
         book.refuse(caller, denied.code.name.lower(), f"{call}: {denied.message}")
-        context.abort(denied.code, denied.message)
+        abort(context, denied)

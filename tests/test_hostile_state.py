@@ -16,7 +16,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from common.adapter_layout import adapter_layout
-from common.aggregation import guarded_aggregate
+from common.aggregation import ClientUpdate, build_strategy
+from common.aggregation.guard import guarded_aggregate
 from splitlora_client.aggregator import fetch_global, submit_adapter
 from common.state import CheckpointFormatError
 from common.config.engine import ConfigError
@@ -94,15 +95,16 @@ def test_layout_and_dtype_come_from_the_run_and_the_round_stays_finite(builtin_m
 
 def test_a_non_finite_combination_is_never_published() -> None:
     """Item 4: the guard the aggregator and the per-client server adapters close rounds with."""
-    ok, bad = {"w": torch.ones(2)}, {"w": torch.tensor([1.0, math.inf])}
-    previous = {"w": torch.zeros(2)}
-    result, why = guarded_aggregate([ok, bad], ["alice", "mallory"], [1, 1], previous)
+    ok = ClientUpdate("alice", {"w": torch.ones(2)}, 1)
+    bad = ClientUpdate("mallory", {"w": torch.tensor([1.0, math.inf])}, 1)
+    previous, fedavg = {"w": torch.zeros(2)}, build_strategy("fedavg")
+    result, why = guarded_aggregate(fedavg, 0, [ok, bad], previous)
     assert torch.equal(result["w"], previous["w"]) and "mallory" in why and "alice" not in why.split("blamed")[1]
-    result, why = guarded_aggregate([ok, bad], ["alice", "mallory"], [1, 1], None)
-    assert torch.equal(result["w"], ok["w"]) and "combined without them" in why
-    result, why = guarded_aggregate([ok], ["alice"], [1], previous)
-    assert why is None and torch.equal(result["w"], ok["w"])
-    assert guarded_aggregate([bad], ["mallory"], [1], None)[0] is None  # nothing finite: the round cannot close
+    result, why = guarded_aggregate(fedavg, 0, [ok, bad], None)
+    assert torch.equal(result["w"], ok.state["w"]) and "combined without them" in why
+    result, why = guarded_aggregate(build_strategy("median"), 0, [ok], previous)
+    assert why is None and torch.equal(result["w"], ok.state["w"])
+    assert guarded_aggregate(fedavg, 0, [bad], None)[0] is None  # nothing finite: the round cannot close
 
 
 def test_shapes_that_overflow_are_invalid_argument(builtin_model_dir: Path, deployment_certs: Path,
@@ -236,7 +238,7 @@ def test_a_non_finite_per_client_server_adapter_is_not_averaged_in(tiny_gpt2_dir
         for name, param in engine.part.peft.named_parameters():
             if f".{poisoned}." in name:
                 param.data.fill_(math.inf)
-        engine.end_round({"alice": 4.0, "mallory": 4.0}).result()
+        engine.end_round(0, {"alice": 4.0, "mallory": 4.0}).result()
         for client in ("alice", "mallory"):
             assert all(torch.isfinite(v).all() for v in engine.adapter_of(client).values())
         assert all(torch.equal(engine.adapter_of("alice")[k], v) for k, v in before.items())

@@ -49,34 +49,38 @@ def test_idle_streams_do_not_starve_training_health_or_admin(builtin_model_dir: 
                                                              tmp_path: Path) -> None:
     """Item 1: 200 idle Train streams of an enrolled client and 200 idle Submit streams of an unenrolled one."""
     c = deployment_certs
-    with mtls_server(builtin_model_dir, tmp_path, c, first_message_seconds=1.0, **LONG_ROUND) as server:
+    with mtls_server(builtin_model_dir, tmp_path, c, first_message_seconds=3.0, **LONG_ROUND) as server:
         legit = Legit(server, c, builtin_model_dir)
         alice, carol = channel_of(server, c, "alice"), channel_of(server, c, "carol")
         trains = HeldStreams(alice, TRAIN, joined_metadata(alice, server, "alice"))
         submits = HeldStreams(carol, SUBMIT)
         rss_before = rss_bytes()
 
-        def attack_on() -> None:
+        def attack_on() -> None:  # bob's steps are measured while the admitted streams are held
             trains.open(200)
             submits.open(200)
+            while submits.codes.qsize() < len(submits.calls) - 2 - 4 * len(submits.calls) // 200:
+                time.sleep(0.05)  # the refusals are back (the client side of this process is done opening)
             assert healthy(server.channel) and server.status().round == 0  # health and admin are never starved
 
         def attack_off() -> None:
-            time.sleep(1.5)  # the held streams are cancelled for sending nothing
+            while trains.codes.qsize() < len(trains.calls) or submits.codes.qsize() < len(submits.calls):
+                time.sleep(0.1)  # the held streams are cancelled for sending nothing
             trains.release()
             submits.release()
 
-        ratio = rate_ratio(legit, attack_on, attack_off, blocks=2, per_block=10)
+        ratio = rate_ratio(legit, attack_on, attack_off, blocks=3, per_block=8)
         codes = trains.ended() + submits.ended()
         assert ratio >= MIN_RATIO, f"bob's step rate under attack is {ratio:.2f} of its rate alone"
         # every Train stream but the newest was replaced (CANCELLED); Submit streams beyond 2 per caller were
         # refused; the held ones (and the newest Train stream) were cancelled for sending nothing
-        assert codes.count(Code.RESOURCE_EXHAUSTED) >= 2 * 198 and set(codes) <= {Code.RESOURCE_EXHAUSTED,
+        # (a held stream cancelled while the 200 are still being opened frees its place: hence "about")
+        assert codes.count(Code.RESOURCE_EXHAUSTED) >= 3 * 190 and set(codes) <= {Code.RESOURCE_EXHAUSTED,
                                                                                   Code.CANCELLED}
         assert server.running.admission.active <= 2  # bob's Train stream (and a Status call)
         mine = {**refusals(server, "alice"), **refusals(server, "carol")}
-        assert mine["train-replaced"] >= 2 * 199 and mine["stream-limit"] >= 2 * 198
-        assert mine["first-message-timeout"] >= 2
+        assert mine["train-replaced"] >= 3 * 190 and mine["stream-limit"] >= 3 * 190
+        assert mine["first-message-timeout"] >= 3
         cap = server.running.admission.cap
         # at most `cap` calls, each a handler thread's stack in use and grpc's buffers (1.5 MiB); 64 MiB for the
         # allocator and the attacker's 400 calls on the client side of this process

@@ -11,17 +11,10 @@ from common.adapter_layout import Layout, LayoutError, UploadCheck
 from common.lora import AdapterError, AdapterState, check_adapter, from_bytes
 from common.redact import shown
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
+from splitlora_server.errors import Refused
 from splitlora_server.registry import invalid_client_id
 
 _Code = grpc.StatusCode
-
-
-class Refusal(Exception):
-    """A request the service refuses; it becomes the call's gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)
@@ -36,10 +29,10 @@ class Header:
 def check_client_id(client_id: str) -> None:
     """An id the registry would accept: 1-64 letters, digits, '.', '_' or '-'."""
     if not client_id:
-        raise Refusal(_Code.INVALID_ARGUMENT, "client_id is empty; set it to this client's id")
+        raise Refused(_Code.INVALID_ARGUMENT, "client_id is empty; set it to this client's id")
     problem = invalid_client_id(client_id)
     if problem:
-        raise Refusal(_Code.INVALID_ARGUMENT, problem)
+        raise Refused(_Code.INVALID_ARGUMENT, problem)
 
 
 def parse_adapter(header: Header, data: bytes, reference: AdapterState | None) -> AdapterState:
@@ -49,9 +42,9 @@ def parse_adapter(header: Header, data: bytes, reference: AdapterState | None) -
     try:
         state = from_bytes(data)
     except AdapterError as err:
-        raise Refusal(_Code.INVALID_ARGUMENT, f"{what}: {err}") from err
+        raise Refused(_Code.INVALID_ARGUMENT, f"{what}: {err}") from err
     if not state:
-        raise Refusal(_Code.INVALID_ARGUMENT, f"{what} has no tensors")
+        raise Refused(_Code.INVALID_ARGUMENT, f"{what} has no tensors")
     check_layout(state, state, what, suffix="")  # float dtypes, finite values
     if reference is not None:
         check_layout(state, reference, what)
@@ -71,14 +64,14 @@ def read_upload(header: Header, messages: Iterable[apb.AdapterUpload], layout: L
                 upload.add(msg.safetensors_chunk)
             return upload.finish()
         except LayoutError as err:
-            raise Refusal(_Code.INVALID_ARGUMENT, f"{what}: {err}; every client must use the model, split and LoRA "
+            raise Refused(_Code.INVALID_ARGUMENT, f"{what}: {err}; every client must use the model, split and LoRA "
                                                    "config of this run") from None
     pieces, size = [], 0
     for msg in messages:
         check_repeated_header(header, msg)
         size += len(msg.safetensors_chunk)
         if size > max_bytes:
-            raise Refusal(_Code.RESOURCE_EXHAUSTED, f"{what} exceeds {max_bytes} bytes; raise --max-adapter-bytes")
+            raise Refused(_Code.RESOURCE_EXHAUSTED, f"{what} exceeds {max_bytes} bytes; raise --max-adapter-bytes")
         pieces.append(msg.safetensors_chunk)
     return b"".join(pieces)
 
@@ -87,7 +80,7 @@ def check_repeated_header(header: Header, msg: apb.AdapterUpload) -> None:
     """Later messages may repeat the header fields (unset = not repeated) but must not change them."""
     for name, value in (("client_id", msg.client_id), ("round", msg.round), ("num_samples", msg.num_samples)):
         if value and value != getattr(header, name):
-            raise Refusal(_Code.INVALID_ARGUMENT, f"a later Submit message has {name}={shown(value)} but the first "
+            raise Refused(_Code.INVALID_ARGUMENT, f"a later Submit message has {name}={shown(value)} but the first "
                                                    f"had {getattr(header, name)!r}; keep the header the same")
 
 
@@ -96,8 +89,8 @@ _SAME_LAYOUT = ("; every client must use the same model, split and LoRA config a
 
 
 def check_layout(state: AdapterState, reference: AdapterState, what: str, suffix: str = _SAME_LAYOUT) -> None:
-    """check_adapter as a gRPC refusal: keys, shapes, float dtypes, finite values."""
+    """check_adapter as a gRPC refusal (Refused): keys, shapes, float dtypes, finite values."""
     try:
         check_adapter(state, reference, what=what)
     except AdapterError as err:
-        raise Refusal(_Code.INVALID_ARGUMENT, f"{err}{suffix}") from err
+        raise Refused(_Code.INVALID_ARGUMENT, f"{err}{suffix}") from err
