@@ -24,10 +24,9 @@ class Slot:
     def __init__(self, part: SplitPart, name: str, settings: OptimSettings, freeze_a: bool = False) -> None:
         self.name = name
         self.params = [p for n, p in part.peft.named_parameters() if f".{name}." in n and "lora_" in n]
+        self.frozen = [p for n, p in part.peft.named_parameters() if freeze_a and f".lora_A.{name}." in n]
         if freeze_a:  # ffa: A stays at the shared initialisation, only B trains
-            for p in (p for n, p in part.peft.named_parameters() if f".lora_A.{name}." in n):
-                p.requires_grad_(False)
-            self.params = [p for p in self.params if p.requires_grad]
+            self.params = [p for n, p in part.peft.named_parameters() if f".lora_B.{name}." in n]
         self.opt, self.sched = build_optimizer(self.params, settings)
 
     def capture(self, part: SplitPart) -> SlotState:
@@ -60,7 +59,9 @@ class Slots:
     def activate(self, client_id: str) -> Slot:
         """Make the client's slot the part's active adapter, in training mode."""
         slot = self.of(client_id)
-        self.part.peft.set_adapter(slot.name)
+        self.part.peft.set_adapter(slot.name)  # (makes every parameter of the adapter trainable)
+        for param in slot.frozen:
+            param.requires_grad_(False)
         self.part.train()
         return slot
 
