@@ -17,7 +17,7 @@ from peft import PeftModel
 
 from common.atomic import Tensors
 from common.data import BatchStream
-from common.lora import adapter_state, load_adapter_state
+from common.lora import AdapterError, adapter_state, load_adapter_state
 from common.residuals import ResidualFolder, split_residuals
 from common.state.optimizer import load_optimizer_state, load_scheduler_state, optimizer_state, scheduler_state
 from common.state.snapshots import CheckpointDir, check_same_run
@@ -63,10 +63,14 @@ class ClientState:
         return adapter_state(self.peft)
 
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a round's global adapter, folding its residuals (fedex) into the base weights."""
-        adapter, residuals = split_residuals(state)
-        load_adapter_state(self.peft, adapter)
-        self.folder.fold(residuals)
+        """Load a round's global adapter, folding its residuals (fedex) into the base weights; other tensors a
+        strategy keeps in the global state are the aggregator's business."""
+        layout = adapter_state(self.peft)
+        missing = sorted(set(layout) - set(state))
+        if missing:
+            raise AdapterError(f"the global adapter lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        load_adapter_state(self.peft, {k: state[k] for k in layout})
+        self.folder.fold(split_residuals(state)[1])
 
 
 class ClientCheckpoints:

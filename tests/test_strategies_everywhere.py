@@ -102,7 +102,7 @@ def test_fedex_folds_into_the_server_base_and_survives_a_checkpoint(tiny_gpt2_di
                              strategy=build_strategy("fedex")).start()
     try:
         state = checkpoints.latest()
-        assert state is not None and set(state.residuals) == set(split_residuals(merged)[1])
+        assert state is not None and set(state.strategy_state) == set(split_residuals(merged)[1])
         restarted.restore(state).result()
         restarted.part.eval()
         with torch.no_grad():

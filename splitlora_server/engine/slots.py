@@ -45,6 +45,7 @@ class Slots:
         self.part, self.mode, self.optim, self.strategy = part, mode, optim, strategy
         self.freeze_a = mode == "per-client" and strategy.freezes_lora_a
         self.folder = ResidualFolder(part.peft, SHARED)  # fedex: the residuals folded into the base weights
+        self.strategy_state: AdapterState = {}  # what the strategy returned beyond the adapter (checkpointed)
         self.by_key: dict[str, Slot] = {SHARED: Slot(part, SHARED, optim, self.freeze_a)}
         # the round boundary: the round whose start the snapshots hold (rollbacks of a client's partial round
         # restore its slot from them) and, in shared mode, who has stepped the shared adapter since then
@@ -90,17 +91,19 @@ class Slots:
         if not clients:
             return
         updates = [ClientUpdate(c, adapter_state(self.part.peft, self.by_key[c].name), weights[c]) for c in clients]
-        current = {**adapter_state(self.part.peft, SHARED), **self.folder.residuals}
-        merged, residuals = split_residuals(self.strategy.aggregate(rnd, updates, current))
+        shared = adapter_state(self.part.peft, SHARED)
+        result = self.strategy.aggregate(rnd, updates, {**shared, **self.strategy_state})
+        merged = {k: result[k] for k in shared}
         for slot in self.by_key.values():
             load_adapter_state(self.part.peft, merged, slot.name)
-        self.folder.fold(residuals)
+        self.strategy_state = {k: v for k, v in result.items() if k not in shared}  # e.g. fedex's residuals
+        self.folder.fold(split_residuals(self.strategy_state)[1])
 
     def take_boundary(self, rnd: int, clients: list[str], steps: int) -> ServerState:
         """Round `rnd` is over: snapshot every slot as the state from which round rnd+1 starts."""
         self.boundary_round, self.touched = rnd + 1, set()
         self.snapshots = {key: slot.capture(self.part) for key, slot in self.by_key.items()}
-        return ServerState(rnd + 1, dict(self.snapshots), list(clients), steps, dict(self.folder.residuals))
+        return ServerState(rnd + 1, dict(self.snapshots), list(clients), steps, dict(self.strategy_state))
 
     def rollback(self, client_id: str, rnd: int) -> bool:
         """Undo a client's partial round `rnd` from the boundary snapshot; in shared mode only while nobody else
@@ -125,7 +128,8 @@ class Slots:
             slot.restore(self.part, slot_state)
         self.boundary_round, self.touched = state.round, set()
         self.snapshots = dict(state.slots)
-        self.folder.fold(state.residuals)
+        self.strategy_state = dict(state.strategy_state)
+        self.folder.fold(split_residuals(self.strategy_state)[1])
 
     def adapter(self, client_id: str) -> AdapterState:
         """A copy of the adapter a client's steps update (the shared one for unknown clients)."""

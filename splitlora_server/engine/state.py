@@ -56,7 +56,7 @@ class ServerState:
     slots: dict[str, SlotState]  # slot key (a client id, or the shared adapter's name) -> state
     clients: list[str]           # enrolled client ids, in enrolment order
     steps: int                   # server steps computed so far (statistics only)
-    residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # fedex: folded into the base weights
+    strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)  # beyond the adapter (fedex: residuals)
 
 
 class ServerCheckpoints:
@@ -74,9 +74,9 @@ class ServerCheckpoints:
             tensors.update({f"slot{i}.adapter.{k}": v for k, v in slot.adapter.items()})
             tensors.update({f"slot{i}.{k}": v for k, v in slot.optim.items()})
             slots.append({"key": key, "name": slot.name, "adapter_keys": sorted(slot.adapter), "meta": slot.meta})
-        tensors.update({f"residual.{k}": v for k, v in state.residuals.items()})
+        tensors.update({f"strategy.{k}": v for k, v in state.strategy_state.items()})
         meta = {"run": self.run, "slots": slots, "clients": state.clients, "steps": state.steps,
-                "residual_keys": sorted(state.residuals)}
+                "strategy_keys": sorted(state.strategy_state)}
         return self.dir.save(state.round, tensors, meta, fault)
 
     def latest(self) -> ServerState | None:
@@ -90,8 +90,8 @@ class ServerCheckpoints:
             adapter = {k: ckpt.tensors[f"slot{i}.adapter.{k}"] for k in slot["adapter_keys"]}
             optim = {k[len(f"slot{i}."):]: v for k, v in ckpt.tensors.items() if k.startswith(f"slot{i}.optim.")}
             slots[slot["key"]] = SlotState(slot["name"], adapter, optim, slot["meta"])
-        residuals = {k: ckpt.tensors[f"residual.{k}"] for k in ckpt.meta.get("residual_keys", [])}
-        return ServerState(ckpt.round, slots, list(ckpt.meta["clients"]), int(ckpt.meta["steps"]), residuals)
+        strategy = {k: ckpt.tensors[f"strategy.{k}"] for k in ckpt.meta.get("strategy_keys", [])}
+        return ServerState(ckpt.round, slots, list(ckpt.meta["clients"]), int(ckpt.meta["steps"]), strategy)
 
 
 def run_identity(cfg, fingerprint) -> dict:
