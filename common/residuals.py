@@ -74,6 +74,14 @@ class ResidualFolder:
                 weight.copy_((w0.float() + (delta.T if layer.fan_in_fan_out else delta)).to(weight.dtype))
         self.residuals = {k: v.detach().clone() for k, v in residuals.items()}
 
+    def reset(self) -> None:
+        """Put every folded module's W0 back and forget the residuals."""
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            for prefix, w0 in self.originals.items():
+                modules[prefix].get_base_layer().weight.copy_(w0)
+        self.residuals = {}
+
 
 def expand_residuals(state: AdapterState, config: LoraConfig) -> tuple[AdapterState, LoraConfig]:
     """A standard PEFT adapter reproducing `state`'s adapter plus residuals exactly: every module with a residual
