@@ -16,12 +16,14 @@ FEDEX = ("--aggregation", "fedex")
 
 
 def test_fedex_kill_and_resume_is_bit_identical(tmp_path: Path, builtin_model_dir: Path) -> None:
-    clean, port = tmp_path / "clean", free_port()
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    clean.mkdir(), killed.mkdir()
+    port = free_port()
     run_all([procs.server(clean, port, *FEDEX).start(), *(procs.client(clean, n, port).start() for n in CLIENTS)])
     reference = results(clean)
     assert split_residuals(reference["server adapter"])[1] and split_residuals(reference["global adapter"])[1]
 
-    killed, port = tmp_path / "killed", free_port()
+    port = free_port()
     server = procs.server(killed, port, *FEDEX, faults=["server:round-end=1"])
     alice = procs.client(killed, "alice", port, faults=["client:submit=1"])
     run_all([server.start(), alice.start(), procs.client(killed, "bob", port).start()])
