@@ -63,7 +63,7 @@ class RoundSync:
             self._submit(round - 1, self.samples)
             fault_point("client", "submit", round - 1)
         state, num_clients, total = self._fetch(round - 1)
-        self.state.load_adapter(state)
+        self.state.load_global(state)
         self.in_memory = None
         return num_clients, total
 

@@ -13,12 +13,14 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from common.aggregation import freezes_lora_a
 from common.data import BatchStream, encode, load_examples, shard, synthetic_e2e
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.logs import ContextLogger
 from common.lora import write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
+from common.residuals import ResidualFolder
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.defenses import ActivationDefense
 from common.split.parts import SplitPart
@@ -172,8 +174,8 @@ def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger, observe: 
     first_join = Backoff(cap=5.0, budget=cfg.join_timeout)
     reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout, backoff=first_join)
     sched = reply.schedule
-    log.info("joined %s as %s: %d rounds x %d steps, batch %d, codec %s", cfg.server, cfg.client_id, sched.rounds,
-             sched.local_steps, sched.batch_size, codec_name(reply.codec))
+    log.info("joined %s as %s: %d rounds x %d steps, batch %d, codec %s, aggregation %s", cfg.server, cfg.client_id,
+             sched.rounds, sched.local_steps, sched.batch_size, codec_name(reply.codec), reply.aggregation or "fedavg")
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
     agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, options)
     return session, reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel
@@ -191,8 +193,11 @@ def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
     session, reply, join_args, aggregator, shared_channel = _join(cfg, model_dir, lora, log, observe)
     sched = reply.schedule
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
-    bottom, top_part = client_parts(cfg, model_dir, lora, sched.seed)
-    part = bottom
+    part, top_part = client_parts(cfg, model_dir, lora, sched.seed)
+    if reply.aggregation and freezes_lora_a(reply.aggregation):  # ffa: only B trains, A stays as initialised
+        for name, param in [*part.named_parameters(), *(top_part.named_parameters() if top_part is not None else [])]:
+            if "lora_A" in name:
+                param.requires_grad_(False)
     batches = BatchStream(load_private_data(cfg, tokenizer, sched.max_seq_len), sched.batch_size,
                           tokenizer.pad_token_id, seed=cfg.seed)
     optim = OptimSettings(sched.learning_rate, sched.weight_decay, sched.warmup_steps,
@@ -200,7 +205,8 @@ def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
     top = TopHead(top_part, sched.label_smoothing) if top_part is not None else None
     params = [p for p in part.parameters() if p.requires_grad] + (top.params if top is not None else [])
     opt, lr_sched = build_optimizer(params, optim)
-    state = ClientState(part.peft, opt, lr_sched, batches, top_part.peft if top_part is not None else None)
+    state = ClientState(part.peft, opt, lr_sched, batches, ResidualFolder(part.peft),
+                        top_part.peft if top_part is not None else None)
     out_dir = cfg.output_dir
     checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, join_args[0]), state.capture())
     backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
@@ -219,6 +225,6 @@ def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
         metrics.close()
         session.close()
     path = out_dir / CLIENT_ADAPTER_FILE
-    write_adapter_file(path, state.local_adapter())
+    write_adapter_file(path, {**state.local_adapter(), **state.folder.residuals})  # fedex: residuals too
     log.info("client adapter written to %s", path)
     return path

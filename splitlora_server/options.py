@@ -10,6 +10,7 @@ from common.config.engine import ConfigError, option
 from common.config.sections import ModelOptions, SplitModeOptions, TransportOptions
 from common.tls import ServerTlsOptions
 from common.wire import CODEC_NAMES
+from splitlora_server.admission import AdmissionOptions
 from splitlora_server.rounds.gate import Quorum
 
 
@@ -31,8 +32,11 @@ class AuthOptions:
 class AggregationOptions:
     """How the aggregator combines the clients' adapters each round."""
 
-    aggregation: str = option("fedavg", "fedavg: sample-weighted mean; median / trimmed-mean: coordinate-wise, "
-                                        "each client counted once, robust to a minority of bad clients.",
+    aggregation: str = option("fedavg", "fedavg: sample-weighted mean of A and B (inexact for B·A); ffa: A frozen "
+                                        "at its initialisation, B averaged (exact); fedex: A and B averaged plus "
+                                        "the residual folded into the base weights (exact); median / trimmed-mean: "
+                                        "coordinate-wise, each client counted once, robust to a minority of bad "
+                                        "clients. Per-client server adapters follow it too.",
                               choices=sorted(MODES))
     clip_norm: float = option(0.0, "Clip each client's update (its adapter minus the previous global adapter) to "
                                    "this L2 norm before combining (0: off).")
@@ -77,7 +81,7 @@ class RoundOptions:
 
 @dataclass
 class ServeConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOptions, AuthOptions,
-                  AggregationOptions, RoundOptions):
+                  AggregationOptions, RoundOptions, AdmissionOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -130,6 +134,7 @@ class ServeConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOpt
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.validate_admission(self.max_workers)
         if self.max_batch_clients < 0 or self.batch_window_ms < 0:
             raise ConfigError("max_batch_clients and batch_window_ms must be >= 0")
         for name in ("port", "metrics_port"):
@@ -143,9 +148,11 @@ class ServeConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOpt
 
 
 @dataclass
-class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions, RoundOptions):
+class AggregateConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
+                      RoundOptions, AdmissionOptions):
     """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
-    see client adapters."""
+    see client adapters. Give it the model, split and LoRA flags of the run: the adapters it accepts must have
+    the layout they define."""
 
     host: str = option("127.0.0.1", "Address to listen on.")
     port: int = option(50052, "Port to listen on.")
@@ -161,9 +168,11 @@ class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, Aggregati
     def validate(self) -> None:
         """Reject settings that cannot work."""
         self.validate_rounds(self.clients)
-        for name in ("clients", "rounds"):
+        self.validate_model()
+        for name in ("clients", "rounds", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.validate_admission(self.max_workers)
         self.validate_transport()
         self.validate_tls()
         self.validate_auth()
