@@ -211,7 +211,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                                        chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
                                        verify_claim=registry.verify_claim, store_submissions=False,
                                        coordinator=coordinator,
-                                       layout=adapter_layout(model_dir, "client", cfg.split_layer, lora))
+                                       layout=adapter_layout(model_dir, "client", cfg.split_layer, lora,
+                                                             cfg.top_blocks if cfg.u_shape else None))
         coordinator.subscribe(aggregator.ledger)  # first: the global adapter is computed and stored, or refused
         agrpc.add_AggregatorServicer_to_server(aggregator, server)
     coordinator.subscribe(EngineRoundEnd(engine, registry))
@@ -274,7 +275,8 @@ def aggregate(cfg: AggregateConfig) -> int:
     cfg.validate_tls()
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the aggregator")
     server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
-    layout = adapter_layout(cfg.model_dir(), "client", cfg.split_layer, cfg.lora_settings())
+    layout = adapter_layout(cfg.model_dir(), "client", cfg.split_layer, cfg.lora_settings(),
+                            cfg.top_blocks if cfg.u_shape else None)
     aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
                                    chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
                                    quorum=cfg.quorum(cfg.clients), layout=layout)

@@ -148,8 +148,8 @@ class ServeConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOpt
 
 
 @dataclass
-class AggregateConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
-                      RoundOptions, AdmissionOptions):
+class AggregateConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOptions, AuthOptions,
+                      AggregationOptions, RoundOptions, AdmissionOptions):
     """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
     see client adapters. Give it the model, split and LoRA flags of the run: the adapters it accepts must have
     the layout they define."""
@@ -169,6 +169,7 @@ class AggregateConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOpti
         """Reject settings that cannot work."""
         self.validate_rounds(self.clients)
         self.validate_model()
+        self.validate_split_mode()
         for name in ("clients", "rounds", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
