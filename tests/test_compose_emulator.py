@@ -76,7 +76,8 @@ def test_what_cannot_be_emulated_is_refused(tmp_path: Path, text: str, message: 
 
 
 def test_services_of_a_profile_run_only_when_it_is_active(tmp_path: Path) -> None:
-    text = "services: {a: {command: [x]}, b: {command: [y], profiles: [extra], depends_on: [a]}, c: {image: z, profiles: [other]}}"
+    text = ("services: {a: {command: [x]}, b: {command: [y], profiles: [extra], depends_on: [a]},"
+            " c: {image: z, profiles: [other]}}")
     (tmp_path / "p.yml").write_text(text)
     assert list(load_project(tmp_path / "p.yml", {}).services) == ["a"]  # c's missing command is never looked at
     assert load_project(tmp_path / "p.yml", {}, profiles=["extra"]).start_order() == ["a", "b"]
