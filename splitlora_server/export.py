@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from common.lora import export_adapter
 from common.split import family_for
 from common.split.parts import load_config
-from splitlora_server.config import ExportConfig
+from splitlora_server.options import ExportConfig
 
 
 def newest_global_adapter(aggregator_dir: str | Path) -> Path:

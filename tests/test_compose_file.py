@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from compose_emulator import load_project
-from compose_support import certs_command_available, parse_errors, uses_tls_flags, without_tls_flags
+from tests.support.compose import certs_command_available, parse_errors, uses_tls_flags, without_tls_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -171,11 +171,14 @@ def test_monitoring_profile_scrapes_the_server_and_provisions_the_dashboard() ->
 
 def _exported_metric_names() -> set[str]:
     """Sample names the split server's and the aggregator's collectors expose (counters get `_total`)."""
-    from splitlora_server.aggregator import AggregatorService
-    from splitlora_server.metrics import AggregatorCollector, SplitServerCollector
+    from splitlora_server.aggregator.service import AggregatorService
+    from splitlora_server.ops.metrics import AggregatorCollector, SplitServerCollector
     from splitlora_server.registry import Registry
+    from splitlora_server.rounds.coordinator import RoundCoordinator
+    from splitlora_server.rounds.gate import Quorum
 
-    families = [*SplitServerCollector(Registry(3, 2, 5)).collect(), *AggregatorCollector(
+    registry = Registry(3, 5, RoundCoordinator(2, Quorum(3)))
+    families = [*SplitServerCollector(registry).collect(), *AggregatorCollector(
         AggregatorService(3, 2, None)).collect()]
     return {f.name + ("_total" if f.type == "counter" else "") for f in families}
 

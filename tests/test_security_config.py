@@ -11,12 +11,12 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.configuration import ConfigError
+from common.config.engine import ConfigError
 from common.tls import ClientTlsOptions, ServerTlsOptions, add_port, open_channel, server_credentials
 from splitlora_client.cli import main as client_main
 from splitlora_server.cli import main as server_main
-from splitlora_server.tokens import TokenStore, hash_token
-from tests.servers import running_server
+from splitlora_server.ops.tokens import TokenStore, hash_token
+from tests.support.servers import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,7 +148,7 @@ def test_malformed_tokens_files_are_refused(tmp_path: Path, text: str, phrase: s
 def test_aggregation_settings_reach_the_in_process_aggregator(builtin_model_dir: Path, tmp_path: Path) -> None:
     with running_server(builtin_model_dir, tmp_path, aggregation="median", clip_norm=0.5) as harness:
         aggregator = harness.running.aggregator
-        assert (aggregator.mode, aggregator.clip_norm) == ("median", 0.5)
+        assert aggregator.strategy.describe() == "median, updates clipped to norm 0.5"
 
 
 # -- nothing is unpickled -------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""Typed config of `splitlora-client train`."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config.engine import ConfigError, option
+from common.config.sections import ModelOptions, TransportOptions
+from common.tls import ClientTlsOptions
+from common.wire import CODEC_NAMES
+from splitlora_client.scalars import TENSORBOARD_HINT, tensorboard_available
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
+
+
+@dataclass
+class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
+    """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server."""
+
+    server: str = option("127.0.0.1:50051", "Split server address host:port.")
+    aggregator: str = option("", "Aggregator address host:port; empty: the one the server names at Join, "
+                                 "else the server's own address.")
+    client_id: str = option("client-0", "This client's id (letters, digits, '.', '_', '-').")
+    tokenizer: str = option("", "Local tokenizer directory; empty: the model directory.")
+    data: str = option("", "Private training data: E2E lines 'context||completion', JSONL with "
+                           "context/completion, or JSONL with text. Empty: built-in synthetic E2E-style data.")
+    shard_index: int = option(0, "Use shard i of the data file (IID split by line), with --shard-count.")
+    shard_count: int = option(1, "Number of shards the data file is split into.")
+    builtin_examples: int = option(512, "Examples of built-in synthetic data (when --data is empty).")
+    seed: int = option(0, "Seed of this client's data order and dropout.")
+    output: str = option("", "Directory for this client's adapter and metrics; empty: runs/<client-id>.")
+    codecs: list[str] = option(["float32"], "Activation/gradient codecs this client offers, in order of preference.")
+    overlap: bool = option(True, "Prepare (collate) the next batch while waiting for the server's gradient; "
+                                 "the results are the same either way.")
+    join_timeout: float = option(120.0, "Seconds to keep trying to reach the server at start.")
+    round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")
+    reconnect_timeout: float = option(900.0, "After losing the server or the aggregator, seconds to keep trying to "
+                                             "reach it again before giving up.")
+    reconnect_backoff_max: float = option(10.0, "Longest wait between two reconnection attempts (exponential "
+                                                "backoff from 0.1 s).")
+    progress: bool = option(True, "Show a progress bar.")
+    tensorboard: bool = option(False, "Also write TensorBoard scalars to OUTPUT/tensorboard (needs tensorboardX).")
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, with the reason."""
+        self.validate_model()
+        self.validate_transport()
+        self.validate_tls()
+        for name in ("server", "aggregator"):
+            value = getattr(self, name)
+            if value and not _ADDRESS.match(value):
+                raise ConfigError(f"{name}: {value!r} is not host:port")
+        if self.data and not Path(self.data).is_file():
+            raise ConfigError(f"data: file {self.data} does not exist")
+        if self.tokenizer and not Path(self.tokenizer).is_dir():
+            raise ConfigError(f"tokenizer: {self.tokenizer} is not a directory")
+        if self.reconnect_timeout < 0 or self.reconnect_backoff_max <= 0:
+            raise ConfigError("reconnect_timeout must be >= 0 and reconnect_backoff_max > 0")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ConfigError(f"shard_index must be in [0, shard_count), got {self.shard_index}/{self.shard_count}")
+        unknown = [c for c in self.codecs if c not in CODEC_NAMES]
+        if unknown or not self.codecs:
+            raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
+        if self.tensorboard and not tensorboard_available():
+            raise ConfigError(TENSORBOARD_HINT)
+
+    @property
+    def output_dir(self) -> Path:
+        """Where this client writes its files."""
+        return Path(self.output or f"runs/{self.client_id}")

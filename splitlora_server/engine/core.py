@@ -1,0 +1,200 @@
+"""The engine: one queue of jobs and one worker thread per device, which runs every computation of the server
+part (`compute`) on the adapters it trains (`slots`), in queue order.
+
+Request handlers put jobs on the queue and wait on futures; keeping the device in one thread makes the order of
+optimizer updates explicit. A training step is a `Forward` job; the batching policy (`batching`) may stack it
+with other clients' queued forward jobs; its `Backward` and `Update` run right after it, before any other job.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from common.aggregation import Strategy, build_strategy
+from common.faults import fault_point
+from common.lora import AdapterState
+from common.optim import OptimSettings
+from common.seeding import seed_torch
+from common.split.parts import SplitPart
+from splitlora_server.engine import compute
+from splitlora_server.engine.batching import BatchPolicy, BatchSettings
+from splitlora_server.engine.jobs import Backward, Call, Forward, Job, Step, Update
+from splitlora_server.engine.slots import SHARED, AdapterMode, Slot, Slots
+from splitlora_server.engine.state import ServerState
+
+__all__ = ["SHARED", "AdapterMode", "ServerEngine", "Step"]
+log = logging.getLogger(__name__)
+
+
+class ServerEngine:
+    """Owns the server part and its optimizers; runs jobs from a queue on a single worker thread.
+
+    `on_boundary(state)` is called on the engine thread with the state from which each round starts (the
+    checkpoint); `strategy` averages the per-client server adapters at a round end (FedAvg by default)."""
+
+    def __init__(self, part: SplitPart, mode: AdapterMode, optim: OptimSettings, label_smoothing: float = 0.1,
+                 seed: int = 0, batching: BatchSettings = BatchSettings(), strategy: Strategy | None = None,
+                 on_boundary: Callable[[ServerState], None] | None = None) -> None:
+        self._slots = Slots(part, mode, optim, strategy or build_strategy())
+        self.part, self.mode, self.optim, self.label_smoothing, self.seed = part, mode, optim, label_smoothing, seed
+        self.on_boundary = on_boundary
+        self.batching = batching if mode == "shared" else BatchSettings()  # per-client adapters never share
+        self.policy = BatchPolicy(self.batching)
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._carry: collections.deque[Job] = collections.deque()  # run before the queue: continuations, leftovers
+        self._thread = threading.Thread(target=self._work, name="splitlora-engine", daemon=True)
+        self.steps_done = self._steps_here = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # client steps per computation
+
+    @property
+    def slots(self) -> dict[str, Slot]:
+        """The server adapters, by client id (per-client mode) or SHARED."""
+        return self._slots.by_key
+
+    # -- the queue -------------------------------------------------------------------------------------------
+    def start(self) -> "ServerEngine":
+        """Start the worker thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish queued jobs and stop the worker."""
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the worker thread after every job queued before it."""
+        job = Call(fn)
+        self._jobs.put(job)
+        return job.future
+
+    def submit_step(self, step: Step) -> Future:
+        """Queue one training step (forward, backward, update); the future resolves to a StepOutcome."""
+        job = Forward(step)
+        self._jobs.put(job)
+        return job.future
+
+    def _work(self) -> None:
+        while (job := self._carry.popleft() if self._carry else self._jobs.get()) is not None:
+            if isinstance(job, Forward):
+                self._forward(self.policy.collect(job, self._jobs, self._carry))
+            elif isinstance(job, Backward):
+                self._guarded(job.group, lambda: self._backward(job))
+            elif isinstance(job, Update):
+                self._guarded(job.group, lambda: self._update(job))
+            elif job.future.set_running_or_notify_cancel():
+                try:
+                    job.future.set_result(job.fn())
+                except Exception as err:  # the worker must outlive any single bad job
+                    log.exception("engine job failed")
+                    job.future.set_exception(err)
+
+    # -- a training step: forward, backward, update ----------------------------------------------------------
+    def _forward(self, group: list[Forward]) -> None:
+        group = [job for job in group if job.future.running() or job.future.set_running_or_notify_cancel()]
+        if not group:
+            return
+        steps = [job.step for job in group]
+        if len(steps) == 1:
+            seed_torch(self.seed, "server", steps[0].client_id, steps[0].step)
+        else:
+            seed_torch(self.seed, "server-batch", *(f"{s.client_id}@{s.step}" for s in steps))
+
+        def run() -> None:
+            self._slots.activate(steps[0].client_id)
+            pending = compute.forward(self.part, steps, self.label_smoothing)
+            self._carry.appendleft(Backward(group, pending))  # the step's continuation runs next
+
+        self._guarded(group, run)
+
+    def _backward(self, job: Backward) -> None:
+        compute.backward(job.pending)
+        self._carry.appendleft(Update(job.group, job.pending))
+
+    def _update(self, job: Update) -> None:
+        steps = [j.step for j in job.group]
+        slot = self._slots.of(steps[0].client_id)
+        if len(steps) > 1 and not compute.grads_finite(slot.params):
+            raise FloatingPointError("the combined gradient of a batch is not finite")  # each step alone, next
+        for _ in steps:
+            self._steps_here += 1
+            fault_point("server", "step", self._steps_here)  # counted in this process (a testing hook)
+        compute.update(slot.params, slot.opt, slot.sched, job.pending, self.optim.max_grad_norm)
+        self._slots.touched.update(s.client_id for s in steps)
+        self.steps_done += len(steps)
+        self.batch_sizes[len(steps)] += 1
+        for forward, outcome in zip(job.group, compute.outcomes(job.pending)):
+            forward.future.set_result(outcome)
+
+    def _guarded(self, group: list[Forward], fn: Callable[[], None]) -> None:
+        """Run one stage of a group; if it fails, a single step gets the error and a batch is retried step by step
+        (e.g. a malformed step, or a gradient that is not finite: the bad step alone is refused)."""
+        try:
+            fn()
+        except Exception as err:
+            self._slots.of(group[0].step.client_id).opt.zero_grad(set_to_none=True)
+            if len(group) == 1:
+                log.exception("engine job failed")
+                group[0].future.set_exception(err)
+                return
+            log.warning("a batch of %d client steps failed; running them one by one", len(group), exc_info=True)
+            for job in reversed(group):
+                self._carry.appendleft(Forward(job.step, job.future, alone=True))
+
+    # -- streams (for the batching policy) -------------------------------------------------------------------
+    def stream_opened(self, client_id: str) -> None:
+        """The service opened a Train stream of `client_id` (any thread)."""
+        self.policy.stream_opened(client_id)
+
+    def stream_closed(self, client_id: str) -> None:
+        """A Train stream of `client_id` ended; with none left, the batch window stops waiting for it."""
+        self.policy.stream_closed(client_id)
+
+    def awaited(self, members: set[str]) -> set[str]:
+        """The clients a batch of `members` would wait for (see BatchPolicy.awaited)."""
+        return self.policy.awaited(members)
+
+    # -- adapters and round boundaries (each a job, in queue order) ------------------------------------------
+    def add_client(self, client_id: str) -> Future:
+        """Per-client mode: give a new client its own copy of the server adapter."""
+        return self.call(lambda: (self.policy.seen(client_id), self._slots.add_client(client_id)))
+
+    def end_round(self, rnd: int, weights: dict[str, float]) -> Future:
+        """Per-client mode: average the clients' server adapters (the strategy, weighted) into every copy."""
+        return self.call(lambda: self._slots.average(rnd, weights))
+
+    def close_round(self, rnd: int, weights: dict[str, float], clients: list[str]) -> Future:
+        """Round `rnd` is over: average (per-client mode), then take the boundary from which round rnd+1 starts:
+        snapshot every slot and hand the state to `on_boundary` (the checkpoint), all before the next job."""
+        return self.call(lambda: self._close_round(rnd, weights, clients))
+
+    def _close_round(self, rnd: int, weights: dict[str, float], clients: list[str]) -> None:
+        self._slots.average(rnd, weights)
+        fault_point("server", "round-end", rnd)
+        state = self._slots.take_boundary(rnd, clients, self.steps_done)
+        if self.on_boundary is not None:
+            self.on_boundary(state)
+
+    def rollback(self, client_id: str, rnd: int) -> Future:
+        """Undo a client's partial round `rnd` (it redoes the round): restore its slot from the boundary snapshot.
+        In shared mode that is only possible while no other client has stepped the shared adapter since."""
+        return self.call(lambda: self._slots.rollback(client_id, rnd))
+
+    def restore(self, state: ServerState) -> Future:
+        """Resume from a checkpoint: recreate the slots under their adapter names and load their states."""
+        def run() -> None:
+            self._slots.restore(state)
+            self.steps_done = state.steps
+        return self.call(run)
+
+    def adapter_of(self, client_id: str) -> AdapterState:
+        """A copy of the server adapter a client's steps update (the shared one in shared mode)."""
+        return self.call(lambda: self._slots.adapter(client_id)).result()
+
+    def server_adapter(self) -> AdapterState:
+        """The server adapter to export (the shared one, or the average after the last round)."""
+        return self.call(lambda: self._slots.adapter(SHARED)).result()

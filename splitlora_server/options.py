@@ -1,0 +1,188 @@
+"""Typed configs of the server's commands: serve, aggregate, export."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, Strategy, StrategyOptions, build_strategy
+from common.config.engine import ConfigError, option
+from common.config.sections import ModelOptions, TransportOptions
+from common.tls import ServerTlsOptions
+from common.wire import CODEC_NAMES
+from splitlora_server.rounds.gate import Quorum
+
+
+@dataclass
+class AuthOptions:
+    """Where client identities come from besides mTLS certificates."""
+
+    tokens_file: str = option("", "Bearer tokens file (identity -> sha256 of the token) made with `splitlora-server "
+                                  "tokens add`; callers then need a token or a client certificate.", metavar="FILE")
+
+    def validate_auth(self) -> None:
+        """The tokens file exists."""
+        if self.tokens_file and not Path(self.tokens_file).is_file():
+            raise ConfigError(f"tokens_file: {self.tokens_file} does not exist; create it with "
+                              "`splitlora-server tokens add ID --tokens-file FILE`")
+
+
+@dataclass
+class AggregationOptions:
+    """How the aggregator combines the clients' adapters each round."""
+
+    aggregation: str = option("fedavg", "fedavg: sample-weighted mean; median / trimmed-mean: coordinate-wise, "
+                                        "each client counted once, robust to a minority of bad clients.",
+                              choices=sorted(MODES))
+    clip_norm: float = option(0.0, "Clip each client's update (its adapter minus the previous global adapter) to "
+                                   "this L2 norm before combining (0: off).")
+    trim_fraction: float = option(DEFAULT_TRIM_FRACTION, "trimmed-mean: fraction of clients dropped at each end "
+                                                         "of every coordinate.")
+
+    def strategy(self) -> Strategy:
+        """The aggregation strategy these options name."""
+        return build_strategy(self.aggregation, self.clip_norm, StrategyOptions(self.trim_fraction))
+
+    def validate_aggregation(self, clients: int) -> None:
+        """Settings that protect something with `clients` clients per round."""
+        if not (self.clip_norm >= 0 and math.isfinite(self.clip_norm)):
+            raise ConfigError(f"clip_norm must be a finite number >= 0, got {self.clip_norm}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.aggregation == "trimmed-mean" and math.floor(self.trim_fraction * clients) == 0:
+            raise ConfigError(f"trimmed-mean with --trim-fraction {self.trim_fraction} and {clients} clients trims "
+                              f"no client; raise --trim-fraction to at least {1 / clients:.3g}")
+
+
+@dataclass
+class RoundOptions:
+    """Dropouts and stragglers: when a round may close without every client."""
+
+    min_clients: int = option(0, "Quorum: the fewest clients a round may close with once its deadline has passed "
+                                 "(0: all of --clients). Without the quorum the round waits.")
+    round_deadline: float = option(0.0, "Seconds the others wait for stragglers after the first client is done "
+                                        "with a round (0: wait for every client). Give serve and aggregate the "
+                                        "same value.")
+
+    def quorum(self, clients: int) -> Quorum:
+        """The round-closing rule of these options."""
+        return Quorum(clients, self.min_clients, self.round_deadline)
+
+    def validate_rounds(self, clients: int) -> None:
+        if not 0 <= self.min_clients <= clients:
+            raise ConfigError(f"min_clients must be in [0, clients={clients}], got {self.min_clients}")
+        if self.round_deadline < 0:
+            raise ConfigError(f"round_deadline must be >= 0, got {self.round_deadline}")
+
+
+@dataclass
+class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
+                  RoundOptions):
+    """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
+
+    host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
+    port: int = option(50051, "Port to listen on (0: pick a free one and print it).")
+    clients: int = option(3, "Clients expected in each round.")
+    rounds: int = option(5, "Federated rounds.")
+    local_steps: int = option(33, "Client steps per round between two aggregations.")
+    batch_size: int = option(8, "Examples per client step (the largest batch the server accepts).")
+    learning_rate: float = option(2e-4, "AdamW learning rate, on both sides.")
+    weight_decay: float = option(0.01, "AdamW weight decay.")
+    warmup_steps: int = option(500, "Linear warm-up steps of the learning rate.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
+    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy loss.")
+    max_seq_len: int = option(512, "Longest sequence (tokens) a client may send; capped by the model's positions.")
+    seed: int = option(0, "Seed of the LoRA initialization, server dropout and the clients' shared init.")
+    server_adapter_mode: str = option("shared", "shared: one server adapter updated by every client step; "
+                                      "per-client: a copy per client, averaged at each round end.",
+                                      choices=["shared", "per-client"])
+    max_batch_clients: int = option(1, "Cross-client batching (shared adapter mode): stack up to this many clients' "
+                                       "waiting steps into one forward/backward (0 or 1: off).")
+    batch_window_ms: float = option(0.0, "With batching on, how long the server waits for other clients' steps "
+                                         "before running a batch (0: only steps already waiting).")
+    device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...; auto: cuda when a GPU is "
+                                "visible, else cpu).")
+    gradient_checkpointing: bool = option(False, "Recompute the server blocks' activations in the backward pass "
+                                                 "instead of keeping them (less memory, more compute).")
+    output: str = option("runs/server", "Directory for the exported adapter, checkpoints and metrics.")
+    aggregator: str = option("", "Address host:port of a separate aggregator; empty: run it in this process.")
+    codecs: list[str] = option(["float32", "float16", "bfloat16", "int8"],
+                               "Activation/gradient codecs the server accepts, in its order of preference.")
+    max_workers: int = option(128, "gRPC handler threads (a training stream and a round wait per client, plus "
+                                   "room: at least 4 per concurrent client).")
+    max_adapter_bytes: int = option(512 << 20, "Largest client adapter the aggregator accepts, in bytes.")
+    finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
+                                               "final adapter before shutting down.")
+    metrics_port: int = option(0, "Serve Prometheus metrics at http://HOST:PORT/metrics on this port; 0: off.")
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, with the reason."""
+        self.validate_model()
+        self.validate_transport()
+        self.validate_tls()
+        self.validate_auth()
+        self.validate_aggregation(self.clients)
+        if self.device == "auto":  # resolved here so that the logged effective config shows the choice
+            import torch
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.validate_rounds(self.clients)
+        for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_batch_clients < 0 or self.batch_window_ms < 0:
+            raise ConfigError("max_batch_clients and batch_window_ms must be >= 0")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        unknown = [c for c in self.codecs if c not in CODEC_NAMES]
+        if unknown or not self.codecs:
+            raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
+
+
+@dataclass
+class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions, RoundOptions):
+    """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
+    see client adapters."""
+
+    host: str = option("127.0.0.1", "Address to listen on.")
+    port: int = option(50052, "Port to listen on.")
+    clients: int = option(3, "Clients expected in each round.")
+    rounds: int = option(5, "Federated rounds.")
+    output: str = option("runs/aggregator", "Directory for the global adapters of each round.")
+    max_adapter_bytes: int = option(512 << 20, "Largest client adapter accepted, in bytes.")
+    max_workers: int = option(64, "gRPC handler threads.")
+    finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
+                                               "final adapter before shutting down.")
+    metrics_port: int = option(0, "Serve Prometheus metrics at http://HOST:PORT/metrics on this port; 0: off.")
+
+    def validate(self) -> None:
+        """Reject settings that cannot work."""
+        self.validate_rounds(self.clients)
+        for name in ("clients", "rounds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.validate_transport()
+        self.validate_tls()
+        self.validate_auth()
+        self.validate_aggregation(self.clients)
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+
+
+@dataclass
+class ExportConfig(ModelOptions):
+    """`splitlora-server export`: merge a client global adapter and a server adapter into one PEFT adapter."""
+
+    client_adapter: str = option("", "Client-side global adapter (.safetensors), e.g. <aggregator output>/global/"
+                                     "round-0004.safetensors. Empty: the newest under --aggregator-dir.")
+    aggregator_dir: str = option("runs/aggregator", "Aggregator output directory (used when --client-adapter "
+                                                    "is empty).")
+    server_adapter: str = option("runs/server/server_adapter.safetensors", "Server-side adapter (.safetensors).")
+    output: str = option("runs/export", "Directory to write the whole-model PEFT adapter to.")
+
+    def validate(self) -> None:
+        """Checks of the model options."""
+        self.validate_model()
