@@ -31,7 +31,7 @@ bench: venv
 	$(BIN)/splitlora-bench all --out $(BENCH_OUT)
 
 # both images built and the compose demo run for real with podman (as root; installs podman from Debian's
-# packages; about 15 minutes on 2 cores); not part of `make test`. See docs/deploy.md.
+# packages; 15 to 30 minutes on 2 cores); not part of `make test`. See docs/deploy.md.
 check-containers: venv
 	bash scripts/check_containers.sh
 
