@@ -7,7 +7,7 @@ DEMO_DIR ?= runs/demo
 DEMO_PORT ?= 50051
 export SPLITLORA_HOME ?= $(CURDIR)/.splitlora-home
 
-.PHONY: venv demo test bench protos check-protos clean
+.PHONY: venv demo test bench protos check-protos check-containers clean
 
 $(BIN)/splitlora-server: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: venv
 BENCH_OUT ?= runs/bench
 bench: venv
 	$(BIN)/splitlora-bench all --out $(BENCH_OUT)
+
+# both images built and the compose demo run for real with podman (as root; installs podman from Debian's
+# packages; 15 to 30 minutes on 2 cores); not part of `make test`. See docs/deploy.md.
+check-containers: venv
+	bash scripts/check_containers.sh
 
 protos: venv
 	$(BIN)/python scripts/gen_protos.py
