@@ -2,6 +2,7 @@
 padding, export onto the unsplit model, default targets, tied heads, gradient checkpointing, bfloat16."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 
 def test_every_family_is_supported() -> None:
     assert set(FAMILIES) <= set(supported_model_types())
-    with pytest.raises(UnsupportedModelError, match="'opt' is not supported; supported model types: gpt2, gpt_neox"):
+    with pytest.raises(UnsupportedModelError, match="'opt' is not supported; supported model types: gemma2, gemma3_text, gpt2, "):
         family_for("opt")
 
 
@@ -48,7 +49,7 @@ def test_split_equals_unsplit(family: str) -> None:
                                        msg=f"{family} split at {split_layer}: {name}")
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_sliding_window_masks_matter(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control: treating the windowed layers as full attention changes the loss, so the equality
     above really checks the sliding-window masks."""
@@ -57,6 +58,30 @@ def test_sliding_window_masks_matter(family: str, monkeypatch: pytest.MonkeyPatc
     windowed = split_loss(client, server, BATCH)
     monkeypatch.setattr(type(client.family), "layer_kinds", lambda self, config: ["full_attention"] * NUM_LAYERS)
     assert abs(split_loss(client, server, BATCH) - windowed) > 1e-4
+
+
+@pytest.mark.parametrize(("family", "rule"), [("gemma2", {"logit_softcap": None}),
+                                              ("gemma3_text", {"logit_softcap": None}),
+                                              ("granite", {"embedding_multiplier": None}),
+                                              ("granite", {"logits_divisor": None})])
+def test_family_rules_matter(family: str, rule: dict) -> None:
+    """Negative control: dropping a family rule (soft-capping, Granite's multipliers) changes the loss, so the
+    equality above really checks it."""
+    client, server = build_parts(checkpoint_dir(family), 2)
+    exact = split_loss(client, server, BATCH)
+    client.family = server.family = dataclasses.replace(client.family, **rule)
+    assert abs(split_loss(client, server, BATCH) - exact) > 1e-4
+
+
+def test_gemma3_sliding_layers_use_the_local_rotary_base() -> None:
+    """Gemma 3's sliding layers get rotary tables of their own base (rope_local_base_freq), global layers theirs."""
+    client = SplitPart(checkpoint_dir("gemma3_text"), "client", 2, EXACT)
+    hidden = client.family.embed(client.base, BATCH["input_ids"], BATCH["position_ids"])
+    tables = client.family.block_context(client.base, hidden, BATCH["attention_mask"],
+                                         BATCH["position_ids"])["position_embeddings"]
+    assert client.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    assert not torch.allclose(tables[0][0], tables[1][0])
+    assert torch.equal(tables[0][0], tables[2][0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -78,7 +103,9 @@ def test_export_loads_on_the_unsplit_model(family: str, tmp_path) -> None:
 
 @pytest.mark.parametrize(("family", "targets"), [("llama", {"q_proj", "v_proj"}), ("qwen2", {"q_proj", "v_proj"}),
                                                  ("mistral", {"q_proj", "v_proj"}), ("gpt_neox", {"query_key_value"}),
-                                                 ("gpt2", {"c_attn"})])
+                                                 ("gpt2", {"c_attn"}), ("qwen3", {"q_proj", "v_proj"}),
+                                                 ("gemma2", {"q_proj", "v_proj"}), ("phi3", {"qkv_proj"}),
+                                                 ("granite", {"q_proj", "v_proj"}), ("mixtral", {"q_proj", "v_proj"})])
 def test_default_lora_targets(family: str, targets: set[str]) -> None:
     part = SplitPart(checkpoint_dir(family), "client", 2, EXACT)
     adapted = {n.split(".")[-4] for n, _ in part.peft.named_parameters() if "lora_A" in n}

@@ -52,6 +52,11 @@ class ModelFamily(ABC):
         """Number of transformer blocks in the full model."""
         return int(config.num_hidden_layers)
 
+    def checkpoint_source(self, name: str, config: Any) -> Any:
+        """Where a checkpoint that lacks parameter `name` under its own name keeps it: another name, a `Fused`
+        (several tensors built into one, e.g. per-expert weights), or None (nowhere else)."""
+        return None
+
     def ties_head(self, config: Any) -> bool:
         """Whether this checkpoint's LM head is the token embedding matrix."""
         return self.tied_head is not None and bool(getattr(config, "tie_word_embeddings", False))

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.checkpoint import CheckpointError, CheckpointIndex, resolve_model_dir
 from common.split import ModelFamily, family_for
+from common.split.experts import Fused
 
 Side = Literal["client", "server"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,9 +88,26 @@ def checkpoint_name(name: str, model: nn.Module, family: ModelFamily, index: Che
     raise CheckpointError(f"{index.model_dir}: tensor {name} not found in the checkpoint (tried {candidates})")
 
 
-def _side_names(config: Any, family: ModelFamily, index: CheckpointIndex, model: nn.Module) -> dict[str, str]:
+def _source(name: str, config: Any, model: nn.Module, family: ModelFamily, index: CheckpointIndex,
+            tied: bool) -> str | Fused:
+    """The checkpoint tensor(s) that hold parameter `name`: its own (or aliased) name, else the family's source."""
+    try:
+        return checkpoint_name(name, model, family, index, tied)
+    except CheckpointError:
+        other = family.checkpoint_source(name, config)
+        parts = [other] if isinstance(other, str) else list(other.parts) if other is not None else []
+        if not parts or any(p not in index for p in parts):
+            raise
+        return other
+
+
+def _side_names(config: Any, family: ModelFamily, index: CheckpointIndex, model: nn.Module) -> dict[str, str | Fused]:
     tied = family.ties_head(config)
-    return {n: checkpoint_name(n, model, family, index, tied) for n, _ in model.named_parameters()}
+    return {n: _source(n, config, model, family, index, tied) for n, _ in model.named_parameters()}
+
+
+def _tensor_names(sources: dict[str, str | Fused]) -> list[str]:
+    return sorted({p for s in sources.values() for p in ([s] if isinstance(s, str) else s.parts)})
 
 
 def side_tensor_names(model_dir: str | Path, side: Side, split_layer: int) -> list[str]:
@@ -98,7 +116,7 @@ def side_tensor_names(model_dir: str | Path, side: Side, split_layer: int) -> li
     family = family_for(config.model_type)
     check_split_layer(split_layer, family.num_layers(config))
     model = skeleton(config, family, side, split_layer)
-    return sorted(set(_side_names(config, family, CheckpointIndex(model_dir), model).values()))
+    return _tensor_names(_side_names(config, family, CheckpointIndex(model_dir), model))
 
 
 def load_side(model_dir: str | Path, config: Any, family: ModelFamily, side: Side, split_layer: int,
@@ -106,9 +124,10 @@ def load_side(model_dir: str | Path, config: Any, family: ModelFamily, side: Sid
     """The pruned model of one side with its base weights read from the checkpoint straight onto `device`."""
     index = CheckpointIndex(model_dir)
     model = skeleton(config, family, side, split_layer)
-    names = _side_names(config, family, index, model)
-    loaded = index.load(sorted(set(names.values())), dtype, device)
-    model.load_state_dict({n: loaded[c] for n, c in names.items()}, strict=False, assign=True)
+    sources = _side_names(config, family, index, model)
+    loaded = index.load(_tensor_names(sources), dtype, device)
+    state = {n: loaded[s] if isinstance(s, str) else s.build([loaded[p] for p in s.parts]) for n, s in sources.items()}
+    model.load_state_dict(state, strict=False, assign=True)
     if any(p.is_meta for p in model.parameters()):
         raise CheckpointError(f"{model_dir}: some {side} weights were not in the checkpoint")
     return model.to(device).requires_grad_(False)  # buffers (rotary tables) follow the weights
