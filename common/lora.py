@@ -1,6 +1,7 @@
 """LoRA adapter state in and out: extraction, validated loading, safetensors bytes and whole-model export."""
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -78,7 +79,8 @@ def write_adapter_file(path: Path, state: AdapterState) -> None:
 
 def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,
                    base_model: str | None = None) -> Path:
-    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts."""
+    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts: the weights
+    and the config as `PeftModel.save_pretrained` writes them (`inference_mode` true, the task type kept)."""
     out = Path(out_dir)
     merged: AdapterState = {}
     for state in states:
@@ -86,7 +88,8 @@ def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterStat
         if overlap:
             raise AdapterError(f"adapter parts overlap on {sorted(overlap)[:3]}")
         merged.update(state)
-    config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": base_model})
+    config = copy.deepcopy(config)
+    config.base_model_name_or_path, config.inference_mode = base_model, True
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
     write_adapter_file(out / ADAPTER_WEIGHTS, merged)

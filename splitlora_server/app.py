@@ -19,6 +19,7 @@ from common.optim import OptimSettings
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
+from common.split.lora_settings import whole_model_lora_config
 from common.split.parts import SplitPart
 from common.tls import add_port
 from splitlora_server.aggregator import AggregatorService
@@ -84,8 +85,8 @@ class RunningServer:
                      out / SERVER_ADAPTER_FILE)
             return out / SERVER_ADAPTER_FILE
         client_state = self.aggregator.global_adapter(self.config.rounds - 1)
-        path = export_adapter(out / "adapter", self.part.lora.peft_config(self.part.family), client_state,
-                              server_state, base_model=str(self.part.model_dir))
+        lora = whole_model_lora_config(self.part.lora, self.part.family, self.part.config)
+        path = export_adapter(out / "adapter", lora, client_state, server_state, base_model=str(self.part.model_dir))
         log.info("exported the whole-model PEFT adapter to %s", path)
         return path
 

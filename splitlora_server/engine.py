@@ -234,7 +234,7 @@ class ServerEngine:
         self.snapshots[client_id] = self.slots[client_id].capture(self.part)
 
     def _new_slot(self, key: str, name: str) -> _Slot:
-        self.part.peft.add_adapter(name, self.part.lora.peft_config(self.part.family))
+        self.part.peft.add_adapter(name, self.part.lora_config())
         self.slots[key] = _Slot(self.part, name, self.optim)
         return self.slots[key]
 

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from common.lora import export_adapter
 from common.split import family_for
+from common.split.lora_settings import whole_model_lora_config
 from common.split.parts import load_config
 from splitlora_server.config import ExportConfig
 
@@ -26,6 +27,7 @@ def export(cfg: ExportConfig) -> Path:
     for path in (client_path, Path(cfg.server_adapter)):
         if not path.is_file():
             raise FileNotFoundError(f"adapter file {path} does not exist")
-    family = family_for(load_config(model_dir).model_type)
-    return export_adapter(cfg.output, cfg.lora_settings().peft_config(family), load_file(str(client_path)),
+    config = load_config(model_dir)
+    lora = whole_model_lora_config(cfg.lora_settings(), family_for(config.model_type), config)
+    return export_adapter(cfg.output, lora, load_file(str(client_path)),
                           load_file(str(cfg.server_adapter)), base_model=str(model_dir))

@@ -17,7 +17,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
 
 from common.split import family_for
 from common.split.parts import LoraSettings, load_config
-from helpers_split import randomize_lora_b
+from helpers_split import EXACT, build_parts, lora_params, model_loss, randomize_lora_b, split_forward_backward
 
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
             "granite", "mixtral")
@@ -101,3 +101,23 @@ def copy_adapter(src: nn.Module, *parts: nn.Module) -> None:
             for name, param in part.peft.named_parameters():
                 if "lora_" in name:
                     param.copy_(values[name])
+
+
+def assert_split_equals_unsplit(model_dir: Path, batch: dict[str, torch.Tensor], split_layers: range | list[int],
+                                lora: LoraSettings = EXACT) -> None:
+    """Loss and every LoRA gradient of client+server equal the unsplit peft model's at each split layer, and the
+    two parts together hold exactly the unsplit model's LoRA parameters."""
+    ref = reference(model_dir, lora)
+    expected = model_loss(ref, batch)
+    expected.backward()
+    ref_grads = {n: p.grad for n, p in lora_params(ref).items()}
+    for split_layer in split_layers:
+        client, server = build_parts(model_dir, split_layer, lora)
+        copy_adapter(ref, client, server)
+        loss = split_forward_backward(client, server, batch)
+        grads = {n: p.grad for part in (client, server) for n, p in lora_params(part.peft).items()}
+        assert set(grads) == set(ref_grads), f"{model_dir.name} at {split_layer}: LoRA parameters differ"
+        torch.testing.assert_close(loss, expected.detach(), atol=1e-5, rtol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-5,
+                                       msg=f"{model_dir.name} split at {split_layer}: {name}")

@@ -16,7 +16,8 @@ from common.lora import adapter_state, export_adapter
 from common.loss import causal_lm_loss
 from common.split import UnsupportedModelError, family_for, supported_model_types
 from common.split.parts import LoraSettings, SplitPart, side_tensor_names
-from family_checkpoints import FAMILIES, NUM_LAYERS, VOCAB, checkpoint_dir, copy_adapter, reference
+from family_checkpoints import (FAMILIES, NUM_LAYERS, VOCAB, assert_split_equals_unsplit, checkpoint_dir, copy_adapter,
+                                reference)
 from helpers_split import EXACT, build_parts, lora_params, model_loss, padded_batch, split_forward_backward, split_loss
 
 BATCH = padded_batch(VOCAB, lengths=(11, 6, 9))  # right padding; longer than the 4-token sliding windows
@@ -32,21 +33,7 @@ def test_every_family_is_supported() -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_split_equals_unsplit(family: str) -> None:
     """Loss and every LoRA gradient of client+server equal the unsplit peft model's, at every split layer."""
-    model_dir = checkpoint_dir(family)
-    ref = reference(model_dir, EXACT)
-    expected = model_loss(ref, BATCH)
-    expected.backward()
-    ref_grads = {n: p.grad for n, p in lora_params(ref).items()}
-    for split_layer in range(1, NUM_LAYERS):
-        client, server = build_parts(model_dir, split_layer)
-        copy_adapter(ref, client, server)
-        loss = split_forward_backward(client, server, BATCH)
-        grads = {n: p.grad for part in (client, server) for n, p in lora_params(part.peft).items()}
-        assert set(grads) == set(ref_grads), f"{family} at {split_layer}: LoRA parameters differ"
-        torch.testing.assert_close(loss, expected.detach(), atol=1e-5, rtol=0)
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-5,
-                                       msg=f"{family} split at {split_layer}: {name}")
+    assert_split_equals_unsplit(checkpoint_dir(family), BATCH, range(1, NUM_LAYERS))
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3"])

@@ -1,10 +1,8 @@
 """One side of the split model (`SplitPart`) and the LoRA settings both sides share."""
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,37 +11,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from common.checkpoint import resolve_model_dir
-from common.split import ModelFamily, family_for
+from common.split import family_for
 from common.split.loading import (DTYPES, Side, SplitError, check_split_layer, load_config, load_side,
                                   side_tensor_names)
+from common.split.lora_settings import LoraSettings, side_lora_config
 
 __all__ = ["DTYPES", "LoraSettings", "Side", "SplitError", "SplitPart", "check_split_layer", "load_config",
            "resolve_model_dir", "side_tensor_names"]
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyper-parameters; `targets` empty means the family's defaults."""
-
-    r: int = 4
-    alpha: int = 32
-    dropout: float = 0.1
-    targets: tuple[str, ...] = field(default_factory=tuple)
-
-    def resolved(self, family: ModelFamily) -> "LoraSettings":
-        """These settings with the family's default targets filled in."""
-        return LoraSettings(self.r, self.alpha, self.dropout, tuple(self.targets) or family.default_lora_targets)
-
-    def peft_config(self, family: ModelFamily) -> LoraConfig:
-        """The peft LoraConfig both sides and the exported adapter use."""
-        s = self.resolved(family)
-        return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.targets),
-                          fan_in_fan_out=family.fan_in_fan_out, bias="none")
-
-    def sha256(self, family: ModelFamily) -> str:
-        """Hash of the resolved settings, for the handshake fingerprint."""
-        data = asdict(self.resolved(family))
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 class SplitPart(nn.Module):
@@ -73,10 +47,15 @@ class SplitPart(nn.Module):
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft
             torch.manual_seed(lora_seed)
-            self.peft = get_peft_model(base, lora.peft_config(self.family))
+            self._lora_config = side_lora_config(lora, self.family, self.config, base, side)
+            self.peft = get_peft_model(base, self.lora_config())
         for name, param in self.peft.named_parameters():
             if "lora_" in name and param.dtype != torch.float32:
                 param.data = param.data.float()  # adapters train in float32 whatever the base dtype
+
+    def lora_config(self) -> LoraConfig:
+        """A fresh copy of this side's peft LoraConfig (the whole model's targets that exist on this side)."""
+        return copy.deepcopy(self._lora_config)
 
     @property
     def base(self) -> nn.Module:
