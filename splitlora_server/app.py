@@ -21,6 +21,7 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.split.lora_settings import whole_model_lora_config
 from common.split.parts import SplitPart
+from common.split.router import router_aux
 from common.tls import add_port
 from splitlora_server.aggregator import AggregatorService
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
@@ -140,7 +141,9 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                             warmup_steps=cfg.warmup_steps, max_seq_len=min(cfg.max_seq_len, max_positions),
                             label_smoothing=cfg.label_smoothing, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm)
-    limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
+    aux = router_aux(part.family, part.config)
+    limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions,
+                         num_experts=aux.num_experts if aux else 0)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
     resumed = _resume(cfg, engine, registry, run_identity(cfg, fingerprint))

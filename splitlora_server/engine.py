@@ -24,6 +24,7 @@ from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.seeding import seed_step
 from common.split.parts import SplitPart
+from common.split.router import RouterRecorder, RouterStats, router_aux
 from splitlora_server.batching import BatchSettings, forward_backward, split_rows, stack
 from splitlora_server.checkpoint import ServerState, SlotState, capture_slot, restore_slot
 
@@ -42,6 +43,7 @@ class StepInputs:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor
+    router: RouterStats | None = None  # the client's router statistics (mixture of experts, aux loss on)
 
 
 @dataclass
@@ -51,6 +53,8 @@ class StepOutcome:
     grad: torch.Tensor
     loss: float
     tokens: int
+    router_grad: torch.Tensor | None = None  # d loss / d the client's routing probabilities
+    aux_loss: float = 0.0                    # the router's auxiliary loss term (included in loss)
 
 
 @dataclass
@@ -103,7 +107,9 @@ class ServerEngine:
         self.snapshots: dict[str, SlotState] = {SHARED: self.slots[SHARED].capture(part)}
         self._touched: set[str] = set()
         self.on_boundary: Callable[[ServerState], None] | None = None  # writes the checkpoint (engine thread)
-        self.batching = batching if mode == "shared" else BatchSettings()  # per-client adapters never share
+        # per-client adapters never share; a router auxiliary loss is per step (over each step's own tokens)
+        self.batching = batching if mode == "shared" and router_aux(part.family, part.config) is None \
+            else BatchSettings()
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # client steps per computation
         self._clients: set[str] = set()  # every client seen (engine thread only)
         self._streams: collections.Counter[str] = collections.Counter()  # open Train streams per client
@@ -245,8 +251,12 @@ class ServerEngine:
         seed_step(self.seed, "server", step.client_id, step.step)
         device = self.part.device
         hidden = step.hidden.detach().to(device).requires_grad_(True)
-        logits = self.part(hidden, step.attention_mask.to(device), step.position_ids.to(device))
+        with RouterRecorder(self.part, step.attention_mask.to(device)) as routers:
+            logits = self.part(hidden, step.attention_mask.to(device), step.position_ids.to(device))
         loss, tokens = causal_lm_loss(logits, step.labels.to(device), self.label_smoothing)
+        aux, client_probs = routers.aux_term(step.router) if routers.aux else (None, None)
+        if aux is not None:
+            loss = loss + aux
         loss.backward()
         finite = torch.isfinite(loss) and _grads_finite(slot)
         self._steps_here += 1
@@ -258,7 +268,9 @@ class ServerEngine:
             slot.opt.zero_grad(set_to_none=True)
         self.steps_done += 1
         self.batch_sizes[1] += 1
-        return StepOutcome(grad=hidden.grad.detach().float().cpu(), loss=float(loss.detach()), tokens=tokens)
+        return StepOutcome(grad=hidden.grad.detach().float().cpu(), loss=float(loss.detach()), tokens=tokens,
+                           router_grad=None if client_probs is None else client_probs.grad.detach().cpu(),
+                           aux_loss=0.0 if aux is None else float(aux.detach()))
 
     def _step_batch(self, steps: list[StepInputs]) -> list[StepOutcome] | None:
         """Several clients' steps as one forward/backward on the sum of their mean losses, one optimizer step.

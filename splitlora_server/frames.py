@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import torch
 
 from common.loss import IGNORE_INDEX
+from common.router_wire import decode_stats
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
+from common.split.router import RouterStats
 from common.wire import WireError, codec_name, decode_tensor
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
@@ -22,6 +24,7 @@ class FrameLimits:
     max_batch: int
     max_seq_len: int
     max_positions: int
+    num_experts: int = 0  # > 0: a mixture-of-experts model whose steps carry router statistics
 
 
 @dataclass
@@ -32,6 +35,7 @@ class DecodedStep:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor
+    router: RouterStats | None = None
 
 
 def _int_tensor(msg, name: str, shape: tuple[int, int], limits: FrameLimits) -> torch.Tensor:
@@ -77,4 +81,16 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if bad.any():
         raise WireError(f"labels must be {IGNORE_INDEX} or in [0, {limits.vocab_size}); "
                         f"got {int(labels[bad][0])}")
-    return DecodedStep(hidden.float(), mask, positions, labels)
+    return DecodedStep(hidden.float(), mask, positions, labels, _router(frame, limits))
+
+
+def _router(frame: spb.StepForward, limits: FrameLimits) -> RouterStats | None:
+    """The client's router statistics: required exactly when the model's router auxiliary loss is on."""
+    if not frame.HasField("router"):
+        if limits.num_experts:
+            raise WireError("router statistics are missing: this mixture-of-experts model trains with the router's "
+                            "auxiliary loss (output_router_logits), which needs those of the client's layers")
+        return None
+    if not limits.num_experts:
+        raise WireError("router statistics were sent, but this model has no router auxiliary loss")
+    return decode_stats(frame.router, limits.num_experts)

@@ -15,6 +15,7 @@ from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.faults import fault_point
 from common.fingerprint import differences
 from common.limits import negotiated_chunk, too_small
+from common.router_wire import encode_backward
 from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine import ServerEngine, StepInputs
@@ -169,7 +170,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
         inputs = StepInputs(record.client_id, fwd.step, step.hidden, step.attention_mask, step.position_ids,
-                            step.labels)
+                            step.labels, step.router)
         try:
             future = self.registry.admit(record, fwd.step, lambda: self.engine.submit_step(inputs))
         except RegistryError as err:
@@ -183,8 +184,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                        f"step {fwd.step} produced a non-finite loss; the update was skipped")
         if self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens, samples=int(step.hidden.shape[0])):
             self.close_round(self.registry.round_of(fwd.step))  # before the reply: no client sees round r+1 early
+        router = None if outcome.router_grad is None else encode_backward(outcome.router_grad, outcome.aux_loss)
         return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
-                                tokens=outcome.tokens, bytes_received=fwd.ByteSize())
+                                tokens=outcome.tokens, bytes_received=fwd.ByteSize(), router=router)
 
     # -- rounds ----------------------------------------------------------------------------------------------
     def close_round(self, rnd: int, included: set[str] | None = None) -> bool:

@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from common.split.base import ModelFamily, UnsupportedModelError
 from common.split.experts import Fused, PerExpertLayout
+from common.split.router import RouterSpec
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 _MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
@@ -38,7 +39,7 @@ class DecoderFamily(ModelFamily):
     embedding_multiplier: str | None = None
     logits_divisor: str | None = None
     logit_softcap: str | None = None
-    router: str | None = None              # path of a block's router (mixture of experts), e.g. "mlp.gate"
+    router: RouterSpec | None = None       # a block's router (mixture of experts), for the auxiliary loss
     experts: PerExpertLayout | None = None  # how checkpoints save the fused expert weights
 
     layers_path = "model.layers"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from common.split.decoder import DecoderFamily
 from common.split.experts import PerExpertLayout
+from common.split.router import RouterSpec
 
 DECODER_FAMILIES: tuple[DecoderFamily, ...] = (
     DecoderFamily("llama", ("llama",)),
@@ -20,6 +21,6 @@ DECODER_FAMILIES: tuple[DecoderFamily, ...] = (
     DecoderFamily("olmo2", ("olmo2",)),
     DecoderFamily("granite", ("granite",), embedding_multiplier="embedding_multiplier",
                   logits_divisor="logits_scaling"),           # residual/attention multipliers live in the blocks
-    DecoderFamily("mixtral", ("mixtral",), window_every_layer=True, router="mlp.gate",
+    DecoderFamily("mixtral", ("mixtral",), window_every_layer=True, router=RouterSpec(),
                   experts=PerExpertLayout()),
 )
