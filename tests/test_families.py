@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -15,6 +15,7 @@ from common.checkpoint import CheckpointError
 from common.lora import adapter_state, export_adapter
 from common.loss import causal_lm_loss
 from common.split import UnsupportedModelError, family_for, supported_model_types
+from common.split.lora_settings import whole_model_lora_config
 from common.split.parts import LoraSettings, SplitPart, side_tensor_names
 from family_checkpoints import (FAMILIES, NUM_LAYERS, VOCAB, assert_split_equals_unsplit, checkpoint_dir, copy_adapter,
                                 reference)
@@ -73,19 +74,21 @@ def test_gemma3_sliding_layers_use_the_local_rotary_base() -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_loads_on_the_unsplit_model(family: str, tmp_path) -> None:
-    """The union of client and server adapters is a PEFT adapter of the unsplit model that computes the same."""
+    """The union of client and server adapters is a PEFT adapter of the unsplit model: AutoPeftModelForCausalLM
+    loads it, and it computes the split pipeline's logits."""
     model_dir = checkpoint_dir(family)
     client, server = build_parts(model_dir, 2)
     copy_adapter(reference(model_dir, EXACT), client, server)
-    out = export_adapter(tmp_path / "adapter", client.lora.peft_config(client.family), adapter_state(client.peft),
-                         adapter_state(server.peft), base_model=str(model_dir))
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = export_adapter(tmp_path / "adapter", whole_model_lora_config(client.lora, client.family, client.config),
+                         adapter_state(client.peft), adapter_state(server.peft), base_model=str(model_dir))
+    mask, pos = BATCH["attention_mask"], BATCH["position_ids"]
     with torch.no_grad():
-        base_only = model_loss(base, BATCH)
-        merged = model_loss(PeftModel.from_pretrained(base, str(out)).eval(), BATCH)
-    expected = split_loss(client, server, BATCH)
-    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=0)
-    assert abs(base_only - expected) > 1e-3  # the adapter matters, so the match means something
+        base_only = model_loss(AutoModelForCausalLM.from_pretrained(model_dir), BATCH)
+        logits = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()(
+            input_ids=BATCH["input_ids"], attention_mask=mask, position_ids=pos).logits
+        expected = server(client(BATCH["input_ids"], mask, pos), mask, pos)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert abs(base_only - split_loss(client, server, BATCH)) > 1e-3  # the adapter matters: the match means something
 
 
 @pytest.mark.parametrize(("family", "targets"), [("llama", {"q_proj", "v_proj"}), ("qwen2", {"q_proj", "v_proj"}),

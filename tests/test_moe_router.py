@@ -73,6 +73,21 @@ def test_router_aux_loss_split_equals_unsplit() -> None:
             torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-5, msg=f"{split_layer}: {name}")
 
 
+def test_router_aux_loss_with_gradient_checkpointing() -> None:
+    """Router logits recorded inside recomputed blocks still carry their gradient (the recomputation in backward
+    does not count twice)."""
+    model_dir = checkpoint_dir("mixtral")
+    ref, out = unsplit(model_dir)
+    client, server = (SplitPart(model_dir, side, 2, TARGETS, gradient_checkpointing=True).train()
+                      for side in ("client", "server"))
+    copy_adapter(ref, client, server)
+    loss, _ = split_moe_step(client, server, BATCH)
+    torch.testing.assert_close(loss, out.loss.detach(), atol=1e-5, rtol=0)
+    ref_params = dict(ref.named_parameters())
+    for name, param in [*lora_params(client.peft).items(), *lora_params(server.peft).items()]:
+        torch.testing.assert_close(param.grad, ref_params[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_router_gradient_reaches_the_client_layers() -> None:
     """Negative control: without the gradient for the client's routing probabilities, the client's LoRA
     gradients differ from the unsplit ones (so the test above checks the returned router gradient)."""
