@@ -11,9 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from peft import get_peft_model
+from peft import AutoPeftModelForCausalLM, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from common.builtin import build_builtin_tokenizer, round_up
 from common.fingerprint import compute_fingerprint
 from common.lora import adapter_state, load_adapter_state
 from common.loss import causal_lm_loss
@@ -22,8 +23,12 @@ from common.split.lora_settings import LoraSettings
 from common.split.parts import SplitPart
 from common.split.router import RouterRecorder, backward_through_cut, router_aux
 from servers import running_server
+from splitlora_client.config import TrainConfig
 from splitlora_client.session import SplitSession
-from family_checkpoints import NUM_LAYERS, VOCAB, checkpoint_dir, copy_adapter, reference
+from splitlora_client.trainer import train
+from splitlora_server.app import start_server
+from splitlora_server.config import ServeConfig
+from family_checkpoints import NUM_LAYERS, VOCAB, checkpoint_dir, copy_adapter, reference, tiny_config
 from helpers_split import EXACT, build_parts, lora_params, padded_batch
 
 BATCH = padded_batch(VOCAB, lengths=(11, 6, 9))
@@ -164,7 +169,8 @@ def test_a_step_without_router_statistics_is_refused(tmp_path: Path) -> None:
     model_dir, lora = checkpoint_dir("mixtral"), LoraSettings(dropout=0.0)
     batch = padded_batch(VOCAB, lengths=(5, 4), seed=3)
     with running_server(model_dir, tmp_path / "server", split_layer=2, lora_dropout=0.0, batch_size=4,
-                        max_seq_len=16) as harness:
+                        max_seq_len=16, max_batch_clients=2) as harness:
+        assert not harness.running.engine.batching.enabled  # the auxiliary loss is per step: no stacking
         session = SplitSession(harness.channel, "moe-client")
         session.join(compute_fingerprint(model_dir, 2, lora), [tpb.CODEC_RAW])
         client = SplitPart(model_dir, "client", 2, lora).eval()
@@ -175,3 +181,29 @@ def test_a_step_without_router_statistics_is_refused(tmp_path: Path) -> None:
         session.close()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "router statistics are missing" in err.value.details()
+
+
+def test_client_trainer_trains_a_moe_model(tmp_path: Path) -> None:
+    """The real client loop and server: steps carry router statistics (a step without them would be refused),
+    training finishes and the exported whole-model adapter loads on the unsplit model."""
+    model_dir = tmp_path / "mixtral"
+    tokenizer = build_builtin_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = tiny_config("mixtral")
+        cfg.vocab_size = round_up(len(tokenizer))
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    running = start_server(ServeConfig(model=str(model_dir), split_layer=2, port=0, clients=1, rounds=1,
+                                       local_steps=2, batch_size=2, warmup_steps=1, output=str(tmp_path / "server"),
+                                       insecure=True))
+    try:
+        train(TrainConfig(server=f"127.0.0.1:{running.port}", model=str(model_dir), split_layer=2, client_id="moe",
+                          progress=False, output=str(tmp_path / "client"), builtin_examples=8, insecure=True))
+        assert running.wait_finished()
+        exported = running.export()
+    finally:
+        running.stop(grace=0)
+    steps = [json.loads(line) for line in (tmp_path / "client" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["event"] == "step"] == [0, 1]
+    AutoPeftModelForCausalLM.from_pretrained(str(exported))

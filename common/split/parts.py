@@ -1,4 +1,4 @@
-"""One side of the split model (`SplitPart`) and the LoRA settings both sides share."""
+"""One side of the split model (`SplitPart`), with LoRA where the shared settings' targets are on its side."""
 from __future__ import annotations
 
 import copy
