@@ -22,9 +22,14 @@ class AdapterError(ValueError):
     """An adapter does not fit the model it is meant for; the message says how."""
 
 
+def _live_state(model: PeftModel, adapter_name: str) -> AdapterState:
+    return get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+
+
 def adapter_state(model: PeftModel, adapter_name: str = "default") -> AdapterState:
-    """A detached float32 CPU copy of one adapter, keyed as in a saved PEFT adapter."""
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    """A detached float32 CPU copy of one adapter, keyed as in a saved PEFT adapter. Only the trained tensors:
+    with an embedding or head target, peft would also save the frozen base matrix (vocabulary-sized)."""
+    state = _live_state(model, adapter_name)
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
@@ -46,7 +51,7 @@ def check_adapter(state: AdapterState, reference: AdapterState, what: str = "ada
 
 def load_adapter_state(model: PeftModel, state: AdapterState, adapter_name: str = "default") -> None:
     """Copy `state` into the model's adapter in place (optimizer references stay valid) after checking it."""
-    current = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    current = _live_state(model, adapter_name)
     check_adapter(state, current)
     with torch.no_grad():
         for key, param in current.items():

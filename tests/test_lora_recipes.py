@@ -54,6 +54,10 @@ def test_one_sided_targets_go_where_the_module_is() -> None:
     client, server = build_parts(checkpoint_dir("gpt2"), 2, RECIPES["one-sided"]("gpt2"))
     assert "transformer.wte" in _adapted(client) and "lm_head" not in _adapted(client)
     assert "lm_head" in _adapted(server) and "transformer.wte" not in _adapted(server)
+    # what travels (to the aggregator, into checkpoints and the export) is the trained tensors only, not the
+    # vocabulary-sized frozen matrices peft would save for embedding targets
+    for part in (client, server):
+        assert all("lora_" in k for k in adapter_state(part.peft))
 
 
 def test_target_on_neither_side_is_named() -> None:

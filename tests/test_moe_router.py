@@ -21,13 +21,17 @@ from common.loss import causal_lm_loss
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.split.lora_settings import LoraSettings
 from common.split.parts import SplitPart
-from common.split.router import RouterRecorder, backward_through_cut, router_aux
+from common.router_wire import encode_stats
+from common.rpc.splitlora.v1 import split_pb2 as spb
+from common.split.router import RouterRecorder, RouterStats, backward_through_cut, router_aux
+from common.wire import WireError, encode_tensor
 from servers import running_server
 from splitlora_client.config import TrainConfig
 from splitlora_client.session import SplitSession
 from splitlora_client.trainer import train
 from splitlora_server.app import start_server
 from splitlora_server.config import ServeConfig
+from splitlora_server.frames import FrameLimits, decode_step
 from family_checkpoints import NUM_LAYERS, VOCAB, checkpoint_dir, copy_adapter, reference, tiny_config
 from helpers_split import EXACT, build_parts, lora_params, padded_batch
 
@@ -207,3 +211,23 @@ def test_client_trainer_trains_a_moe_model(tmp_path: Path) -> None:
     steps = [json.loads(line) for line in (tmp_path / "client" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if s["event"] == "step"] == [0, 1]
     AutoPeftModelForCausalLM.from_pretrained(str(exported))
+
+
+def _frame(stats) -> spb.StepForward:
+    batch = padded_batch(VOCAB, lengths=(5, 4))
+    return spb.StepForward(step=0, hidden=encode_tensor(torch.zeros(2, 5, 32)),
+                           attention_mask=encode_tensor(batch["attention_mask"]), labels=encode_tensor(batch["labels"]),
+                           position_ids=encode_tensor(batch["position_ids"]),
+                           router=None if stats is None else encode_stats(stats))
+
+
+@pytest.mark.parametrize(("experts", "stats", "error"), [
+    (0, RouterStats(torch.ones(4), torch.ones(4), torch.tensor(9.0)), "this model has no router auxiliary loss"),
+    (4, RouterStats(torch.ones(3), torch.ones(3), torch.tensor(9.0)), r"expert_counts must be float32 of shape \[4\]"),
+    (4, RouterStats(torch.ones(4), -torch.ones(4), torch.tensor(9.0)), "expert_probs must not be negative"),
+    (4, RouterStats(torch.ones(4), torch.ones(4), torch.tensor(0.0)), "rows must be a positive count"),
+])
+def test_bad_router_statistics_are_refused(experts: int, stats: RouterStats, error: str) -> None:
+    limits = FrameLimits(32, VOCAB, 4, 16, 64, num_experts=experts)
+    with pytest.raises(WireError, match=error):
+        decode_step(_frame(stats), limits)
