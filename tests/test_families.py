@@ -149,7 +149,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(family: str) -> None:
         torch.testing.assert_close(grads1[name], grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# the first five families, plus Gemma 2 (its embedding scale is rounded to the embedding dtype) and Mixtral
+# (experts): the other decoder families run the same code path in bfloat16 (kept out for the suite's time)
+@pytest.mark.parametrize("family", [*FAMILIES[:5], "gemma2", "mixtral"])
 def test_bfloat16_server(family: str) -> None:
     """bfloat16 base weights on the server (float32 LoRA): split == unsplit at bfloat16 tolerance, and a few
     training steps make the loss fall."""
