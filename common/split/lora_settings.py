@@ -71,20 +71,25 @@ def whole_model(config: Any) -> nn.Module:
 
 
 def whole_model_lora_config(settings: LoraSettings, family: ModelFamily, config: Any) -> LoraConfig:
-    """The LoraConfig peft itself holds for the unsplit model after injecting these settings: `all-linear`
-    resolved to module names; every named target checked to exist somewhere (an error names those that don't)."""
+    """The LoraConfig peft itself holds (and saves) for the unsplit model after injecting these settings."""
+    lora, model = _resolved(settings, family, config)
+    return _fan_in_fan_out_as_peft_leaves_it(lora, model)
+
+
+def _resolved(settings: LoraSettings, family: ModelFamily, config: Any) -> tuple[LoraConfig, nn.Module]:
+    """These settings' LoraConfig on the whole model: `all-linear` resolved to module names (condensed as peft
+    condenses them); every named target checked to exist somewhere (an error names those that don't)."""
     lora = settings.peft_config(family)
     model = whole_model(config)
     names = [n for n, _ in model.named_modules()]
     if lora.target_modules == ALL_LINEAR:
-        return _fan_in_fan_out_as_peft_leaves_it(_condensed(_maybe_include_all_linear_layers(lora, model), names),
-                                                 model)
-    missing = sorted(t for t in lora.target_modules
-                     if not any(check_target_module_exists(LoraConfig(target_modules=[t]), n) for n in names))
+        return _condensed(_maybe_include_all_linear_layers(lora, model), names), model
+    missing = sorted(t for t, one in ((t, LoraConfig(target_modules=[t])) for t in lora.target_modules)
+                     if not any(check_target_module_exists(one, n) for n in names))
     if missing:
         raise LoraTargetError(f"LoRA targets {missing} name no module of this {family.name} model (neither the "
                               "client part nor the server part has one)")
-    return _fan_in_fan_out_as_peft_leaves_it(lora, model)
+    return lora, model
 
 
 def _fan_in_fan_out_as_peft_leaves_it(lora: LoraConfig, model: nn.Module) -> LoraConfig:
@@ -114,8 +119,8 @@ def _condensed(lora: LoraConfig, names: list[str]) -> LoraConfig:
 
 def side_lora_config(settings: LoraSettings, family: ModelFamily, config: Any, part: nn.Module,
                      side: str) -> LoraConfig:
-    """The LoraConfig for one side's pruned model: the whole model's targets that exist on this side."""
-    lora = whole_model_lora_config(settings, family, config)
+    """The LoraConfig for one side's pruned model: the whole model's targets (those on this side match)."""
+    lora, _ = _resolved(settings, family, config)
     names = [n for n, _ in part.named_modules()]
     if not any(check_target_module_exists(lora, n) for n in names):
         raise LoraTargetError(f"LoRA targets {sorted(lora.target_modules)} name no module of the {side} part: each "
