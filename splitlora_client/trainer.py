@@ -21,13 +21,13 @@ from common.split.parts import SplitPart
 from common.split.router import RouterRecorder, backward_through_cut
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
-from splitlora_client.checkpoint import ClientCheckpoints, ClientState
-from splitlora_client.config import TrainConfig
+from splitlora_client.options import TrainConfig
 from splitlora_client.prefetch import StepPreparer
-from splitlora_client.resume import Rounds
+from splitlora_client.resume import RoundSync
 from splitlora_client.retry import Backoff, Reconnect, channel_options
 from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
+from splitlora_client.state import ClientCheckpoints, ClientState
 
 CLIENT_ADAPTER_FILE = "client_adapter.safetensors"
 
@@ -107,7 +107,7 @@ def train(cfg: TrainConfig) -> Path:
     state = ClientState(part.peft, opt, lr_sched, batches)
     out_dir = cfg.output_dir
     checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, fingerprint), state.capture())
-    rounds = Rounds(session, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel, state,
+    rounds = RoundSync(session, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel, state,
                     checkpoints, backoff, cfg.chunk_bytes, cfg.round_timeout)
     checkpoints.drop_after(reply.start_round)
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None)

@@ -9,7 +9,7 @@ from common.lora import export_adapter
 from common.split import family_for
 from common.split.lora_settings import whole_model_lora_config
 from common.split.parts import load_config
-from splitlora_server.config import ExportConfig
+from splitlora_server.options import ExportConfig
 
 
 def newest_global_adapter(aggregator_dir: str | Path) -> Path:

@@ -16,8 +16,8 @@ from common.lora import ADAPTER_CONFIG, adapter_state, export_adapter
 from common.split import family_for
 from common.split.lora_settings import LoraSettings, LoraTargetError, whole_model_lora_config
 from common.split.parts import SplitPart, load_config
-from family_checkpoints import VOCAB, assert_split_equals_unsplit, checkpoint_dir, copy_adapter, reference
-from helpers_split import build_parts, padded_batch
+from tests.support.families import VOCAB, assert_split_equals_unsplit, checkpoint_dir, copy_adapter, reference
+from tests.support.split_reference import build_parts, padded_batch
 
 BATCH = padded_batch(VOCAB, lengths=(11, 6, 9))
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

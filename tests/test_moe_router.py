@@ -18,22 +18,22 @@ from common.builtin import build_builtin_tokenizer, round_up
 from common.fingerprint import compute_fingerprint
 from common.lora import adapter_state, load_adapter_state
 from common.loss import causal_lm_loss
+from common.router_wire import encode_stats
+from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.split.lora_settings import LoraSettings
 from common.split.parts import SplitPart
-from common.router_wire import encode_stats
-from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.router import RouterRecorder, RouterStats, backward_through_cut, router_aux
 from common.wire import WireError, encode_tensor
-from servers import running_server
-from splitlora_client.config import TrainConfig
+from splitlora_client.options import TrainConfig
 from splitlora_client.session import SplitSession
 from splitlora_client.trainer import train
 from splitlora_server.app import start_server
-from splitlora_server.config import ServeConfig
 from splitlora_server.frames import FrameLimits, decode_step
-from family_checkpoints import NUM_LAYERS, VOCAB, checkpoint_dir, copy_adapter, reference, tiny_config
-from helpers_split import EXACT, build_parts, lora_params, padded_batch
+from splitlora_server.options import ServeConfig
+from tests.support.families import NUM_LAYERS, VOCAB, checkpoint_dir, copy_adapter, reference, tiny_config
+from tests.support.servers import running_server
+from tests.support.split_reference import EXACT, build_parts, lora_params, padded_batch
 
 BATCH = padded_batch(VOCAB, lengths=(11, 6, 9))
 TARGETS = dataclasses.replace(EXACT, targets=("q_proj", "v_proj", "o_proj"))

@@ -11,12 +11,12 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.configuration import ConfigError
+from common.config.engine import ConfigError
 from common.tls import ClientTlsOptions, ServerTlsOptions, add_port, open_channel, server_credentials
 from splitlora_client.cli import main as client_main
 from splitlora_server.cli import main as server_main
-from splitlora_server.tokens import TokenStore, hash_token
-from tests.servers import running_server
+from splitlora_server.ops.tokens import TokenStore, hash_token
+from tests.support.servers import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 

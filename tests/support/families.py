@@ -17,7 +17,8 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
 
 from common.split import family_for
 from common.split.parts import LoraSettings, load_config
-from helpers_split import EXACT, build_parts, lora_params, model_loss, randomize_lora_b, split_forward_backward
+from tests.support.split_reference import (EXACT, build_parts, lora_params, model_loss, randomize_lora_b,
+                                          split_forward_backward)
 
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
             "granite", "mixtral")

@@ -5,8 +5,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ModelOptions, TransportOptions
-from common.configuration import ConfigError, option
+from common.config.engine import ConfigError, option
+from common.config.sections import ModelOptions, TransportOptions
 from common.tls import ClientTlsOptions
 from common.wire import CODEC_NAMES
 from splitlora_client.scalars import TENSORBOARD_HINT, tensorboard_available
