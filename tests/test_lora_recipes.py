@@ -12,10 +12,12 @@ import torch
 from peft import AutoPeftModelForCausalLM, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from common.lora import ADAPTER_CONFIG, adapter_state, export_adapter
+from common.lora import ADAPTER_CONFIG, adapter_state, export_adapter, write_adapter_file
 from common.split import family_for
 from common.split.lora_settings import LoraSettings, LoraTargetError, whole_model_lora_config
 from common.split.parts import SplitPart, load_config
+from splitlora_server.export import export
+from splitlora_server.options import ExportConfig
 from tests.support.families import VOCAB, assert_split_equals_unsplit, checkpoint_dir, copy_adapter, reference
 from tests.support.split_reference import build_parts, padded_batch
 
@@ -109,3 +111,20 @@ def test_adapter_config_is_the_one_peft_writes(family: str, recipe: str | None, 
         logits = loaded(input_ids=BATCH["input_ids"], attention_mask=mask, position_ids=pos).logits
         split = server(client(BATCH["input_ids"], mask, pos), mask, pos)
     torch.testing.assert_close(logits, split, atol=1e-5, rtol=1e-5)
+
+
+def test_export_command_writes_the_recipe(tmp_path: Path) -> None:
+    """`splitlora-server export --lora-targets all-linear --lora-rslora` (the command's code path): the config is
+    peft's for the same recipe and the adapter loads with AutoPeftModelForCausalLM."""
+    model_dir = checkpoint_dir("llama")
+    lora = LoraSettings(dropout=0.0, targets=("all-linear",), rslora=True)
+    client, server = build_parts(model_dir, 2, lora)
+    write_adapter_file(tmp_path / "client.safetensors", adapter_state(client.peft))
+    write_adapter_file(tmp_path / "server.safetensors", adapter_state(server.peft))
+    out = export(ExportConfig(model=str(model_dir), client_adapter=str(tmp_path / "client.safetensors"),
+                              server_adapter=str(tmp_path / "server.safetensors"), output=str(tmp_path / "export"),
+                              lora_dropout=0.0, lora_targets=["all-linear"], lora_rslora=True))
+    ours = json.loads((out / ADAPTER_CONFIG).read_text())
+    theirs = _peft_saved_config(model_dir, lora, tmp_path / "peft")
+    assert ours["use_rslora"] is True and sorted(ours["target_modules"]) == sorted(theirs["target_modules"])
+    AutoPeftModelForCausalLM.from_pretrained(str(out))
