@@ -11,6 +11,7 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.split.router import RouterStats
 from common.wire import WireError, codec_name, decode_tensor
+from splitlora_server.engine.jobs import Step
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 
@@ -27,17 +28,6 @@ class FrameLimits:
     num_experts: int = 0  # > 0: a mixture-of-experts model whose steps carry router statistics
 
 
-@dataclass
-class DecodedStep:
-    """The tensors of one valid step frame."""
-
-    hidden: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor
-    router: RouterStats | None = None
-
-
 def _int_tensor(msg, name: str, shape: tuple[int, int], limits: FrameLimits) -> torch.Tensor:
     if not msg.ByteSize():
         raise WireError(f"{name} is missing")
@@ -49,9 +39,9 @@ def _int_tensor(msg, name: str, shape: tuple[int, int], limits: FrameLimits) -> 
     return t.to(torch.int64)
 
 
-def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None = None) -> DecodedStep:
-    """Decode a StepForward (hidden in `codec`, the one negotiated at Join, when given); raise WireError naming
-    the first problem found."""
+def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None = None, client_id: str = "") -> Step:
+    """Decode a StepForward of `client_id` (hidden in `codec`, the one negotiated at Join, when given) into the
+    engine's step; raise WireError naming the first problem found."""
     if not frame.hidden.ByteSize():
         raise WireError("hidden is missing")
     hidden = decode_tensor(frame.hidden, name="hidden",
@@ -81,7 +71,7 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if bad.any():
         raise WireError(f"labels must be {IGNORE_INDEX} or in [0, {limits.vocab_size}); "
                         f"got {int(labels[bad][0])}")
-    return DecodedStep(hidden.float(), mask, positions, labels, _router(frame, limits))
+    return Step(client_id, frame.step, hidden.float(), mask, positions, labels, _router(frame, limits))
 
 
 def _router(frame: spb.StepForward, limits: FrameLimits) -> RouterStats | None:

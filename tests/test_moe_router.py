@@ -29,6 +29,8 @@ from splitlora_client.options import TrainConfig
 from splitlora_client.session import SplitSession
 from splitlora_client.trainer import train
 from splitlora_server.app import start_server
+from splitlora_server.engine import compute
+from splitlora_server.engine.jobs import Step
 from splitlora_server.frames import FrameLimits, decode_step
 from splitlora_server.options import ServeConfig
 from tests.support.families import NUM_LAYERS, VOCAB, checkpoint_dir, copy_adapter, reference, tiny_config
@@ -173,8 +175,7 @@ def test_a_step_without_router_statistics_is_refused(tmp_path: Path) -> None:
     model_dir, lora = checkpoint_dir("mixtral"), LoraSettings(dropout=0.0)
     batch = padded_batch(VOCAB, lengths=(5, 4), seed=3)
     with running_server(model_dir, tmp_path / "server", split_layer=2, lora_dropout=0.0, batch_size=4,
-                        max_seq_len=16, max_batch_clients=2) as harness:
-        assert not harness.running.engine.batching.enabled  # the auxiliary loss is per step: no stacking
+                        max_seq_len=16) as harness:
         session = SplitSession(harness.channel, "moe-client")
         session.join(compute_fingerprint(model_dir, 2, lora), [tpb.CODEC_RAW])
         client = SplitPart(model_dir, "client", 2, lora).eval()
@@ -231,3 +232,35 @@ def test_bad_router_statistics_are_refused(experts: int, stats: RouterStats, err
     limits = FrameLimits(32, VOCAB, 4, 16, 64, num_experts=experts)
     with pytest.raises(WireError, match=error):
         decode_step(_frame(stats), limits)
+
+
+def test_a_batch_of_steps_keeps_each_step_s_router_term() -> None:
+    """Cross-client batching: two clients' steps stacked into one computation get the losses, cut gradients and
+    router gradients each gets alone, and the server's LoRA gradient is the sum of theirs."""
+    model_dir = checkpoint_dir("mixtral")
+    client, server = build_parts(model_dir, 2, TARGETS)
+    copy_adapter(reference(model_dir, TARGETS), client, server)
+    steps = []
+    for i, lengths in enumerate([(11, 6, 9), (5, 7)]):
+        batch = padded_batch(VOCAB, lengths=lengths, seed=i)
+        with torch.no_grad(), RouterRecorder(client, batch["attention_mask"]) as rec:
+            hidden = client(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        steps.append(Step(f"c{i}", 0, hidden, batch["attention_mask"], batch["position_ids"], batch["labels"],
+                          rec.stats()))
+    alone, grads = [], {}
+    for step in steps:
+        pending = compute.forward(server, [step], 0.0)
+        compute.backward(pending)
+        alone += compute.outcomes(pending)
+        for name, p in lora_params(server.peft).items():
+            grads[name] = grads.get(name, 0) + p.grad
+            p.grad = None
+    pending = compute.forward(server, steps, 0.0)
+    compute.backward(pending)
+    for one, batched in zip(alone, compute.outcomes(pending)):
+        assert batched.aux_loss == pytest.approx(one.aux_loss, abs=1e-6) and one.aux_loss > 0.1
+        assert batched.loss == pytest.approx(one.loss, abs=1e-5)
+        torch.testing.assert_close(batched.grad, one.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched.router_grad, one.router_grad, atol=1e-6, rtol=1e-4)
+    for name, p in lora_params(server.peft).items():
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)

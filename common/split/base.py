@@ -1,11 +1,20 @@
 """The interface every model family implements so a model can be cut into a client and a server part."""
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+
+@functools.cache
+def cache_keyword(fn: Callable[..., Any]) -> str:
+    """The keyword a transformers function or layer `forward` takes the KV cache by: `cache` in transformers 5
+    (where `past_key_values` still works, with a FutureWarning), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 class UnsupportedModelError(ValueError):
@@ -36,13 +45,17 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> dict[str, Any]:
+                      position_ids: torch.Tensor, cache: Any = None, first_layer: int = 0) -> dict[str, Any]:
         """Keyword arguments every block needs (causal+padding mask, positions, rotary tables), rebuilt on
-        each side from the attention mask and position ids alone."""
+        each side from the attention mask and position ids alone.
+
+        With a KV `cache` (transformers' `DynamicCache`, layers indexed as in the whole model; `first_layer`:
+        the first block this part runs), `hidden` and `position_ids` cover only the new tokens and
+        `attention_mask` the cached and new ones; the context carries the cache to `run_block`."""
 
     @abstractmethod
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
-        """Run one block."""
+        """Run one block (appending its keys and values to `context["cache"]` when there is one)."""
 
     @abstractmethod
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from common.split.base import ModelFamily, UnsupportedModelError
+from common.split.base import ModelFamily, UnsupportedModelError, cache_keyword
 from common.split.experts import Fused, PerExpertLayout
 from common.split.router import RouterSpec
 
@@ -70,27 +70,31 @@ class DecoderFamily(ModelFamily):
         return hidden
 
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> dict[str, Any]:
+                      position_ids: torch.Tensor, cache: Any = None, first_layer: int = 0) -> dict[str, Any]:
         self.check_config(model.config)
         kinds = self.layer_kinds(model.config)
         unknown = sorted(set(kinds) - set(_MASKS))
         if unknown:
             raise UnsupportedModelError(f"{self.name}: layer types {unknown} are not supported")
-        args = dict(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                    position_ids=position_ids)
-        masks = {kind: _MASKS[kind](**args) for kind in set(kinds)}
+        args = dict(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                    position_ids=position_ids, **{cache_keyword(create_causal_mask): cache})
+        # the first layer of each kind this part runs: where the cache holds this part's keys of that kind
+        first = {kind: kinds.index(kind, first_layer) for kind in set(kinds[first_layer:])}
+        masks = {kind: _MASKS[kind](**args, **({"layer_idx": first[kind]} if kind in first and cache is not None
+                                               else {})) for kind in set(kinds)}
         rotary = model.model.rotary_emb
         if self.rotary_per_layer_type:
             tables = {kind: rotary(hidden, position_ids, kind) for kind in set(kinds)}
         else:
             tables = dict.fromkeys(set(kinds), rotary(hidden, position_ids))
-        return {"masks": [masks[k] for k in kinds], "position_ids": position_ids,
+        return {"masks": [masks[k] for k in kinds], "position_ids": position_ids, "cache": cache,
                 "position_embeddings": [tables[k] for k in kinds]}
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
-        i = block.self_attn.layer_idx
+        i, cache = block.self_attn.layer_idx, context["cache"]
         return block(hidden, attention_mask=context["masks"][i], position_ids=context["position_ids"],
-                     position_embeddings=context["position_embeddings"][i])
+                     position_embeddings=context["position_embeddings"][i],
+                     **({} if cache is None else {cache_keyword(type(block).forward): cache}))
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         logits = model.lm_head(model.model.norm(hidden))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from common.split.base import ModelFamily
+from common.split.base import ModelFamily, cache_keyword
 
 
 class GPT2Family(ModelFamily):
@@ -27,13 +27,14 @@ class GPT2Family(ModelFamily):
         return t.drop(t.wte(input_ids) + t.wpe(position_ids))
 
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> dict[str, Any]:
+                      position_ids: torch.Tensor, cache: Any = None, first_layer: int = 0) -> dict[str, Any]:
         mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=None, position_ids=position_ids)
-        return {"attention_mask": mask, "position_ids": position_ids}
+                                  position_ids=position_ids, **{cache_keyword(create_causal_mask): cache},
+                                  **({"layer_idx": first_layer} if cache is not None else {}))
+        return {"attention_mask": mask, "position_ids": position_ids, "cache": cache}
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
-        return block(hidden, None, context["attention_mask"], position_ids=context["position_ids"])
+        return block(hidden, context["cache"], context["attention_mask"], position_ids=context["position_ids"])
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.transformer.ln_f(hidden))

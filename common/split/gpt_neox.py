@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from common.split.base import ModelFamily
+from common.split.base import ModelFamily, cache_keyword
 
 
 class GPTNeoXFamily(ModelFamily):
@@ -27,15 +27,16 @@ class GPTNeoXFamily(ModelFamily):
         return body.emb_dropout(body.embed_in(input_ids))
 
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> dict[str, Any]:
+                      position_ids: torch.Tensor, cache: Any = None, first_layer: int = 0) -> dict[str, Any]:
         mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=None, position_ids=position_ids)
-        return {"attention_mask": mask, "position_ids": position_ids,
+                                  position_ids=position_ids, **{cache_keyword(create_causal_mask): cache},
+                                  **({"layer_idx": first_layer} if cache is not None else {}))
+        return {"attention_mask": mask, "position_ids": position_ids, "cache": cache,
                 "position_embeddings": model.gpt_neox.rotary_emb(hidden, position_ids=position_ids)}
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
         return block(hidden, attention_mask=context["attention_mask"], position_ids=context["position_ids"],
-                     position_embeddings=context["position_embeddings"])
+                     layer_past=context["cache"], position_embeddings=context["position_embeddings"])
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.gpt_neox.final_layer_norm(hidden))

@@ -118,11 +118,12 @@ def _condensed(lora: LoraConfig, names: list[str]) -> LoraConfig:
 
 
 def side_lora_config(settings: LoraSettings, family: ModelFamily, config: Any, part: nn.Module,
-                     side: str) -> LoraConfig:
-    """The LoraConfig for one side's pruned model: the whole model's targets (those on this side match)."""
+                     what: str) -> LoraConfig:
+    """The LoraConfig for one part's pruned model (`what` names the part in errors): the whole model's targets
+    (those in this part match)."""
     lora, _ = _resolved(settings, family, config)
     names = [n for n, _ in part.named_modules()]
     if not any(check_target_module_exists(lora, n) for n in names):
-        raise LoraTargetError(f"LoRA targets {sorted(lora.target_modules)} name no module of the {side} part: each "
-                              "side needs at least one adapted module")
+        raise LoraTargetError(f"LoRA targets {sorted(lora.target_modules)} name no module of the {what}: each part "
+                              "needs at least one adapted module")
     return lora

@@ -104,30 +104,40 @@ class RouterRecorder:
             hook.remove()
         self._hooks.clear()
 
-    def stats(self) -> RouterStats | None:
-        """This part's statistics, summed over its layers in order (None without an auxiliary loss)."""
+    def stats(self, span: tuple[int, int, int] | None = None) -> RouterStats | None:
+        """This part's statistics, summed over its layers in order (None without an auxiliary loss); with a
+        `span` (first row, end row, own length), those of one step stacked with others' into the batch."""
         if self.aux is None:
             return None
         missing = sorted(set(self.routers) - set(self.logits))
         if missing:
             raise RuntimeError(f"routers of layers {missing} did not run")
-        per_layer = [layer_stats(self.logits[i], self.mask, self.aux) for i in sorted(self.routers)]
+        mask = self.mask if span is None else self.mask[span[0]:span[1], :span[2]]
+        per_layer = [layer_stats(self._logits(i, span), mask, self.aux) for i in sorted(self.routers)]
         total = per_layer[0]
         for s in per_layer[1:]:
             total = total + s
         return total
 
-    def aux_term(self, client: RouterStats | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Server: `coef * aux` over the client's layers (`client`, from the wire) and this part's, and the leaf
-        whose gradient goes back to the client (its probs). Raises ValueError when the client sent none."""
+    def _logits(self, layer: int, span: tuple[int, int, int] | None) -> torch.Tensor:
+        logits = self.logits[layer]  # (rows * width, experts)
+        if span is None:
+            return logits
+        a, b, t = span
+        return logits.view(*self.mask.shape, -1)[a:b, :t].reshape(-1, logits.shape[-1])
+
+    def aux_term(self, client: RouterStats | None,
+                 span: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Server: `coef * aux` over the client's layers (`client`, from the wire) and this part's (of one step's
+        `span` in a stacked batch), and the leaf whose gradient goes back to the client (its probs). Raises
+        ValueError when the client sent none."""
         if self.aux is None:
             raise ValueError("this model has no router auxiliary loss")
         if client is None:
             raise ValueError("router statistics of the client's layers are missing; the router's auxiliary loss "
                              "(output_router_logits) needs them")
         probs = client.probs.detach().clone().requires_grad_(True)
-        own = self.stats()
-        total = RouterStats(client.counts, probs, client.rows) + own
+        total = RouterStats(client.counts, probs, client.rows) + self.stats(span)
         return self.aux.coef * aux_loss(total, self.aux), probs
 
 
