@@ -12,6 +12,8 @@ from safetensors.torch import save as st_save
 
 from common.atomic import save_tensors_atomic
 
+from common.residuals import expand_residuals
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 AdapterState = dict[str, torch.Tensor]
@@ -84,7 +86,8 @@ def write_adapter_file(path: Path, state: AdapterState) -> None:
 def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,
                    base_model: str | None = None) -> Path:
     """Write a standard PEFT adapter directory for the whole model from the adapters of its parts: the weights
-    and the config as `PeftModel.save_pretrained` writes them (`inference_mode` true, the task type kept)."""
+    and the config as `PeftModel.save_pretrained` writes them (`inference_mode` true, the task type kept); fedex
+    residuals in them become exact higher-rank modules (common.residuals.expand_residuals)."""
     out = Path(out_dir)
     merged: AdapterState = {}
     for state in states:
@@ -92,6 +95,7 @@ def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterStat
         if overlap:
             raise AdapterError(f"adapter parts overlap on {sorted(overlap)[:3]}")
         merged.update(state)
+    merged, config = expand_residuals(merged, config)
     config = copy.deepcopy(config)
     config.base_model_name_or_path, config.inference_mode = base_model, True
     out.mkdir(parents=True, exist_ok=True)

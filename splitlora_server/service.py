@@ -38,8 +38,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def __init__(self, engine: ServerEngine, registry: Registry, fingerprint: spb.Fingerprint,
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
-                 on_shutdown: Callable[[str], None] | None = None) -> None:
+                 on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg") -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
+        self.aggregation = aggregation  # announced at Join: how the clients' adapters are combined
         self.rounds: RoundCoordinator = registry.coordinator
         self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
         self.schedule, self.limits = schedule, limits
@@ -78,7 +79,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
                              start_round=start,
-                             num_clients=self.rounds.expected, server_version=VERSION)
+                             num_clients=self.rounds.expected, server_version=VERSION,
+                             aggregation=self.aggregation)
 
     def _negotiate(self, offered: list[int]) -> int:
         for codec in offered or [tpb.CODEC_RAW]:
