@@ -11,6 +11,8 @@ import torch
 from common.limits import raise_if_too_large
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
+from common.router_wire import decode_backward, encode_stats
+from common.split.router import RouterStats
 from common.wire import Reassembler, chunked, decode_tensor, encode_tensor
 from splitlora_client.retry import TRANSIENT, Backoff
 
@@ -27,6 +29,8 @@ class StepResult:
     tokens: int
     bytes_sent: int
     bytes_received: int
+    router_grad: torch.Tensor | None = None  # d loss / d the sent routing probabilities (mixture of experts)
+    aux_loss: float = 0.0                    # the router's auxiliary loss term, included in `loss`
 
 
 class SplitSession:
@@ -70,13 +74,14 @@ class SplitSession:
         self._responses = iter(self._call)
 
     def step(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-             position_ids: torch.Tensor) -> StepResult:
+             position_ids: torch.Tensor, router: RouterStats | None = None) -> StepResult:
         """Send one step's activations; return the gradient at the cut and the loss."""
-        return self.receive(step, self.send(step, rnd, hidden, attention_mask, labels, position_ids))
+        return self.receive(step, self.send(step, rnd, hidden, attention_mask, labels, position_ids, router))
 
     def send(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-             position_ids: torch.Tensor) -> int:
-        """Queue one step's frame (in pieces if large) without waiting; return the bytes it takes."""
+             position_ids: torch.Tensor, router: RouterStats | None = None) -> int:
+        """Queue one step's frame (in pieces if large) without waiting; return the bytes it takes. `router`: the
+        client layers' router statistics, for a mixture-of-experts model with the auxiliary loss on."""
         if self.reply is None:
             raise RuntimeError("join before training")
         if self._call is None:
@@ -86,7 +91,8 @@ class SplitSession:
         frame = spb.ClientFrame(forward=spb.StepForward(
             step=step, round=rnd, hidden=encode_tensor(hidden, codec),
             attention_mask=encode_tensor(attention_mask.to(torch.uint8)), labels=encode_tensor(labels.to(torch.int32)),
-            position_ids=encode_tensor(position_ids.to(torch.int32))))
+            position_ids=encode_tensor(position_ids.to(torch.int32)),
+            router=None if router is None else encode_stats(router)))
         sent = 0
         for piece in chunked([frame], spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
             sent += piece.ByteSize()
@@ -114,7 +120,8 @@ class SplitSession:
             if back.step != step:
                 raise RuntimeError(f"server answered step {back.step} while step {step} was sent")
             grad = decode_tensor(back.grad, name="grad")
-            return StepResult(grad, back.loss, back.tokens, sent, received)
+            router_grad, aux = decode_backward(back.router) if back.HasField("router") else (None, 0.0)
+            return StepResult(grad, back.loss, back.tokens, sent, received, router_grad, aux)
         raise ConnectionError("the server closed the training stream")
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.residuals import ResidualFolder
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
+from common.split.router import RouterRecorder, backward_through_cut
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
 from splitlora_client.options import TrainConfig
@@ -102,14 +103,16 @@ class _Loop:
             started = time.perf_counter()
             prepared = ahead.pop() if ahead else prep.prepare(step)
             batch = prepared.batch
-            hidden = prep.forward(prepared)
+            with RouterRecorder(self.part, batch["attention_mask"]) as routers:  # mixture of experts only
+                hidden = prep.forward(prepared)
+            router = routers.stats()
             # within the round only: a checkpoint at the boundary must not have drawn the next batch
             prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
                 if cfg.overlap and local + 1 < sched.local_steps else None
             result = self.rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
-                                      batch["position_ids"], while_waiting=prepare_next)
+                                      batch["position_ids"], router, while_waiting=prepare_next)
             fault_point("client", "step", step)
-            hidden.backward(result.grad.to(hidden.dtype))
+            backward_through_cut(hidden, result.grad, router, result.router_grad)
             optimizer_step(params, self.opt, self.lr_sched, self.optim.max_grad_norm)
             samples += int(batch["input_ids"].shape[0])
             seconds = time.perf_counter() - started

@@ -21,7 +21,9 @@ from common.optim import OptimSettings
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
+from common.split.lora_settings import whole_model_lora_config
 from common.split.parts import SplitPart
+from common.split.router import router_aux
 from common.tls import add_port
 from splitlora_server.admission import RPC_THREADS, Admission, AdmissionInterceptor, AdmissionOptions
 from splitlora_server.aggregator.service import AggregatorService
@@ -108,8 +110,8 @@ class RunningServer:
                      out / SERVER_ADAPTER_FILE)
             return out / SERVER_ADAPTER_FILE
         client_state = self.aggregator.global_adapter(self.config.rounds - 1)
-        path = export_adapter(out / "adapter", self.part.lora.peft_config(self.part.family), client_state,
-                              server_state, base_model=str(self.part.model_dir))
+        lora = whole_model_lora_config(self.part.lora, self.part.family, self.part.config)
+        path = export_adapter(out / "adapter", lora, client_state, server_state, base_model=str(self.part.model_dir))
         log.info("exported the whole-model PEFT adapter to %s", path)
         return path
 
@@ -195,7 +197,9 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     registry = Registry(cfg.clients, cfg.local_steps, coordinator)
     max_positions = int(getattr(part.config, "max_position_embeddings", cfg.max_seq_len))
     schedule = _schedule(cfg, max_positions)
-    limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
+    aux = router_aux(part.family, part.config)
+    limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions,
+                         num_experts=aux.num_experts if aux else 0)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
                                    aggregation=cfg.aggregation)

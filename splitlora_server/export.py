@@ -5,6 +5,7 @@ from pathlib import Path
 
 from common.lora import export_adapter, read_adapter_file
 from common.split import family_for
+from common.split.lora_settings import whole_model_lora_config
 from common.split.parts import load_config
 from splitlora_server.options import ExportConfig
 
@@ -24,7 +25,8 @@ def export(cfg: ExportConfig) -> Path:
     for path in (client_path, Path(cfg.server_adapter)):
         if not path.is_file():
             raise FileNotFoundError(f"adapter file {path} does not exist")
-    family = family_for(load_config(model_dir).model_type)
+    config = load_config(model_dir)
+    lora = whole_model_lora_config(cfg.lora_settings(), family_for(config.model_type), config)
     # both inputs are checked against their SHA-256 files; the exported weights get one too
-    return export_adapter(cfg.output, cfg.lora_settings().peft_config(family), read_adapter_file(client_path),
+    return export_adapter(cfg.output, lora, read_adapter_file(client_path),
                           read_adapter_file(Path(cfg.server_adapter)), base_model=str(model_dir))

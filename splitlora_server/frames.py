@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import torch
 
 from common.loss import IGNORE_INDEX
+from common.router_wire import decode_stats
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
+from common.split.router import RouterStats
 from common.wire import WireError, codec_name, decode_tensor
 from splitlora_server.engine.jobs import Step
 
@@ -23,6 +25,7 @@ class FrameLimits:
     max_batch: int
     max_seq_len: int
     max_positions: int
+    num_experts: int = 0  # > 0: a mixture-of-experts model whose steps carry router statistics
 
 
 _WIRE_BYTES = {tpb.CODEC_FLOAT16: 2, tpb.CODEC_BFLOAT16: 2, tpb.CODEC_INT8: 1}  # per value; raw: up to 4
@@ -81,4 +84,16 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if bad.any():
         raise WireError(f"labels must be {IGNORE_INDEX} or in [0, {limits.vocab_size}); "
                         f"got {int(labels[bad][0])}")
-    return Step(client_id, frame.step, hidden.float(), mask, positions, labels)
+    return Step(client_id, frame.step, hidden.float(), mask, positions, labels, _router(frame, limits))
+
+
+def _router(frame: spb.StepForward, limits: FrameLimits) -> RouterStats | None:
+    """The client's router statistics: required exactly when the model's router auxiliary loss is on."""
+    if not frame.HasField("router"):
+        if limits.num_experts:
+            raise WireError("router statistics are missing: this mixture-of-experts model trains with the router's "
+                            "auxiliary loss (output_router_logits), which needs those of the client's layers")
+        return None
+    if not limits.num_experts:
+        raise WireError("router statistics were sent, but this model has no router auxiliary loss")
+    return decode_stats(frame.router, limits.num_experts)

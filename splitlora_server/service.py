@@ -13,6 +13,7 @@ from common.faults import fault_point
 from common.fingerprint import differences
 from common.limits import negotiated_chunk, too_small
 from common.redact import shown
+from common.router_wire import encode_backward
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
@@ -188,8 +189,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 self.rounds.arrive(record.client_id, rnd, FINISHED)
             except Refused as refused:
                 self._fail(context, record, refused.code, refused.message)
+        router = None if outcome.router_grad is None else encode_backward(outcome.router_grad, outcome.aux_loss)
         return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
-                                tokens=outcome.tokens, bytes_received=fwd.ByteSize())
+                                tokens=outcome.tokens, bytes_received=fwd.ByteSize(), router=router)
 
     # -- status ----------------------------------------------------------------------------------------------
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusReply:

@@ -23,7 +23,11 @@ class ModelOptions:
     lora_alpha: int = option(32, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = option(0.1, "Dropout on the LoRA input.")
     lora_targets: list[str] = option([], "Module names to adapt, comma-separated (empty: the family's default, "
-                                         "c_attn for GPT-2).")
+                                         "c_attn for GPT-2; `all-linear`: every linear layer but the output "
+                                         "layer, as in peft). A module on one side only (embeddings, head) is "
+                                         "adapted where it is.")
+    lora_rslora: bool = option(False, "rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    lora_dora: bool = option(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output feature).")
 
     def model_dir(self) -> Path:
         """The model directory: local as given, a hub snapshot, or the built-in tiny model when empty."""
@@ -31,7 +35,8 @@ class ModelOptions:
 
     def lora_settings(self) -> LoraSettings:
         """The LoRA settings as the split code takes them."""
-        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets),
+                            rslora=self.lora_rslora, dora=self.lora_dora)
 
     def validate_model(self) -> None:
         """Checks shared by every role that loads a model."""

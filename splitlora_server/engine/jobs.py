@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import torch
 
+from common.split.router import RouterStats
+
 
 @dataclass
 class Step:
@@ -22,6 +24,7 @@ class Step:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor
+    router: RouterStats | None = None  # the client layers' router statistics (mixture of experts, aux loss on)
 
     @property
     def rows(self) -> int:
@@ -36,6 +39,8 @@ class StepOutcome:
     grad: torch.Tensor
     loss: float
     tokens: int
+    router_grad: torch.Tensor | None = None  # d loss / d the client's routing probabilities (when it sent them)
+    aux_loss: float = 0.0                    # the router's auxiliary loss term (included in loss)
 
 
 @dataclass

@@ -1,3 +1,4 @@
+from common.rpc.splitlora.v1 import router_pb2 as _router_pb2
 from common.rpc.splitlora.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -92,20 +93,22 @@ class JoinReply(_message.Message):
     def __init__(self, session: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., aggregator_address: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., start_round: _Optional[int] = ..., num_clients: _Optional[int] = ..., server_version: _Optional[str] = ..., aggregation: _Optional[str] = ...) -> None: ...
 
 class StepForward(_message.Message):
-    __slots__ = ("step", "round", "hidden", "attention_mask", "labels", "position_ids")
+    __slots__ = ("step", "round", "hidden", "attention_mask", "labels", "position_ids", "router")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
     step: int
     round: int
     hidden: _tensor_pb2.Tensor
     attention_mask: _tensor_pb2.Tensor
     labels: _tensor_pb2.Tensor
     position_ids: _tensor_pb2.Tensor
-    def __init__(self, step: _Optional[int] = ..., round: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    router: _router_pb2.RouterStats
+    def __init__(self, step: _Optional[int] = ..., round: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., router: _Optional[_Union[_router_pb2.RouterStats, _Mapping]] = ...) -> None: ...
 
 class ClientFrame(_message.Message):
     __slots__ = ("forward", "part")
@@ -116,18 +119,20 @@ class ClientFrame(_message.Message):
     def __init__(self, forward: _Optional[_Union[StepForward, _Mapping]] = ..., part: _Optional[_Union[_tensor_pb2.FramePart, _Mapping]] = ...) -> None: ...
 
 class StepBackward(_message.Message):
-    __slots__ = ("step", "grad", "loss", "tokens", "bytes_received")
+    __slots__ = ("step", "grad", "loss", "tokens", "bytes_received", "router")
     STEP_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
     step: int
     grad: _tensor_pb2.Tensor
     loss: float
     tokens: int
     bytes_received: int
-    def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    router: _router_pb2.RouterBackward
+    def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., bytes_received: _Optional[int] = ..., router: _Optional[_Union[_router_pb2.RouterBackward, _Mapping]] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
     __slots__ = ("backward", "part")
