@@ -27,6 +27,7 @@ from splitlora_server.engine.batching import BatchSettings
 from splitlora_server.engine.core import ServerEngine
 from splitlora_server.engine.state import ServerCheckpoints, ServerState, run_identity
 from splitlora_server.frames import FrameLimits
+from splitlora_server.generation.wiring import GenerationParts, build_generation
 from splitlora_server.ops.metrics import metrics_for
 from splitlora_server.options import AggregateConfig, ServeConfig
 from splitlora_server.registry import Registry
@@ -64,6 +65,7 @@ class RunningServer:
     stop_requested: threading.Event = field(default_factory=threading.Event)  # set by the admin Shutdown call
     health: health.HealthServicer | None = None
     resumed_round: int | None = None  # the round the server resumed at from its checkpoint, if it did
+    generation: GenerationParts | None = None
 
     def wait_finished(self, stop: threading.Event | None = None) -> bool:
         """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
@@ -105,6 +107,8 @@ class RunningServer:
         if self.health is not None:
             self.health.enter_graceful_shutdown()
         self.service.stopping.set()
+        if self.generation is not None:
+            self.generation.service.stopping.set()
         if self.aggregator is not None:
             self.aggregator.stopping.set()
         self.engine.call(lambda: None).result(timeout=60)  # steps already queued finish
@@ -140,11 +144,14 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                             warmup_steps=cfg.warmup_steps, max_seq_len=min(cfg.max_seq_len, max_positions),
                             label_smoothing=cfg.label_smoothing, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm)
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
+    generation = build_generation(cfg, engine, limits, auth)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
-                                   cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
+                                   cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
+                                   status_extras=generation.status_fields)
     resumed = _resume(cfg, engine, registry, run_identity(cfg, fingerprint))
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
+    generation.add_to(server)
     aggregator = None
     if in_process:  # its round close drives the server's (average + checkpoint) before anyone sees the result
         aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",
@@ -156,11 +163,12 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
         aggregator.restore(up_to=resumed if resumed is not None else 0)
         service.submitted, service.round_status = aggregator.has_submitted, aggregator.round_status
         agrpc.add_AggregatorServicer_to_server(aggregator, server)
-    health_servicer = _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator")
+    health_servicer = _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator",
+                                  "splitlora.v1.SplitGeneration")
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the split server")
     server.start()
     return RunningServer(server, port, cfg, part, engine, registry, service, aggregator, stop_requested=stop,
-                         health=health_servicer, resumed_round=resumed)
+                         health=health_servicer, resumed_round=resumed, generation=generation)
 
 
 def _resume(cfg: ServeConfig, engine: ServerEngine, registry: Registry, run: dict) -> int | None:
@@ -192,7 +200,8 @@ def serve(cfg: ServeConfig) -> int:
     """Run `splitlora-server serve` until training ends (exit 0) or a signal stops it (exit 1)."""
     stop = _stop_on_signals()
     running = start_server(cfg, stop)
-    metrics = metrics_for(cfg.host, cfg.metrics_port, running.registry, running.aggregator)
+    metrics = metrics_for(cfg.host, cfg.metrics_port, running.registry, running.aggregator,
+                          running.generation.collector() if running.generation else None)
     log.info("listening on %s:%d; expecting %d clients for %d rounds of %d steps", cfg.host, running.port,
              cfg.clients, cfg.rounds, cfg.local_steps)
     print(f"splitlora-server listening on {cfg.host}:{running.port}", flush=True)

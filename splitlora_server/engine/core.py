@@ -66,6 +66,7 @@ class _StepJob:
 
 
 _Job = Union[_Call, _StepJob, None]  # None stops the worker
+_WAKE = _Call(lambda: None, Future())  # wakes the worker for a job of `call_when_idle`; never run
 
 
 class _Slot:
@@ -95,6 +96,7 @@ class ServerEngine:
         self.strategy = strategy or build_strategy()  # averages the per-client server adapters at a round end
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._carry: collections.deque[_Job] = collections.deque()  # taken from the queue, not batchable
+        self._idle: collections.deque[_Call] = collections.deque()  # `call_when_idle`: after every queued job
         self._thread = threading.Thread(target=self._work, name="splitlora-engine", daemon=True)
         self.steps_done = self._steps_here = 0
         self.seed = seed
@@ -117,12 +119,23 @@ class ServerEngine:
         return self
 
     def stop(self) -> None:
-        """Finish queued jobs and stop the worker."""
+        """Finish queued jobs and stop the worker; jobs of `call_when_idle` not run by then fail."""
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        while self._idle:
+            self._idle.popleft().future.set_exception(RuntimeError("the server engine stopped"))
 
     def _next(self) -> _Job:
-        return self._carry.popleft() if self._carry else self._jobs.get()
+        while (job := self._carry.popleft() if self._carry else self._take()) is _WAKE:
+            pass
+        return job
+
+    def _take(self) -> _Job:
+        """The next queued job; a job of `call_when_idle` only when nothing else waits."""
+        try:
+            return self._jobs.get_nowait()
+        except queue.Empty:
+            return self._idle.popleft() if self._idle else self._jobs.get()
 
     def _work(self) -> None:
         while (job := self._next()) is not None:
@@ -163,6 +176,8 @@ class ServerEngine:
                 job = self._jobs.get(timeout=left) if left > 0 else self._jobs.get_nowait()
             except queue.Empty:
                 break
+            if job is _WAKE:  # a generation job waits: it runs after this batch anyway
+                continue
             if not isinstance(job, _StepJob) or job.step.client_id in members:
                 self._carry.append(job)
                 break
@@ -191,6 +206,13 @@ class ServerEngine:
         """Run `fn` on the worker thread after every job queued before it."""
         future: Future = Future()
         self._jobs.put(_Call(fn, future))
+        return future
+
+    def call_when_idle(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the worker thread once no other job waits (generation behind training steps)."""
+        future: Future = Future()
+        self._idle.append(_Call(fn, future))
+        self._jobs.put(_WAKE)
         return future
 
     def submit_step(self, step: StepInputs) -> Future:

@@ -160,7 +160,7 @@ class ClientStatus(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., connected: _Optional[bool] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("round", "rounds", "steps", "steps_per_second", "clients", "server_adapter_mode", "finished", "round_status", "waiting_for_quorum")
+    __slots__ = ("round", "rounds", "steps", "steps_per_second", "clients", "server_adapter_mode", "finished", "round_status", "waiting_for_quorum", "generation_sessions", "generation_cache_bytes", "generation_tokens", "validation_round", "validation_loss")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,11 @@ class StatusReply(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ROUND_STATUS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_QUORUM_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ROUND_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
     round: int
     rounds: int
     steps: int
@@ -179,7 +184,12 @@ class StatusReply(_message.Message):
     finished: bool
     round_status: str
     waiting_for_quorum: bool
-    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ..., round_status: _Optional[str] = ..., waiting_for_quorum: _Optional[bool] = ...) -> None: ...
+    generation_sessions: int
+    generation_cache_bytes: int
+    generation_tokens: int
+    validation_round: int
+    validation_loss: float
+    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ..., round_status: _Optional[str] = ..., waiting_for_quorum: _Optional[bool] = ..., generation_sessions: _Optional[int] = ..., generation_cache_bytes: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., validation_round: _Optional[int] = ..., validation_loss: _Optional[float] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)
