@@ -144,7 +144,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                             warmup_steps=cfg.warmup_steps, max_seq_len=min(cfg.max_seq_len, max_positions),
                             label_smoothing=cfg.label_smoothing, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm)
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
-    generation = build_generation(cfg, engine, limits, auth)
+    generation = build_generation(cfg, engine, limits, auth, fingerprint)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
                                    status_extras=generation.status_fields)

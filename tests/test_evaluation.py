@@ -8,6 +8,7 @@ from common.data import IGNORE_INDEX
 from splitlora_client.generation.scoring import validate
 from tests.support.families import FAMILIES, VOCAB
 from tests.support.generation import split_setup
+from tests.support.servers import server_fingerprint
 
 
 def _examples(seed: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -25,7 +26,8 @@ def test_evaluate_loss_equals_the_unsplit_model_and_learns_nothing(tmp_path) -> 
             engine = harness.running.engine
             before = {k: v.clone() for k, v in engine.adapter_of("x").items()}
             items = _examples()
-            result = validate(client, harness.channel, "eval-0", items, batch_size=2, pad_id=0)
+            result = validate(client, harness.channel, "eval-0", items, batch_size=2, pad_id=0,
+                              fingerprint=server_fingerprint(harness))
             ids = torch.zeros(len(items), 12, dtype=torch.long)
             labels = torch.full_like(ids, IGNORE_INDEX)
             mask = torch.zeros_like(ids)

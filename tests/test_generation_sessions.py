@@ -10,11 +10,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from common.lora import adapter_state
 from splitlora_client.generation.remote import RemoteSession
-from splitlora_server.engine.core import SHARED
-from tests.support.families import VOCAB
-from tests.support.generation import left_padded, sessions_freed, split_model, split_setup
+from common.rpc.splitlora.v1 import split_pb2 as spb
+from tests.support.families import VOCAB, checkpoint_dir
+from tests.support.servers import fingerprint_for
+from tests.support.split_reference import EXACT
+from tests.support.generation import left_padded, open_session, sessions_freed, split_model, split_setup
 
 LENGTHS = (6, 3)
 
@@ -38,7 +39,7 @@ def _decode(session: RemoteSession, client, token, mask, cache):
 
 
 def _open(harness, client_id="gen-0", **kw) -> RemoteSession:
-    return RemoteSession(harness.channel, client_id, vocab_size=VOCAB, **kw)
+    return open_session(harness, client_id, **kw)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -129,6 +130,12 @@ def test_limits_expiry_and_other_clients_sessions_are_refused_and_freed(tmp_path
         with pytest.raises(grpc.RpcError) as err:
             _open(harness, adapter="own")  # shared mode: there is no per-client adapter to use
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        other = fingerprint_for(str(checkpoint_dir("llama")), 2, EXACT)
+        for fingerprint, code in ((other, grpc.StatusCode.FAILED_PRECONDITION),
+                                  (spb.Fingerprint(), grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.RpcError) as err:  # another model, or none said
+                RemoteSession(harness.channel, "gen-0", vocab_size=VOCAB, fingerprint=fingerprint)
+            assert err.value.code() == code
         assert sessions_freed(harness) == (0, 0)
 
 

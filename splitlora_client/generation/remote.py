@@ -9,6 +9,7 @@ import torch
 
 from common.rpc.splitlora.v1 import generation_pb2 as gpb
 from common.rpc.splitlora.v1 import generation_pb2_grpc as ggrpc
+from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.wire import Reassembler, chunked, decode_tensor, encode_tensor
 from splitlora_client.session import CLIENT_ID_KEY
 
@@ -29,14 +30,15 @@ class RemoteSession:
     """Open an inference session on the server and step it; closing the stream frees the server's cache."""
 
     def __init__(self, channel: grpc.Channel, client_id: str, adapter: str = "shared", reply: str = "logits",
-                 top_k: int = 0, max_tokens: int = 0, chunk_bytes: int = 4 << 20, vocab_size: int = 0) -> None:
+                 top_k: int = 0, max_tokens: int = 0, chunk_bytes: int = 4 << 20, vocab_size: int = 0,
+                 fingerprint: spb.Fingerprint | None = None) -> None:
         self.stub = ggrpc.SplitGenerationStub(channel)
         self._requests: queue.Queue = queue.Queue()
         self._chunk, self._vocab, self._step = chunk_bytes, vocab_size, 0
         self._call = self.stub.Generate(iter(self._requests.get, None), metadata=[(CLIENT_ID_KEY, client_id)])
         kind = {"logits": gpb.REPLY_LOGITS, "top_k": gpb.REPLY_TOP_K, "hidden": gpb.REPLY_HIDDEN}[reply]
         self._send(gpb.GenerationRequest(open=gpb.SessionOpen(adapter=ADAPTERS[adapter], reply=kind, top_k=top_k,
-                                                              max_tokens=max_tokens)))
+                                                              max_tokens=max_tokens, fingerprint=fingerprint)))
         self.opened = self._receive().opened
         self.session = self.opened.session
 

@@ -12,6 +12,7 @@ import torch
 from common.data import Encoded, collate
 from common.rpc.splitlora.v1 import generation_pb2 as gpb
 from common.rpc.splitlora.v1 import generation_pb2_grpc as ggrpc
+from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.parts import SplitPart
 from common.wire import encode_tensor
 from splitlora_client.generation.remote import ADAPTERS
@@ -32,7 +33,7 @@ class Validation:
 
 
 def validate(part: SplitPart, channel: grpc.Channel, client_id: str, encoded: Sequence[Encoded], batch_size: int,
-             pad_id: int, adapter: str = "shared", round: int = -1, codec: int = 1,
+             pad_id: int, fingerprint: spb.Fingerprint, adapter: str = "shared", round: int = -1, codec: int = 1,
              timeout: float = 600.0) -> Validation:
     """Score `encoded` in batches through the split. With `round` >= 0 the server counts the result in that
     round's sample-weighted validation loss of all clients."""
@@ -52,7 +53,7 @@ def validate(part: SplitPart, channel: grpc.Channel, client_id: str, encoded: Se
                                        attention_mask=encode_tensor(batch["attention_mask"]),
                                        position_ids=encode_tensor(batch["position_ids"]),
                                        labels=encode_tensor(batch["labels"]), round=round, samples=len(items),
-                                       last=start + batch_size >= len(encoded))
+                                       last=start + batch_size >= len(encoded), fingerprint=fingerprint)
             reply = stub.Score(request, metadata=[(CLIENT_ID_KEY, client_id)], timeout=timeout)
             loss_sum, tokens = loss_sum + reply.loss_sum, tokens + reply.tokens
     finally:

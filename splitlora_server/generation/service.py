@@ -11,6 +11,8 @@ from google.protobuf.message import DecodeError
 
 from common.rpc.splitlora.v1 import generation_pb2 as gpb
 from common.rpc.splitlora.v1 import generation_pb2_grpc as ggrpc
+from common.rpc.splitlora.v1 import split_pb2 as spb
+from common.fingerprint import differences
 from common.wire import Reassembler, WireError, chunked, codec_from_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.frames import FrameLimits
@@ -30,8 +32,10 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
 
     def __init__(self, scheduler: GenerationScheduler, store: SessionStore, limits: FrameLimits,
                  codecs: list[str], chunk_bytes: int, max_message_bytes: int, auth: Authenticator | None = None,
-                 stopping: threading.Event | None = None, validation: ValidationBook | None = None) -> None:
+                 stopping: threading.Event | None = None, validation: ValidationBook | None = None,
+                 fingerprint: spb.Fingerprint | None = None) -> None:
         self.scheduler, self.store, self.limits = scheduler, store, limits
+        self.fingerprint = fingerprint
         self.codecs = {codec_from_name(c) for c in codecs}
         self.chunk_bytes, self.max_message_bytes = chunk_bytes, max_message_bytes
         self.auth = auth or Authenticator()
@@ -48,6 +52,16 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{CLIENT_ID_KEY} metadata: {problem}")
         abort_if_denied(context, lambda: self.auth.check_client(context, client_id), "a generation call")
         return client_id
+
+    def _check_model(self, fingerprint: spb.Fingerprint, context: grpc.ServicerContext) -> None:
+        if self.fingerprint is None:
+            return
+        if not fingerprint.ByteSize():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request carries no model fingerprint")
+        diff = differences(self.fingerprint, fingerprint)
+        if diff:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "the client's model does not match the server's: " + "; ".join(diff))
 
     def _adapter(self, choice: int, client_id: str, context: grpc.ServicerContext) -> str:
         adapter = ADAPTERS.get(choice)
@@ -101,6 +115,7 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request part: {err}")
 
     def _open(self, request: gpb.SessionOpen, client_id: str, context: grpc.ServicerContext) -> Session:
+        self._check_model(request.fingerprint, context)
         adapter = self._adapter(request.adapter, client_id, context)
         reply = REPLIES.get(request.reply)
         if reply is None:
@@ -161,6 +176,7 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
     # -- evaluation ----------------------------------------------------------------------------------------------
     def Score(self, request: gpb.ScoreRequest, context: grpc.ServicerContext) -> gpb.ScoreReply:
         client_id = self._client(context)
+        self._check_model(request.fingerprint, context)
         adapter = self._adapter(request.adapter, client_id, context)
         if not self.part.segment.head:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server does not hold the head: it cannot score")

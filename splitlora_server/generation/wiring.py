@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from common.rpc.splitlora.v1 import generation_pb2_grpc as ggrpc
+from common.rpc.splitlora.v1 import split_pb2 as spb
 from splitlora_server.auth import Authenticator
 from splitlora_server.engine.core import ServerEngine
 from splitlora_server.frames import FrameLimits
@@ -67,7 +68,8 @@ class _GenerationCollector(Collector):
                                     value=fields["validation_round"])
 
 
-def build_generation(cfg: Any, engine: ServerEngine, limits: FrameLimits, auth: Authenticator) -> GenerationParts:
+def build_generation(cfg: Any, engine: ServerEngine, limits: FrameLimits, auth: Authenticator,
+                     fingerprint: spb.Fingerprint) -> GenerationParts:
     """Generation for a server of `cfg` (a ServeConfig) on `engine`; score batches obey `limits` (the training
     frames' limits, with room for --generation-max-batch rows)."""
     store = SessionStore(cfg, bytes_per_position(engine.part), limits.max_positions)
@@ -76,5 +78,5 @@ def build_generation(cfg: Any, engine: ServerEngine, limits: FrameLimits, auth: 
                                limits.max_seq_len, limits.max_positions)
     validation = ValidationBook()
     service = SplitGenerationService(scheduler, store, score_limits, cfg.codecs, cfg.chunk_bytes,
-                                     cfg.max_message_bytes, auth, validation=validation)
+                                     cfg.max_message_bytes, auth, validation=validation, fingerprint=fingerprint)
     return GenerationParts(store, scheduler, service, validation)

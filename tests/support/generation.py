@@ -13,7 +13,7 @@ from common.split.parts import SplitPart
 from splitlora_client.generation.model import SplitCausalLM
 from splitlora_client.generation.remote import RemoteSession
 from tests.support.families import VOCAB, checkpoint_dir, copy_adapter, reference
-from tests.support.servers import Harness, running_server
+from tests.support.servers import Harness, running_server, server_fingerprint
 from tests.support.split_reference import EXACT
 
 SPLIT = 2
@@ -35,7 +35,13 @@ def split_setup(family: str, output: Path, **overrides: object) -> Iterator[tupl
 
 def split_model(harness: Harness, client: SplitPart, client_id: str = "gen-0", **session: object) -> SplitCausalLM:
     """The split causal LM of `client` talking to `harness`'s server."""
-    return SplitCausalLM(client, lambda: RemoteSession(harness.channel, client_id, vocab_size=VOCAB, **session))
+    return SplitCausalLM(client, lambda: open_session(harness, client_id, **session))
+
+
+def open_session(harness: Harness, client_id: str = "gen-0", **session: object) -> RemoteSession:
+    """A session on `harness`'s server with the server's own model fingerprint (unless given)."""
+    session.setdefault("fingerprint", server_fingerprint(harness))
+    return RemoteSession(harness.channel, client_id, vocab_size=VOCAB, **session)
 
 
 def left_padded(lengths: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,38 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from common.rpc.splitlora.v1 import split_pb2 as splitlora_dot_v1_dot_split__pb2
 from common.rpc.splitlora.v1 import tensor_pb2 as splitlora_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitlora/v1/generation.proto\x12\x0csplitlora.v1\x1a\x19splitlora/v1/tensor.proto\"\xaa\x01\n\x0bSessionOpen\x12,\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0e\x32\x1b.splitlora.v1.ServerAdapter\x12&\n\x05reply\x18\x02 \x01(\x0e\x32\x17.splitlora.v1.ReplyKind\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\"\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x13.splitlora.v1.Codec\"\xd6\x01\n\x0eGenerationStep\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12*\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12%\n\x07reorder\x18\x06 \x01(\x0b\x32\x14.splitlora.v1.Tensor\"\x9d\x01\n\x11GenerationRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.splitlora.v1.SessionOpenH\x00\x12,\n\x04step\x18\x02 \x01(\x0b\x32\x1c.splitlora.v1.GenerationStepH\x00\x12\'\n\x04part\x18\x03 \x01(\x0b\x32\x17.splitlora.v1.FramePartH\x00\x42\x06\n\x04kind\"v\n\rSessionOpened\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x17\n\x0fmax_cache_bytes\x18\x03 \x01(\x04\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x14\n\x0cidle_seconds\x18\x05 \x01(\x02\"X\n\x04TopK\x12\'\n\tlog_probs\x18\x01 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.Tensor\"\xc4\x01\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12&\n\x06logits\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.TensorH\x00\x12#\n\x05top_k\x18\x03 \x01(\x0b\x32\x12.splitlora.v1.TopKH\x00\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x14.splitlora.v1.TensorH\x00\x12\x15\n\rcached_tokens\x18\x05 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x06 \x01(\x04\x42\x08\n\x06output\"\x9a\x01\n\x0fGenerationReply\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.splitlora.v1.SessionOpenedH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.splitlora.v1.StepReplyH\x00\x12\'\n\x04part\x18\x03 \x01(\x0b\x32\x17.splitlora.v1.FramePartH\x00\x42\x06\n\x04kind\"\x90\x02\n\x0cScoreRequest\x12,\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0e\x32\x1b.splitlora.v1.ServerAdapter\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12*\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12$\n\x06labels\x18\x05 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x0f\n\x07samples\x18\x07 \x01(\r\x12\x0c\n\x04last\x18\x08 \x01(\x08\".\n\nScoreReply\x12\x10\n\x08loss_sum\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\x04*{\n\rServerAdapter\x12\x1e\n\x1aSERVER_ADAPTER_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVER_ADAPTER_SHARED\x10\x01\x12\x16\n\x12SERVER_ADAPTER_OWN\x10\x02\x12\x17\n\x13SERVER_ADAPTER_NONE\x10\x03*W\n\tReplyKind\x12\x15\n\x11REPLY_UNSPECIFIED\x10\x00\x12\x10\n\x0cREPLY_LOGITS\x10\x01\x12\x0f\n\x0bREPLY_TOP_K\x10\x02\x12\x10\n\x0cREPLY_HIDDEN\x10\x03\x32\xa0\x01\n\x0fSplitGeneration\x12N\n\x08Generate\x12\x1f.splitlora.v1.GenerationRequest\x1a\x1d.splitlora.v1.GenerationReply(\x01\x30\x01\x12=\n\x05Score\x12\x1a.splitlora.v1.ScoreRequest\x1a\x18.splitlora.v1.ScoreReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitlora/v1/generation.proto\x12\x0csplitlora.v1\x1a\x18splitlora/v1/split.proto\x1a\x19splitlora/v1/tensor.proto\"\xda\x01\n\x0bSessionOpen\x12,\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0e\x32\x1b.splitlora.v1.ServerAdapter\x12&\n\x05reply\x18\x02 \x01(\x0e\x32\x17.splitlora.v1.ReplyKind\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\"\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x13.splitlora.v1.Codec\x12.\n\x0b\x66ingerprint\x18\x06 \x01(\x0b\x32\x19.splitlora.v1.Fingerprint\"\xd6\x01\n\x0eGenerationStep\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12*\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12%\n\x07reorder\x18\x06 \x01(\x0b\x32\x14.splitlora.v1.Tensor\"\x9d\x01\n\x11GenerationRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.splitlora.v1.SessionOpenH\x00\x12,\n\x04step\x18\x02 \x01(\x0b\x32\x1c.splitlora.v1.GenerationStepH\x00\x12\'\n\x04part\x18\x03 \x01(\x0b\x32\x17.splitlora.v1.FramePartH\x00\x42\x06\n\x04kind\"v\n\rSessionOpened\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x17\n\x0fmax_cache_bytes\x18\x03 \x01(\x04\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x14\n\x0cidle_seconds\x18\x05 \x01(\x02\"X\n\x04TopK\x12\'\n\tlog_probs\x18\x01 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.Tensor\"\xc4\x01\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12&\n\x06logits\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.TensorH\x00\x12#\n\x05top_k\x18\x03 \x01(\x0b\x32\x12.splitlora.v1.TopKH\x00\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x14.splitlora.v1.TensorH\x00\x12\x15\n\rcached_tokens\x18\x05 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x06 \x01(\x04\x42\x08\n\x06output\"\x9a\x01\n\x0fGenerationReply\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.splitlora.v1.SessionOpenedH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.splitlora.v1.StepReplyH\x00\x12\'\n\x04part\x18\x03 \x01(\x0b\x32\x17.splitlora.v1.FramePartH\x00\x42\x06\n\x04kind\"\xc0\x02\n\x0cScoreRequest\x12,\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0e\x32\x1b.splitlora.v1.ServerAdapter\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12*\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12$\n\x06labels\x18\x05 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x0f\n\x07samples\x18\x07 \x01(\r\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12.\n\x0b\x66ingerprint\x18\t \x01(\x0b\x32\x19.splitlora.v1.Fingerprint\".\n\nScoreReply\x12\x10\n\x08loss_sum\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\x04*{\n\rServerAdapter\x12\x1e\n\x1aSERVER_ADAPTER_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVER_ADAPTER_SHARED\x10\x01\x12\x16\n\x12SERVER_ADAPTER_OWN\x10\x02\x12\x17\n\x13SERVER_ADAPTER_NONE\x10\x03*W\n\tReplyKind\x12\x15\n\x11REPLY_UNSPECIFIED\x10\x00\x12\x10\n\x0cREPLY_LOGITS\x10\x01\x12\x0f\n\x0bREPLY_TOP_K\x10\x02\x12\x10\n\x0cREPLY_HIDDEN\x10\x03\x32\xa0\x01\n\x0fSplitGeneration\x12N\n\x08Generate\x12\x1f.splitlora.v1.GenerationRequest\x1a\x1d.splitlora.v1.GenerationReply(\x01\x30\x01\x12=\n\x05Score\x12\x1a.splitlora.v1.ScoreRequest\x1a\x18.splitlora.v1.ScoreReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitlora.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVERADAPTER']._serialized_start=1513
-  _globals['_SERVERADAPTER']._serialized_end=1636
-  _globals['_REPLYKIND']._serialized_start=1638
-  _globals['_REPLYKIND']._serialized_end=1725
-  _globals['_SESSIONOPEN']._serialized_start=75
-  _globals['_SESSIONOPEN']._serialized_end=245
-  _globals['_GENERATIONSTEP']._serialized_start=248
-  _globals['_GENERATIONSTEP']._serialized_end=462
-  _globals['_GENERATIONREQUEST']._serialized_start=465
-  _globals['_GENERATIONREQUEST']._serialized_end=622
-  _globals['_SESSIONOPENED']._serialized_start=624
-  _globals['_SESSIONOPENED']._serialized_end=742
-  _globals['_TOPK']._serialized_start=744
-  _globals['_TOPK']._serialized_end=832
-  _globals['_STEPREPLY']._serialized_start=835
-  _globals['_STEPREPLY']._serialized_end=1031
-  _globals['_GENERATIONREPLY']._serialized_start=1034
-  _globals['_GENERATIONREPLY']._serialized_end=1188
-  _globals['_SCOREREQUEST']._serialized_start=1191
-  _globals['_SCOREREQUEST']._serialized_end=1463
-  _globals['_SCOREREPLY']._serialized_start=1465
-  _globals['_SCOREREPLY']._serialized_end=1511
-  _globals['_SPLITGENERATION']._serialized_start=1728
-  _globals['_SPLITGENERATION']._serialized_end=1888
+  _globals['_SERVERADAPTER']._serialized_start=1635
+  _globals['_SERVERADAPTER']._serialized_end=1758
+  _globals['_REPLYKIND']._serialized_start=1760
+  _globals['_REPLYKIND']._serialized_end=1847
+  _globals['_SESSIONOPEN']._serialized_start=101
+  _globals['_SESSIONOPEN']._serialized_end=319
+  _globals['_GENERATIONSTEP']._serialized_start=322
+  _globals['_GENERATIONSTEP']._serialized_end=536
+  _globals['_GENERATIONREQUEST']._serialized_start=539
+  _globals['_GENERATIONREQUEST']._serialized_end=696
+  _globals['_SESSIONOPENED']._serialized_start=698
+  _globals['_SESSIONOPENED']._serialized_end=816
+  _globals['_TOPK']._serialized_start=818
+  _globals['_TOPK']._serialized_end=906
+  _globals['_STEPREPLY']._serialized_start=909
+  _globals['_STEPREPLY']._serialized_end=1105
+  _globals['_GENERATIONREPLY']._serialized_start=1108
+  _globals['_GENERATIONREPLY']._serialized_end=1262
+  _globals['_SCOREREQUEST']._serialized_start=1265
+  _globals['_SCOREREQUEST']._serialized_end=1585
+  _globals['_SCOREREPLY']._serialized_start=1587
+  _globals['_SCOREREPLY']._serialized_end=1633
+  _globals['_SPLITGENERATION']._serialized_start=1850
+  _globals['_SPLITGENERATION']._serialized_end=2010
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from common.rpc.splitlora.v1 import split_pb2 as _split_pb2
 from common.rpc.splitlora.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -30,18 +31,20 @@ REPLY_TOP_K: ReplyKind
 REPLY_HIDDEN: ReplyKind
 
 class SessionOpen(_message.Message):
-    __slots__ = ("adapter", "reply", "top_k", "max_tokens", "codec")
+    __slots__ = ("adapter", "reply", "top_k", "max_tokens", "codec", "fingerprint")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     adapter: ServerAdapter
     reply: ReplyKind
     top_k: int
     max_tokens: int
     codec: _tensor_pb2.Codec
-    def __init__(self, adapter: _Optional[_Union[ServerAdapter, str]] = ..., reply: _Optional[_Union[ReplyKind, str]] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ...) -> None: ...
+    fingerprint: _split_pb2.Fingerprint
+    def __init__(self, adapter: _Optional[_Union[ServerAdapter, str]] = ..., reply: _Optional[_Union[ReplyKind, str]] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., fingerprint: _Optional[_Union[_split_pb2.Fingerprint, _Mapping]] = ...) -> None: ...
 
 class GenerationStep(_message.Message):
     __slots__ = ("session", "step", "hidden", "attention_mask", "position_ids", "reorder")
@@ -118,7 +121,7 @@ class GenerationReply(_message.Message):
     def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepReply, _Mapping]] = ..., part: _Optional[_Union[_tensor_pb2.FramePart, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("adapter", "hidden", "attention_mask", "position_ids", "labels", "round", "samples", "last")
+    __slots__ = ("adapter", "hidden", "attention_mask", "position_ids", "labels", "round", "samples", "last", "fingerprint")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +130,7 @@ class ScoreRequest(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     adapter: ServerAdapter
     hidden: _tensor_pb2.Tensor
     attention_mask: _tensor_pb2.Tensor
@@ -135,7 +139,8 @@ class ScoreRequest(_message.Message):
     round: int
     samples: int
     last: bool
-    def __init__(self, adapter: _Optional[_Union[ServerAdapter, str]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., round: _Optional[int] = ..., samples: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+    fingerprint: _split_pb2.Fingerprint
+    def __init__(self, adapter: _Optional[_Union[ServerAdapter, str]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., round: _Optional[int] = ..., samples: _Optional[int] = ..., last: _Optional[bool] = ..., fingerprint: _Optional[_Union[_split_pb2.Fingerprint, _Mapping]] = ...) -> None: ...
 
 class ScoreReply(_message.Message):
     __slots__ = ("loss_sum", "tokens")
