@@ -20,6 +20,8 @@ from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
+from splitlora_client.generation.options import CLIENT_ADAPTER_FILE
+from splitlora_client.generation.scoring import RoundValidator
 from splitlora_client.options import TrainConfig
 from splitlora_client.prefetch import StepPreparer
 from splitlora_client.resume import RoundSync
@@ -27,8 +29,6 @@ from splitlora_client.retry import Backoff, Reconnect, channel_options
 from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
 from splitlora_client.state import ClientCheckpoints, ClientState
-
-CLIENT_ADAPTER_FILE = "client_adapter.safetensors"
 
 
 def load_private_data(cfg: TrainConfig, tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -72,6 +72,16 @@ def run_identity(cfg: TrainConfig, sched, fingerprint) -> dict:
             "split_layer": fingerprint.split_layer}
 
 
+def _validator(cfg: TrainConfig, part: SplitPart, channel, tokenizer, sched, fingerprint) -> RoundValidator | None:
+    """The --eval-data validator of this run, or None without held-out data."""
+    if not cfg.eval_data:
+        return None
+    encoded = [encode(tokenizer, ex, sched.max_seq_len) for ex in load_examples(cfg.eval_data)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return RoundValidator(part, channel, cfg.client_id, encoded, sched.batch_size, pad_id, fingerprint,
+                          cfg.eval_every, sched.rounds)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run every round of split training for this client; return the path of its final adapter.
 
@@ -113,6 +123,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
                unit="step", dynamic_ncols=True)
     prep = StepPreparer(part, batches, cfg.seed, cfg.client_id)
+    validator = _validator(cfg, part, channel, tokenizer, sched, fingerprint)
     rnd = reply.start_round
     try:
         while True:
@@ -121,6 +132,12 @@ def train(cfg: TrainConfig) -> Path:
                 if merged is not None:
                     metrics.write(event="round", client=cfg.client_id, round=rnd - 1, clients=merged[0],
                                   samples=merged[1])
+                    if validator is not None and validator.due(rnd - 1):
+                        val = validator.run(rnd - 1)
+                        metrics.write(event="validation", client=cfg.client_id, round=rnd - 1, loss=val.loss,
+                                      perplexity=val.perplexity, tokens=val.tokens)
+                        bar.write(f"{cfg.client_id}: round {rnd}/{sched.rounds} validation loss {val.loss:.4f} "
+                                  f"(perplexity {val.perplexity:.2f})")
                 if rnd >= sched.rounds:
                     break
                 bar.n = rnd * sched.local_steps

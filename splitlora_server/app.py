@@ -209,6 +209,9 @@ def serve(cfg: ServeConfig) -> int:
     if finished:
         running.export()
         running.wait_for_final_fetches(cfg.finish_grace_seconds)
+        if cfg.serve_after_training:
+            log.info("training done; serving generation and evaluation until stopped (--serve-after-training)")
+            stop.wait()
     else:
         running.drain()
     running.stop()

@@ -59,3 +59,23 @@ def validate(part: SplitPart, channel: grpc.Channel, client_id: str, encoded: Se
     finally:
         part.train(was_training)
     return Validation(loss_sum / tokens if tokens else math.nan, tokens, len(encoded))
+
+
+class RoundValidator:
+    """`--eval-data` during training: the validation loss of the global model every `every` rounds (and after
+    the last), reported to the server for its sample-weighted loss of all clients."""
+
+    def __init__(self, part: SplitPart, channel: grpc.Channel, client_id: str, encoded: Sequence[Encoded],
+                 batch_size: int, pad_id: int, fingerprint: spb.Fingerprint, every: int, rounds: int) -> None:
+        self.part, self.channel, self.client_id, self.encoded = part, channel, client_id, encoded
+        self.batch_size, self.pad_id, self.fingerprint = batch_size, pad_id, fingerprint
+        self.every, self.rounds = max(1, every), rounds
+
+    def due(self, closed_round: int) -> bool:
+        """Whether the global model after `closed_round` is evaluated."""
+        return (closed_round + 1) % self.every == 0 or closed_round + 1 == self.rounds
+
+    def run(self, closed_round: int) -> Validation:
+        """Score the held-out data with the global model of `closed_round` (the client part holds it now)."""
+        return validate(self.part, self.channel, self.client_id, self.encoded, self.batch_size, self.pad_id,
+                        self.fingerprint, round=closed_round)

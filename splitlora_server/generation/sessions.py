@@ -27,6 +27,8 @@ class GenerationOptions:
     generation_cache_bytes: int = option(2 << 30, "Key/value cache bytes all sessions together may hold.")
     generation_idle_seconds: float = option(300.0, "A session without a step for this long is closed and freed.")
     generation_batching: bool = option(True, "Stack the decode steps of concurrent sessions into one forward.")
+    serve_after_training: bool = option(False, "After the last round (and the export), keep serving generation "
+                                               "and evaluation until stopped (a signal or the admin Shutdown).")
     generation_priority: str = option("training", "training: queued training steps run before generation steps; "
                                                   "fifo: in arrival order.", choices=["training", "fifo"])
 
