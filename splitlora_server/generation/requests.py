@@ -6,7 +6,8 @@ import torch
 from common.rpc.splitlora.v1 import generation_pb2 as gpb
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.wire import WireError, decode_tensor
-from splitlora_server.frames import DecodedStep, FrameLimits, decode_step
+from splitlora_server.engine.jobs import Step
+from splitlora_server.frames import FrameLimits, decode_step
 from splitlora_server.generation.compute import StepInput
 from splitlora_server.generation.sessions import Session
 
@@ -64,7 +65,7 @@ def decode_session_step(msg: gpb.GenerationStep, session: Session, hidden_size: 
     return StepInput(hidden.float(), mask, positions, reorder)
 
 
-def decode_score(msg: gpb.ScoreRequest, limits: FrameLimits, codecs: set[int]) -> DecodedStep:
+def decode_score(msg: gpb.ScoreRequest, limits: FrameLimits, codecs: set[int]) -> Step:
     """The tensors of a score request, checked like a training step (same limits, any allowed codec)."""
     if (msg.hidden.codec or 1) not in codecs:
         raise WireError("hidden is encoded in a codec the server does not accept (see its --codecs)")

@@ -15,11 +15,12 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.fingerprint import differences
 from common.wire import Reassembler, WireError, chunked, codec_from_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
+from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits
 from splitlora_server.generation.compute import StepOutput, adapter_of, score
 from splitlora_server.generation.requests import ADAPTERS, REPLIES, decode_score, decode_session_step
 from splitlora_server.generation.scheduler import GenerationScheduler
-from splitlora_server.generation.sessions import Session, SessionError, SessionStore
+from splitlora_server.generation.sessions import Session, SessionStore
 from splitlora_server.generation.validation import ValidationBook
 from splitlora_server.registry import invalid_client_id
 from splitlora_server.service import CLIENT_ID_KEY, SHUTTING_DOWN
@@ -126,8 +127,8 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server does not hold the head: ask for hidden")
         try:
             session = self.store.open(client_id, adapter, reply, request.top_k, request.max_tokens)
-        except SessionError as err:
-            context.abort(getattr(grpc.StatusCode, err.code), str(err))
+        except Refused as err:
+            abort(context, err)
         log.info("client %s opened inference session %s (adapter %s)", client_id, session.session_id[:8], adapter,
                  extra={"client": client_id})
         return session
@@ -137,14 +138,14 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
         try:
             if msg.session != session.session_id:  # another stream's session: the owner check names the cause
                 other = self.store.get(msg.session, client_id)
-                raise SessionError("FAILED_PRECONDITION", f"session {other.session_id[:8]} is bound to another "
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"session {other.session_id[:8]} is bound to another "
                                    "stream; send steps on the stream that opened it")
             self.store.get(session.session_id, client_id)  # expired?
             step = decode_session_step(msg, session, self.limits.hidden_size, self.limits.max_positions,
                                        self.store.options.generation_max_batch, self.codecs)
             self.store.reserve(session, int(step.hidden.shape[0]), int(step.hidden.shape[1]))
-        except SessionError as err:
-            context.abort(getattr(grpc.StatusCode, err.code), str(err))
+        except Refused as err:
+            abort(context, err)
         except WireError as err:
             self.store.close(session, f"malformed step: {err}")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed generation step {msg.step}: {err}")

@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+
 from common.config.engine import ConfigError, option
+from splitlora_server.errors import Refused
 
 
 @dataclass
@@ -40,14 +43,6 @@ class GenerationOptions:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.generation_idle_seconds <= 0:
             raise ConfigError(f"generation_idle_seconds must be positive, got {self.generation_idle_seconds}")
-
-
-class SessionError(Exception):
-    """A session request that cannot be served; `code` names the gRPC status (e.g. "NOT_FOUND")."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -86,7 +81,7 @@ class SessionStore:
         with self._lock:
             self._expire_locked(time.monotonic())
             if len(self._sessions) >= self.options.generation_max_sessions:
-                raise SessionError("RESOURCE_EXHAUSTED", f"the server holds {len(self._sessions)} inference "
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server holds {len(self._sessions)} inference "
                                    "sessions, its --generation-max-sessions; retry when one ends")
             session = Session(secrets.token_hex(16), client_id, adapter, reply, top_k, limit)
             self._sessions[session.session_id] = session
@@ -100,10 +95,10 @@ class SessionStore:
             self._expire_locked(time.monotonic())
             session = self._sessions.get(session_id)
         if session is None:
-            raise SessionError("NOT_FOUND", f"inference session {session_id[:40]!r} is unknown or was closed "
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"inference session {session_id[:40]!r} is unknown or was closed "
                                "(ended, expired after --generation-idle-seconds, or over a limit); open a new one")
         if session.client_id != client_id:
-            raise SessionError("PERMISSION_DENIED", f"inference session {session_id[:40]!r} belongs to another client")
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"inference session {session_id[:40]!r} belongs to another client")
         return session
 
     def reserve(self, session: Session, rows: int, new_tokens: int) -> None:
@@ -128,8 +123,8 @@ class SessionStore:
                                f"--generation-cache-bytes {self.options.generation_cache_bytes}; retry later")
         if problem:
             self.close(session, problem)
-            code = "OUT_OF_RANGE" if tokens > session.max_tokens else "RESOURCE_EXHAUSTED"
-            raise SessionError(code, problem)
+            code = grpc.StatusCode.OUT_OF_RANGE if tokens > session.max_tokens else grpc.StatusCode.RESOURCE_EXHAUSTED
+            raise Refused(code, problem)
 
     def touch(self, session: Session, cache_bytes: int, cached_tokens: int, new_positions: int) -> None:
         """Record a finished step's cache size."""
