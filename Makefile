@@ -14,7 +14,7 @@ $(BIN)/splitlora-server: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch first: an unpinned torch would pull gigabytes of CUDA packages
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -m pip install -q -e ".[test,bench,eval]"
 	touch $@
 
 venv: $(BIN)/splitlora-server

@@ -168,3 +168,15 @@ def test_held_out_examples_share_no_context_with_the_fine_tuning_data(tmp_path: 
     assert held_out == pool[:10]
     assert train == [ex for ex in pool if ex.context not in {h.context for h in held_out}]
     assert load_examples(assets.train_file(cfg)) == train
+
+
+def test_generate(smoke: BenchConfig):
+    cfg = dataclasses.replace(smoke, generate_tokens=3, generate_prompts=2, generate_sessions=[1, 2])
+    run_benchmarks(cfg, ["generate"])
+    result = _result(cfg, "generate")
+    (row,) = result["table"]
+    assert row["decode_split_ms"] > 0 and row["decode_local_ms"] > 0 and row["ratio"] > 0
+    assert row["bytes_per_token"] > 4 * 128  # at least the (1, 128) activations of one new token went up
+    throughput = result["results"][0]["throughput"]
+    assert [(r["batching"], r["sessions"]) for r in throughput] == [("off", 1), ("off", 2), ("on", 1), ("on", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in throughput)

@@ -39,3 +39,15 @@ def test_seeded_sampling_is_reproducible_and_matches_unsplit(tmp_path) -> None:
         first = _generate(split, ids, mask, **kwargs)
         assert torch.equal(first, _generate(split, ids, mask, **kwargs))
         assert torch.equal(first, _generate(ref, ids, mask, **kwargs))
+
+
+def test_top_k_answers_give_the_same_greedy_tokens_with_smaller_replies(tmp_path) -> None:
+    ids, mask = left_padded(PROMPTS)
+    kwargs = {"do_sample": False, "max_new_tokens": 5}
+    with split_setup("llama", tmp_path) as (harness, client, ref):
+        full, top = split_model(harness, client), split_model(harness, client, reply="top_k", top_k=3)
+        assert torch.equal(_generate(top, ids, mask, **kwargs), _generate(ref, ids, mask, **kwargs))
+        _generate(full, ids, mask, **kwargs)
+        assert top.bytes_received < full.bytes_received / 4
+        status = harness.status()
+        assert status.generation_tokens == 2 * len(PROMPTS) * (ids.shape[1] + 4)  # prefill + 4 decode steps, twice

@@ -41,6 +41,9 @@ def test_train_with_eval_data_then_generate_and_evaluate(tmp_path: Path, builtin
         validation = [r for r in records if r["event"] == "validation"]
         assert [r["round"] for r in validation] == [0, 1]
         assert validation[1]["loss"] < validation[0]["loss"]  # the held-out loss fell with training
+        bob = [json.loads(line) for line in (tmp_path / "bob" / "metrics.jsonl").read_text().splitlines()]
+        for mine, theirs in zip(validation, [r for r in bob if r["event"] == "validation"]):
+            assert abs(mine["loss"] - theirs["loss"]) < 1e-6  # the round's global model, not the next round's
 
         common = ["--server", address, "--client-id", "alice", "--output", str(tmp_path / "alice"), "--insecure"]
         results = tmp_path / "completions.jsonl"

@@ -24,7 +24,7 @@ from splitlora_server.engine import compute
 from splitlora_server.engine.batching import BatchPolicy, BatchSettings
 from splitlora_server.engine.jobs import Backward, Call, Forward, Job, Step, Update
 from splitlora_server.engine.slots import SHARED, AdapterMode, Slot, Slots
-from splitlora_server.engine.state import ServerState
+from splitlora_server.engine.state import ServerState, SlotState
 
 __all__ = ["SHARED", "AdapterMode", "ServerEngine", "Step"]
 log = logging.getLogger(__name__)
@@ -95,6 +95,11 @@ class ServerEngine:
             return self._jobs.get_nowait()
         except queue.Empty:
             return self._idle.popleft() if self._idle else self._jobs.get()
+
+    def boundary_snapshot(self, key: str = SHARED) -> tuple[int, SlotState | None]:
+        """(engine thread) The round the boundary snapshots start, and the snapshot of adapter `key` there: the
+        model of the last closed round while the next one already trains (validation during training)."""
+        return self._slots.boundary_round, self._slots.snapshots.get(key)
 
     def submit_step(self, step: Step) -> Future:
         """Queue one training step (forward, backward, update); the future resolves to a StepOutcome."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from common.lora import load_adapter_state
 from common.loss import IGNORE_INDEX
 from common.split.parts import SplitPart
 
@@ -65,6 +66,18 @@ def adapter_of(part: SplitPart, adapter_name: str | None) -> Iterator[None]:
         if adapter_name is not None:
             part.peft.set_adapter(adapter_name)
         yield
+
+
+BOUNDARY_ADAPTER = "generation-boundary"  # holds a round-boundary snapshot for validation (see `boundary_adapter`)
+
+
+def boundary_adapter(part: SplitPart, state: dict[str, torch.Tensor]) -> str:
+    """Load a round-boundary snapshot of the server adapter into an adapter of its own; return its name. Training
+    slots are untouched (the next training step activates its own slot again)."""
+    if BOUNDARY_ADAPTER not in part.peft.peft_config:
+        part.peft.add_adapter(BOUNDARY_ADAPTER, part.lora.peft_config(part.family))
+    load_adapter_state(part.peft, state, BOUNDARY_ADAPTER)
+    return BOUNDARY_ADAPTER
 
 
 def _last_output(part: SplitPart, hidden: torch.Tensor) -> torch.Tensor:

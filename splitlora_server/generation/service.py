@@ -17,7 +17,7 @@ from common.wire import Reassembler, WireError, chunked, codec_from_name, encode
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits
-from splitlora_server.generation.compute import StepOutput, adapter_of, score
+from splitlora_server.generation.compute import StepOutput, adapter_of, boundary_adapter, score
 from splitlora_server.generation.requests import ADAPTERS, REPLIES, decode_score, decode_session_step
 from splitlora_server.generation.scheduler import GenerationScheduler
 from splitlora_server.generation.sessions import Session, SessionStore
@@ -187,7 +187,11 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed score request: {err}")
 
         def run() -> tuple[float, int]:
-            with adapter_of(self.part, self.scheduler.adapter_name(adapter, client_id)):
+            name = self.scheduler.adapter_name(adapter, client_id)
+            boundary, snapshot = self.scheduler.engine.boundary_snapshot()
+            if adapter == "shared" and request.round >= 0 and boundary == request.round + 1 and snapshot:
+                name = boundary_adapter(self.part, snapshot.adapter)  # the closed round's model, not the moving one
+            with adapter_of(self.part, name):
                 return score(self.part, batch.hidden, batch.attention_mask, batch.position_ids, batch.labels)
 
         try:
