@@ -25,7 +25,7 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-# every benchmark at full size (about 40 minutes on 2 CPU cores); results and plots under BENCH_OUT
+# every benchmark at full size (about 40 minutes on 2 CPU cores before `generate`); results and plots under BENCH_OUT
 BENCH_OUT ?= runs/bench
 bench: venv
 	$(BIN)/splitlora-bench all --out $(BENCH_OUT)

@@ -155,3 +155,6 @@ def test_server_memory_returns_to_baseline_after_many_sessions(tmp_path) -> None
         assert sessions_freed(harness) == (0, 0)
         assert harness.status().generation_sessions == 0 and harness.status().generation_tokens > 0
         assert harness.running.generation.store.opened_total == 12
+        metrics = {m.name: m.samples[0].value for m in harness.running.generation.collector().collect()}
+        assert metrics["splitlora_generation_sessions"] == 0 and metrics["splitlora_generation_cache_bytes"] == 0
+        assert metrics["splitlora_generation_sessions_opened"] == 12
