@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from splitlora_client.generation.remote import RemoteSession
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from tests.support.families import VOCAB, checkpoint_dir
-from tests.support.servers import fingerprint_for
+from tests.support.servers import fingerprint_for, join
 from tests.support.split_reference import EXACT
 from tests.support.generation import left_padded, open_session, sessions_freed, split_model, split_setup
 
@@ -158,3 +158,27 @@ def test_server_memory_returns_to_baseline_after_many_sessions(tmp_path) -> None
         metrics = {m.name: m.samples[0].value for m in harness.running.generation.collector().collect()}
         assert metrics["splitlora_generation_sessions"] == 0 and metrics["splitlora_generation_cache_bytes"] == 0
         assert metrics["splitlora_generation_sessions_opened"] == 12
+
+
+def test_own_adapter_is_the_clients_per_client_copy_and_nobody_elses(tmp_path) -> None:
+    ids, mask = left_padded((5, 3))
+    with split_setup("gpt2", tmp_path, server_adapter_mode="per-client") as (harness, client, _):
+        join(harness, "alice")
+        engine = harness.running.engine
+
+        def perturb_alices_copy() -> None:  # alice's copy now differs from the shared adapter
+            for name, param in engine.part.peft.named_parameters():
+                if f".{engine.slots['alice'].name}." in name and "lora_B" in name:
+                    param.data.add_(0.5)
+
+        engine.call(perturb_alices_copy).result()
+        scores = {}
+        for adapter in ("own", "shared", "none"):
+            session = _open(harness, "alice", adapter=adapter)
+            scores[adapter] = _prefill(session, client, ids, mask)
+            session.close()
+        assert not torch.allclose(scores["own"], scores["shared"]) and not torch.allclose(scores["none"],
+                                                                                          scores["shared"])
+        with pytest.raises(grpc.RpcError) as err:  # bob has no copy of his own, and cannot name alice's
+            _open(harness, "bob", adapter="own")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
