@@ -84,6 +84,33 @@ def _completions(server: str, out: Path, certs: Path, env: dict[str, str]) -> No
             print(f"    {label:>18}: {lines[i] if i < len(lines) else ''}")
 
 
+def _watch(procs: dict[str, subprocess.Popen], out: Path, rounds: int, total: int) -> bool:
+    """Show the federation's progress and each round's validation loss until every client and the aggregator are
+    done (the server stays up to serve generation); False if a process failed."""
+    training = {n: p for n, p in procs.items() if n != "server"}
+    shown: set[int] = set()
+    with tqdm(total=total, unit="step", desc="training", dynamic_ncols=True) as bar:
+        while any(p.poll() is None for p in training.values()):
+            for rnd, losses in sorted(_validation(out).items()):
+                if rnd not in shown and len(losses) == len(CLIENTS):
+                    shown.add(rnd)
+                    bar.write(f"round {rnd + 1}/{rounds}: validation loss {sum(losses) / len(losses):.3f}")
+            records = [r for name in CLIENTS for r in _steps(out / name / "metrics.jsonl")]
+            if records:
+                latest = sorted(records, key=lambda r: r["time"])[-len(CLIENTS):]
+                loss = sum(r["loss"] for r in latest) / len(latest)
+                bar.set_postfix(round=f"{max(r['round'] for r in records) + 1}/{rounds}", loss=f"{loss:.3f}")
+                bar.update(len(records) - bar.n)
+            failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+            if failed:
+                for p in procs.values():
+                    p.kill()
+                print(f"demo failed: {', '.join(failed)} exited with an error; see {out}/logs", file=sys.stderr)
+                return False
+            time.sleep(0.5)
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", default="runs/demo", help="directory for logs, metrics and the adapter")
@@ -115,30 +142,8 @@ def main() -> int:
                               "--seed", str(i), "--output", str(out / name), "--no-progress", *LORA,
                               "--eval-data", str(held_out), *_client_tls(certs, name)],
                              out / "logs" / f"{name}.log", env)
-    total = rounds * local_steps * len(CLIENTS)
-    first_loss: float | None = None
-    training = {n: p for n, p in procs.items() if n != "server"}  # the server stays up to serve generation
-    shown: set[int] = set()
-    with tqdm(total=total, unit="step", desc="training", dynamic_ncols=True) as bar:
-        while any(p.poll() is None for p in training.values()):
-            for rnd, losses in sorted(_validation(out).items()):
-                if rnd not in shown and len(losses) == len(CLIENTS):
-                    shown.add(rnd)
-                    bar.write(f"round {rnd + 1}/{rounds}: validation loss {sum(losses) / len(losses):.3f}")
-            records = [r for name in CLIENTS for r in _steps(out / name / "metrics.jsonl")]
-            if records:
-                latest = sorted(records, key=lambda r: r["time"])[-len(CLIENTS):]
-                loss = sum(r["loss"] for r in latest) / len(latest)
-                first_loss = first_loss if first_loss is not None else loss
-                bar.set_postfix(round=f"{max(r['round'] for r in records) + 1}/{rounds}", loss=f"{loss:.3f}")
-                bar.update(len(records) - bar.n)
-            failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
-            if failed:
-                for p in procs.values():
-                    p.kill()
-                print(f"demo failed: {', '.join(failed)} exited with an error; see {out}/logs", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+    if not _watch(procs, out, rounds, rounds * local_steps * len(CLIENTS)):
+        return 1
     server_proc = procs["server"]
     while server_proc.poll() is None and not (out / "server" / "server_adapter.safetensors").exists():
         time.sleep(0.5)  # the server exports its adapter after the last round, then keeps serving

@@ -152,6 +152,8 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
         try:
             out = self.scheduler.submit(session, step).result()
         except Exception as err:  # a failure in the engine ends this session only
+            if session.closed:  # it expired while the step waited
+                context.abort(grpc.StatusCode.NOT_FOUND, f"inference session closed: {session.closed}")
             self.store.close(session, f"failed: {err}")
             context.abort(grpc.StatusCode.INTERNAL, f"generation step {msg.step} failed: {err}")
         rows, new = int(step.hidden.shape[0]), int(step.hidden.shape[1])
