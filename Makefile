@@ -14,7 +14,7 @@ $(BIN)/splitlora-server: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch first: an unpinned torch would pull gigabytes of CUDA packages
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -m pip install -q -e ".[test,bench,eval]"
 	touch $@
 
 venv: $(BIN)/splitlora-server
@@ -25,7 +25,7 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-# every benchmark at full size (about 40 minutes on 2 CPU cores); results and plots under BENCH_OUT
+# every benchmark at full size (about 40 minutes on 2 CPU cores before `generate`); results and plots under BENCH_OUT
 BENCH_OUT ?= runs/bench
 bench: venv
 	$(BIN)/splitlora-bench all --out $(BENCH_OUT)

@@ -12,7 +12,7 @@ PROFILES = Path(__file__).with_name("profiles.yaml")
 
 @dataclass
 class BenchConfig:
-    """`splitlora-bench`: measure overhead, wire codecs, server scaling, time to target and edge links."""
+    """`splitlora-bench`: measure overhead, wire codecs, server scaling, time to target, edge links and generation."""
 
     out: str = option("runs/bench", "Directory for the JSON, Markdown and PNG results.")
     train_data: str = option("../shared/data/e2e/valid.txt", "Fine-tuning examples (E2E `context||completion` "
@@ -58,6 +58,11 @@ class BenchConfig:
     scaling_warmup_s: float = option(3.0, "Unmeasured seconds before each point.")
     scaling_shapes: list[str] = option(["8x64", "1x16"], "Steps the load generators send, BATCHxTOKENS: an E2E-"
                                                         "sized step, and a small one where fixed costs dominate.")
+    generate_shapes: list[str] = option(["12x768"], "Model shapes LAYERSxWIDTH timed by `generate` (12x768: GPT-2 "
+                                                    "small).")
+    generate_tokens: int = option(32, "Tokens generated per prompt by `generate`.")
+    generate_prompts: int = option(8, "Prompts (held-out contexts) timed by `generate`.")
+    generate_sessions: list[int] = option([1, 4, 16], "Concurrent sessions measured by `generate`.")
     batch_window_ms: float = option(5.0, "Batch window of the server when batching is on.")
     clients: int = option(3, "Clients of `time-to-target` (FedLoRA and SplitLoRA).")
     rounds: int = option(8, "Rounds of `time-to-target`.")
@@ -90,7 +95,9 @@ class BenchConfig:
             raise ConfigError("dirichlet_alpha must be > 0 and aggregation_clients at least 1")
         if self.pretrain_steps < 0:
             raise ConfigError(f"pretrain_steps must be 0 or more, got {self.pretrain_steps}")
-        for shape in [*self.overhead_shapes, *self.scaling_shapes, *self.project_shapes]:
+        if self.generate_tokens < 2 or self.generate_prompts < 1 or min(self.generate_sessions, default=0) < 1:
+            raise ConfigError("generate_tokens must be at least 2, generate_prompts and generate_sessions at least 1")
+        for shape in [*self.overhead_shapes, *self.scaling_shapes, *self.project_shapes, *self.generate_shapes]:
             parse_shape(shape)
         if not self.model and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"tokenizer: {self.tokenizer} is not a directory (give --tokenizer or --model)")

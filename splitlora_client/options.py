@@ -39,6 +39,10 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
                                              "reach it again before giving up.")
     reconnect_backoff_max: float = option(10.0, "Longest wait between two reconnection attempts (exponential "
                                                 "backoff from 0.1 s).")
+    eval_data: str = option("", "Held-out data of this client (same formats as --data): the validation loss of the "
+                                "global model is computed through the split after rounds (nothing learns from it).",
+                            metavar="FILE")
+    eval_every: int = option(1, "With --eval-data: evaluate after every this many rounds (and after the last).")
     progress: bool = option(True, "Show a progress bar.")
     tensorboard: bool = option(False, "Also write TensorBoard scalars to OUTPUT/tensorboard (needs tensorboardX).")
 
@@ -53,6 +57,10 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
                 raise ConfigError(f"{name}: {value!r} is not host:port")
         if self.data and not Path(self.data).is_file():
             raise ConfigError(f"data: file {self.data} does not exist")
+        if self.eval_data and not Path(self.eval_data).is_file():
+            raise ConfigError(f"eval_data: file {self.eval_data} does not exist")
+        if self.eval_every < 1:
+            raise ConfigError(f"eval_every must be at least 1, got {self.eval_every}")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"tokenizer: {self.tokenizer} is not a directory")
         if self.reconnect_timeout < 0 or self.reconnect_backoff_max <= 0:

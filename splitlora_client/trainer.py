@@ -26,6 +26,8 @@ from common.split.parts import SplitPart
 from common.split.router import RouterRecorder, backward_through_cut
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
+from splitlora_client.generation.options import CLIENT_ADAPTER_FILE
+from splitlora_client.generation.scoring import RoundValidator
 from splitlora_client.options import TrainConfig
 from splitlora_client.prefetch import StepPreparer
 from splitlora_client.resume import RoundSync
@@ -34,7 +36,6 @@ from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
 from splitlora_client.state import ClientCheckpoints, ClientState
 
-CLIENT_ADAPTER_FILE = "client_adapter.safetensors"
 
 
 def load_private_data(cfg: TrainConfig, tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -93,6 +94,7 @@ class _Loop:
     rounds: RoundSync
     metrics: MetricsLog
     bar: tqdm
+    validator: RoundValidator | None = None  # --eval-data
 
     def local_steps(self, rnd: int) -> int:
         """Train the local steps of round `rnd` through the server; return the samples they used."""
@@ -125,6 +127,16 @@ class _Loop:
             self.bar.update(1)
         return samples
 
+    def validate(self, closed_round: int) -> None:
+        """--eval-data: the validation loss of the global model of `closed_round`, when due."""
+        if self.validator is None or not self.validator.due(closed_round):
+            return
+        val = self.validator.run(closed_round)
+        self.metrics.write(event="validation", client=self.cfg.client_id, round=closed_round, loss=val.loss,
+                           perplexity=val.perplexity, tokens=val.tokens)
+        self.bar.write(f"{self.cfg.client_id}: round {closed_round + 1}/{self.sched.rounds} validation loss "
+                       f"{val.loss:.4f} (perplexity {val.perplexity:.2f})")
+
     def run(self, rnd: int) -> None:
         """Every round from `rnd` on, rejoining the server whenever the connection is lost."""
         cfg, sched = self.cfg, self.sched
@@ -134,6 +146,7 @@ class _Loop:
                 if merged is not None:
                     self.metrics.write(event="round", client=cfg.client_id, round=rnd - 1, clients=merged[0],
                                        samples=merged[1])
+                    self.validate(rnd - 1)
                 if rnd >= sched.rounds:
                     return
                 self.bar.n = rnd * sched.local_steps
@@ -162,6 +175,17 @@ def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
     agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, options)
     return session, reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel
+
+
+def _validator(cfg: TrainConfig, part: SplitPart, tokenizer, sched, fingerprint) -> RoundValidator | None:
+    """The --eval-data validator of this run (on a channel of its own), or None without held-out data."""
+    if not cfg.eval_data:
+        return None
+    encoded = [encode(tokenizer, ex, sched.max_seq_len) for ex in load_examples(cfg.eval_data)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    channel = open_channel(cfg.server, cfg, cfg.grpc_options())
+    return RoundValidator(part, channel, cfg.client_id, encoded, sched.batch_size, pad_id, fingerprint,
+                          cfg.eval_every, sched.rounds)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -197,7 +221,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
                unit="step", dynamic_ncols=True)
     loop = _Loop(cfg, sched, part, params, optim, opt, lr_sched, StepPreparer(part, batches, cfg.seed, cfg.client_id),
-                 rounds, metrics, bar)
+                 rounds, metrics, bar, _validator(cfg, part, tokenizer, sched, join_args[0]))
     try:
         loop.run(reply.start_round)
     finally:

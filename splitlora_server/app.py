@@ -32,6 +32,7 @@ from splitlora_server.engine.batching import BatchSettings
 from splitlora_server.engine.core import ServerEngine
 from splitlora_server.engine.state import ServerCheckpoints, run_identity
 from splitlora_server.frames import FrameLimits
+from splitlora_server.generation.wiring import GenerationParts, build_generation
 from splitlora_server.ops.metrics import metrics_for
 from splitlora_server.options import AggregateConfig, ServeConfig
 from splitlora_server.registry import Registry
@@ -90,6 +91,7 @@ class RunningServer:
     health: health.HealthServicer | None = None
     resumed_round: int | None = None  # the round the server resumed at from its checkpoint, if it did
     admission: Admission | None = None
+    generation: GenerationParts | None = None
 
     def wait_finished(self, stop: threading.Event | None = None) -> bool:
         """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
@@ -131,6 +133,8 @@ class RunningServer:
         if self.health is not None:
             self.health.enter_graceful_shutdown()
         self.service.stopping.set()
+        if self.generation is not None:
+            self.generation.service.stopping.set()
         if self.aggregator is not None:
             self.aggregator.stopping.set()
         try:
@@ -200,11 +204,13 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     aux = router_aux(part.family, part.config)
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions,
                          num_experts=aux.num_experts if aux else 0)
+    generation = build_generation(cfg, engine, limits, auth, fingerprint)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
-                                   aggregation=cfg.aggregation)
+                                   aggregation=cfg.aggregation, status_extras=generation.status_fields)
     server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
+    generation.add_to(server)
     aggregator = None
     if in_process:
         aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",
@@ -221,11 +227,13 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
         aggregator.restore(up_to=resumed if resumed is not None else 0)
     else:
         coordinator.restore(resumed or 0)
-    health_servicer = _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator")
+    health_servicer = _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator",
+                                  "splitlora.v1.SplitGeneration")
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the split server")
     server.start()
     return RunningServer(server, port, cfg, part, engine, registry, coordinator, service, aggregator,
-                         stop_requested=stop, health=health_servicer, resumed_round=resumed, admission=admission)
+                         stop_requested=stop, health=health_servicer, resumed_round=resumed, admission=admission,
+                         generation=generation)
 
 
 def _resume(checkpoints: ServerCheckpoints, engine: ServerEngine, registry: Registry) -> int | None:
@@ -252,7 +260,8 @@ def serve(cfg: ServeConfig) -> int:
     stop = _stop_on_signals()
     running = start_server(cfg, stop)
     metrics = metrics_for(cfg.host, cfg.metrics_port, running.registry, running.aggregator,
-                          running.service.auth.refusals)
+                          running.service.auth.refusals,
+                          running.generation.collector() if running.generation else None)
     log.info("listening on %s:%d; expecting %d clients for %d rounds of %d steps", cfg.host, running.port,
              cfg.clients, cfg.rounds, cfg.local_steps)
     print(f"splitlora-server listening on {cfg.host}:{running.port}", flush=True)
@@ -260,6 +269,9 @@ def serve(cfg: ServeConfig) -> int:
     if finished:
         running.export()
         running.wait_for_final_fetches(cfg.finish_grace_seconds)
+        if cfg.serve_after_training:
+            log.info("training done; serving generation and evaluation until stopped (--serve-after-training)")
+            stop.wait()
     else:
         running.drain()
     running.stop(cfg.shutdown_grace_seconds)

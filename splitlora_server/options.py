@@ -11,6 +11,7 @@ from common.config.sections import ModelOptions, TransportOptions
 from common.tls import ServerTlsOptions
 from common.wire import CODEC_NAMES
 from splitlora_server.admission import AdmissionOptions
+from splitlora_server.generation.sessions import GenerationOptions
 from splitlora_server.rounds.gate import Quorum
 
 
@@ -81,7 +82,7 @@ class RoundOptions:
 
 @dataclass
 class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
-                  RoundOptions, AdmissionOptions):
+                  RoundOptions, AdmissionOptions, GenerationOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -130,6 +131,7 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
             import torch
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.validate_rounds(self.clients)
+        self.validate_generation()
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -39,9 +39,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def __init__(self, engine: ServerEngine, registry: Registry, fingerprint: spb.Fingerprint,
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
-                 on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg") -> None:
+                 on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg",
+                 status_extras: Callable[[], dict[str, Any]] | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
         self.aggregation = aggregation  # announced at Join: how the clients' adapters are combined
+        self.status_extras = status_extras or dict  # more StatusReply fields (generation, validation)
         self.rounds: RoundCoordinator = registry.coordinator
         self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
         self.schedule, self.limits = schedule, limits
@@ -209,7 +211,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                                steps_per_second=reg.steps_per_second(), clients=clients,
                                server_adapter_mode=self.engine.mode, finished=rounds.finished.is_set(),
                                round_status=text, waiting_for_quorum=waiting, refusals=refusals,
-                               incidents=[*incidents, *self.engine.incidents[-20:]])
+                               incidents=[*incidents, *self.engine.incidents[-20:]], **self.status_extras())
 
     # -- shutdown (the interceptor lets only the admin credential through) ------------------------------------
     def Shutdown(self, request: spb.ShutdownRequest, context: grpc.ServicerContext) -> spb.ShutdownReply:

@@ -185,3 +185,13 @@ def test_aggregation(smoke: BenchConfig):
         else:
             assert max(errors) < 1e-5
     assert sum(result["runs"][3]["shard_sizes"]) == sum(result["runs"][0]["shard_sizes"])
+def test_generate(smoke: BenchConfig):
+    cfg = dataclasses.replace(smoke, generate_tokens=3, generate_prompts=2, generate_sessions=[1, 2])
+    run_benchmarks(cfg, ["generate"])
+    result = _result(cfg, "generate")
+    (row,) = result["table"]
+    assert row["decode_split_ms"] > 0 and row["decode_local_ms"] > 0 and row["ratio"] > 0
+    assert row["bytes_per_token"] > 4 * 128  # at least the (1, 128) activations of one new token went up
+    throughput = result["results"][0]["throughput"]
+    assert [(r["batching"], r["sessions"]) for r in throughput] == [("off", 1), ("off", 2), ("on", 1), ("on", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in throughput)

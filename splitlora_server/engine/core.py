@@ -24,10 +24,11 @@ from splitlora_server.engine import compute
 from splitlora_server.engine.batching import BatchPolicy, BatchSettings
 from splitlora_server.engine.jobs import Backward, Call, Forward, Job, Step, Update
 from splitlora_server.engine.slots import SHARED, AdapterMode, Slot, Slots
-from splitlora_server.engine.state import ServerState
+from splitlora_server.engine.state import ServerState, SlotState
 
 __all__ = ["SHARED", "AdapterMode", "ServerEngine", "Step"]
 log = logging.getLogger(__name__)
+_WAKE = Call(lambda: None)  # wakes an idle worker for a job of `call_when_idle`; never run
 
 
 class ServerEngine:
@@ -46,6 +47,7 @@ class ServerEngine:
         self.policy = BatchPolicy(self.batching)
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._carry: collections.deque[Job] = collections.deque()  # run before the queue: continuations, leftovers
+        self._idle: collections.deque[Call] = collections.deque()  # `call_when_idle`: when nothing else waits
         self._thread = threading.Thread(target=self._work, name="splitlora-engine", daemon=True)
         self.steps_done = self._steps_here = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # client steps per computation
@@ -67,15 +69,42 @@ class ServerEngine:
         return self
 
     def stop(self) -> None:
-        """Finish queued jobs and stop the worker."""
+        """Finish queued jobs and stop the worker; jobs of `call_when_idle` not run by then fail."""
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        while self._idle:
+            self._idle.popleft().future.set_exception(RuntimeError("the server engine stopped"))
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the worker thread after every job queued before it."""
         job = Call(fn)
         self._jobs.put(job)
         return job.future
+
+    def call_when_idle(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the worker thread once no other job waits (generation behind training steps)."""
+        job = Call(fn)
+        self._idle.append(job)
+        if self._jobs.empty():  # a busy worker finds it when the queue runs dry; an idle one needs waking
+            self._jobs.put(_WAKE)
+        return job.future
+
+    def _next(self) -> Job:
+        """The next job: continuations first, then the queue, then (when nothing waits) `call_when_idle` jobs."""
+        while (job := self._carry.popleft() if self._carry else self._take()) is _WAKE:
+            pass
+        return job
+
+    def _take(self) -> Job:
+        try:
+            return self._jobs.get_nowait()
+        except queue.Empty:
+            return self._idle.popleft() if self._idle else self._jobs.get()
+
+    def boundary_snapshot(self, key: str = SHARED) -> tuple[int, SlotState | None]:
+        """(engine thread) The round the boundary snapshots start, and the snapshot of adapter `key` there: the
+        model of the last closed round while the next one already trains (validation during training)."""
+        return self._slots.boundary_round, self._slots.snapshots.get(key)
 
     def submit_step(self, step: Step) -> Future:
         """Queue one training step (forward, backward, update); the future resolves to a StepOutcome."""
@@ -84,7 +113,7 @@ class ServerEngine:
         return job.future
 
     def _work(self) -> None:
-        while (job := self._carry.popleft() if self._carry else self._jobs.get()) is not None:
+        while (job := self._next()) is not None:
             if isinstance(job, Forward):
                 self._forward(self.policy.collect(job, self._jobs, self._carry))
             elif isinstance(job, Backward):

@@ -54,6 +54,10 @@ def format_status(reply: spb.StatusReply, server: str, rates: dict[str, float] |
     head = (f"server {server}: {state}, round {current}/{reply.rounds}, {reply.steps} steps, "
             f"{reply.steps_per_second:.2f} steps/s, server adapter {reply.server_adapter_mode or '-'}, "
             f"{sum(c.connected for c in reply.clients)}/{len(reply.clients)} clients connected")
+    more = (f"generation: {reply.generation_sessions} sessions, {human_bytes(reply.generation_cache_bytes)} of "
+            f"key/value cache, {reply.generation_tokens} positions computed")
+    if reply.validation_round >= 0 and not math.isnan(reply.validation_loss):
+        more += f"; validation loss {reply.validation_loss:.4f} after round {reply.validation_round + 1}"
     rows = [_COLUMNS]
     for c in reply.clients:
         rate = (rates or {}).get(c.client_id)
@@ -62,10 +66,10 @@ def format_status(reply: spb.StatusReply, server: str, rates: dict[str, float] |
                      "-" if math.isnan(c.last_loss) else f"{c.last_loss:.4f}",
                      human_bytes(c.bytes_in), human_bytes(c.bytes_out), c.last_error or "-"))
     if len(rows) == 1:
-        return "\n".join([head, "(no client has joined yet)", *_refusal_lines(reply)])
+        return "\n".join([head, more, "(no client has joined yet)", *_refusal_lines(reply)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
-    return "\n".join([head, *(line.rstrip() for line in lines), *_refusal_lines(reply)])
+    return "\n".join([head, *(line.rstrip() for line in lines), more, *_refusal_lines(reply)])
 
 
 def _refusal_lines(reply: spb.StatusReply) -> list[str]:

@@ -177,7 +177,7 @@ class RefusalCount(_message.Message):
     def __init__(self, caller: _Optional[str] = ..., reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("round", "rounds", "steps", "steps_per_second", "clients", "server_adapter_mode", "finished", "round_status", "waiting_for_quorum", "refusals", "incidents")
+    __slots__ = ("round", "rounds", "steps", "steps_per_second", "clients", "server_adapter_mode", "finished", "round_status", "waiting_for_quorum", "refusals", "incidents", "generation_sessions", "generation_cache_bytes", "generation_tokens", "validation_round", "validation_loss")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,11 @@ class StatusReply(_message.Message):
     WAITING_FOR_QUORUM_FIELD_NUMBER: _ClassVar[int]
     REFUSALS_FIELD_NUMBER: _ClassVar[int]
     INCIDENTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ROUND_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
     round: int
     rounds: int
     steps: int
@@ -200,7 +205,12 @@ class StatusReply(_message.Message):
     waiting_for_quorum: bool
     refusals: _containers.RepeatedCompositeFieldContainer[RefusalCount]
     incidents: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ..., round_status: _Optional[str] = ..., waiting_for_quorum: _Optional[bool] = ..., refusals: _Optional[_Iterable[_Union[RefusalCount, _Mapping]]] = ..., incidents: _Optional[_Iterable[str]] = ...) -> None: ...
+    generation_sessions: int
+    generation_cache_bytes: int
+    generation_tokens: int
+    validation_round: int
+    validation_loss: float
+    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ..., round_status: _Optional[str] = ..., waiting_for_quorum: _Optional[bool] = ..., refusals: _Optional[_Iterable[_Union[RefusalCount, _Mapping]]] = ..., incidents: _Optional[_Iterable[str]] = ..., generation_sessions: _Optional[int] = ..., generation_cache_bytes: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., validation_round: _Optional[int] = ..., validation_loss: _Optional[float] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)
