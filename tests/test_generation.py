@@ -13,6 +13,10 @@ PROMPTS = (7, 3, 5)
 
 def _generate(model, ids, mask, **kwargs):
     torch.manual_seed(kwargs.pop("seed", 0))
+    if getattr(model.config, "output_router_logits", False):
+        # the router's auxiliary loss is a training term; transformers' own generate cannot compute it on decode
+        # steps (the mask covers the whole sequence, the router logits only the new token), so leave it off
+        kwargs["output_router_logits"] = False
     return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, eos_token_id=None, **kwargs)
 
 
