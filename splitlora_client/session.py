@@ -11,7 +11,7 @@ import torch
 from common.limits import raise_if_too_large
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
-from common.wire import Reassembler, chunked, decode_tensor, encode_tensor
+from common.wire import Reassembler, decode_tensor, encode_tensor, method_path, serialized
 from splitlora_client.retry import TRANSIENT, Backoff
 
 CLIENT_ID_KEY = "x-splitlora-client-id"
@@ -34,6 +34,9 @@ class SplitSession:
 
     def __init__(self, channel: grpc.Channel, client_id: str, max_message_bytes: int = 0) -> None:
         self.stub = sgrpc.SplitTrainingStub(channel)
+        # the training stream without serializers: each frame is serialized (and parsed) once, here
+        self._train = channel.stream_stream(method_path(spb.DESCRIPTOR.services_by_name["SplitTraining"].full_name,
+                                                        "Train"))
         self.client_id, self.max_message_bytes = client_id, max_message_bytes
         self.reply: spb.JoinReply | None = None
         self._requests: queue.Queue = queue.Queue()
@@ -66,7 +69,7 @@ class SplitSession:
 
     def _open(self) -> None:
         self._requests = queue.Queue()
-        self._call = self.stub.Train(iter(self._requests.get, None), metadata=self._metadata())
+        self._call = self._train(iter(self._requests.get, None), metadata=self._metadata())
         self._responses = iter(self._call)
 
     def step(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -88,8 +91,8 @@ class SplitSession:
             attention_mask=encode_tensor(attention_mask.to(torch.uint8)), labels=encode_tensor(labels.to(torch.int32)),
             position_ids=encode_tensor(position_ids.to(torch.int32))))
         sent = 0
-        for piece in chunked([frame], spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
-            sent += piece.ByteSize()
+        for piece in serialized(frame, spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
+            sent += len(piece)
             self._requests.put(piece)
         return sent
 
@@ -103,8 +106,9 @@ class SplitSession:
 
     def _receive(self, step: int, sent: int) -> StepResult:
         parts, received = Reassembler(max_bytes=1 << 34), 0
-        for out in self._responses:
-            received += out.ByteSize()
+        for raw in self._responses:
+            received += len(raw)
+            out = spb.ServerFrame.FromString(raw)
             if out.WhichOneof("kind") == "part":
                 data = parts.add(out.part)
                 if data is None:

@@ -18,7 +18,6 @@ from common.lora import export_adapter, write_adapter_file
 from common.optim import OptimSettings
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.split.parts import SplitPart
 from common.tls import add_port
 from splitlora_server.aggregator.service import AggregatorService
@@ -30,7 +29,7 @@ from splitlora_server.frames import FrameLimits
 from splitlora_server.ops.metrics import metrics_for
 from splitlora_server.options import AggregateConfig, ServeConfig
 from splitlora_server.registry import Registry
-from splitlora_server.service import SplitTrainingService
+from splitlora_server.service import SplitTrainingService, add_to_server
 
 log = logging.getLogger("splitlora.server")
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
@@ -144,7 +143,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
     resumed = _resume(cfg, engine, registry, run_identity(cfg, fingerprint))
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
-    sgrpc.add_SplitTrainingServicer_to_server(service, server)
+    add_to_server(service, server)
     aggregator = None
     if in_process:  # its round close drives the server's (average + checkpoint) before anyone sees the result
         aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",

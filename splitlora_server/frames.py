@@ -51,7 +51,7 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if not frame.hidden.ByteSize():
         raise WireError("hidden is missing")
     hidden = decode_tensor(frame.hidden, name="hidden",
-                           max_elements=limits.max_batch * limits.max_seq_len * limits.hidden_size)
+                           max_elements=limits.max_batch * limits.max_seq_len * limits.hidden_size, float32=True)
     if not hidden.is_floating_point():
         raise WireError(f"hidden must be a float tensor, got {hidden.dtype}")
     if codec is not None and (frame.hidden.codec or tpb.CODEC_RAW) != (codec or tpb.CODEC_RAW):
@@ -77,4 +77,4 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if bad.any():
         raise WireError(f"labels must be {IGNORE_INDEX} or in [0, {limits.vocab_size}); "
                         f"got {int(labels[bad][0])}")
-    return DecodedStep(hidden.float(), mask, positions, labels)
+    return DecodedStep(hidden, mask, positions, labels)

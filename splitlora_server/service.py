@@ -15,7 +15,7 @@ from common.limits import negotiated_chunk, too_small
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
-from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
+from common.wire import Reassembler, WireError, codec_from_name, codec_name, encode_tensor, serialized
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine.core import ServerEngine, StepInputs
 from splitlora_server.frames import FrameLimits, decode_step
@@ -109,37 +109,28 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                     extra={"client": record.client_id, "round": self.registry.round_of(record.next_step)})
         context.abort(code, message)
 
-    def Train(self, request_iterator: Iterator[spb.ClientFrame], context: grpc.ServicerContext
-              ) -> Iterator[spb.ServerFrame]:
+    def Train(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The training stream, frames as bytes (registered without serializers by `add_to_server`): each frame
+        is parsed once and each answer serialized once, and their sizes are the lengths of those bytes."""
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         record = self._authenticate(context)
         record.connected = True
         self.engine.stream_opened(record.client_id)
-        parts = Reassembler(max_bytes=self.max_message_bytes * 64)
+        parts, step_bytes = Reassembler(max_bytes=self.max_message_bytes * 64), 0
         try:
-            for frame in request_iterator:
+            for raw in request_iterator:
                 if self.stopping.is_set():  # shutting down: no new step; the client retries after a restart
                     context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-                nbytes = frame.ByteSize()
-                record.bytes_in += nbytes
-                kind = frame.WhichOneof("kind")
-                if kind == "part":
-                    try:
-                        data = parts.add(frame.part)
-                        if data is None:
-                            continue
-                        frame = spb.ClientFrame.FromString(data)
-                    except (WireError, DecodeError) as err:
-                        self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame part: {err}")
-                    if frame.WhichOneof("kind") != "forward":
-                        self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
-                                   "a reassembled frame must hold a StepForward")
-                elif kind != "forward":
-                    self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, "empty frame: set forward or part")
-                reply = self._step(record, frame.forward, context)
-                for out in chunked([spb.ServerFrame(backward=reply)], spb.ServerFrame, record.chunk_bytes):
-                    record.bytes_out += out.ByteSize()
+                record.bytes_in += len(raw)
+                step_bytes += len(raw)
+                frame = self._parse(record, raw, parts, context)
+                if frame is None:
+                    continue
+                reply = self._step(record, frame.forward, context, step_bytes)
+                step_bytes = 0
+                for out in serialized(spb.ServerFrame(backward=reply), spb.ServerFrame, record.chunk_bytes):
+                    record.bytes_out += len(out)
                     yield out
                 self._replies += 1
                 fault_point("server", "reply", self._replies)
@@ -147,11 +138,35 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             record.connected = False
             self.engine.stream_closed(record.client_id)
 
-    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext) -> spb.StepBackward:
-        with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
-            return self._step_locked(record, fwd, context)
+    def _parse(self, record: ClientRecord, raw: bytes, parts: Reassembler, context: grpc.ServicerContext
+               ) -> spb.ClientFrame | None:
+        """The frame `raw` holds, or the one its piece completes (None while pieces are missing)."""
+        try:
+            frame = spb.ClientFrame.FromString(raw)
+        except DecodeError as err:
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"undecodable frame: {err}")
+        kind = frame.WhichOneof("kind")
+        if kind == "part":
+            try:
+                data = parts.add(frame.part)
+                if data is None:
+                    return None
+                frame = spb.ClientFrame.FromString(data)
+            except (WireError, DecodeError) as err:
+                self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame part: {err}")
+            if frame.WhichOneof("kind") != "forward":
+                self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                           "a reassembled frame must hold a StepForward")
+        elif kind != "forward":
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, "empty frame: set forward or part")
+        return frame
 
-    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext
+    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
+              ) -> spb.StepBackward:
+        with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
+            return self._step_locked(record, fwd, context, nbytes)
+
+    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
                      ) -> spb.StepBackward:
         total = self.schedule.rounds * self.schedule.local_steps
         if fwd.step >= total:
@@ -184,7 +199,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens, samples=int(step.hidden.shape[0])):
             self.close_round(self.registry.round_of(fwd.step))  # before the reply: no client sees round r+1 early
         return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
-                                tokens=outcome.tokens, bytes_received=fwd.ByteSize())
+                                tokens=outcome.tokens, bytes_received=nbytes)
 
     # -- rounds ----------------------------------------------------------------------------------------------
     def close_round(self, rnd: int, included: set[str] | None = None) -> bool:
@@ -232,3 +247,24 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         log.warning("shutdown requested by %s: %r", context.peer(), request.reason[:200] or "(no reason given)")
         self.on_shutdown(request.reason)
         return spb.ShutdownReply()
+
+
+class _Handlers:
+    """Collects the method handlers a generated `add_*Servicer_to_server` function registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_to_server(service: SplitTrainingService, server: grpc.Server) -> None:
+    """Register the servicer as the generated code does, except `Train`, whose frames cross as bytes (no
+    serializers): the servicer parses and serializes each frame once, and counts the bytes it already has."""
+    collected = _Handlers()
+    sgrpc.add_SplitTrainingServicer_to_server(service, collected)
+    handlers = collected.handlers
+    handlers["Train"] = grpc.stream_stream_rpc_method_handler(service.Train)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(collected.service, handlers),))
+    server.add_registered_method_handlers(collected.service, handlers)
