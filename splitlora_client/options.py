@@ -7,6 +7,7 @@ from pathlib import Path
 
 from common.config.engine import ConfigError, option
 from common.config.sections import ModelOptions, TransportOptions
+from common.threads import ThreadOptions
 from common.tls import ClientTlsOptions
 from common.wire import CODEC_NAMES
 from splitlora_client.scalars import TENSORBOARD_HINT, tensorboard_available
@@ -15,7 +16,7 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
 
 
 @dataclass
-class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
+class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions, ThreadOptions):
     """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server."""
 
     server: str = option("127.0.0.1:50051", "Split server address host:port.")
@@ -47,6 +48,7 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
         self.validate_model()
         self.validate_transport()
         self.validate_tls()
+        self.validate_threads()
         for name in ("server", "aggregator"):
             value = getattr(self, name)
             if value and not _ADDRESS.match(value):

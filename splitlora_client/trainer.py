@@ -18,6 +18,7 @@ from common.lora import adapter_state, write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
+from common.threads import apply_threads
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
 from splitlora_client.options import TrainConfig
@@ -78,6 +79,7 @@ def train(cfg: TrainConfig) -> Path:
     Losing the server (or the aggregator) is not an error: the client backs off, joins again and resumes from
     its checkpoint of the round the server restarts it at; a restarted client does the same from its --output."""
     log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
+    apply_threads(f"client {cfg.client_id}", cfg.torch_threads)
     model_dir = cfg.model_dir()
     lora = cfg.lora_settings()
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)

@@ -19,6 +19,7 @@ from common.optim import OptimSettings
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.parts import SplitPart
+from common.threads import apply_threads
 from common.tls import add_port
 from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
@@ -122,6 +123,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     cfg.validate_tls()  # secure by default: no certificates and no --insecure is refused before anything starts
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the split server")
     stop = stop if stop is not None else threading.Event()
+    apply_threads("server", cfg.torch_threads, cfg.device, cfg.grpc_workers())
     model_dir = cfg.model_dir()
     lora = cfg.lora_settings()
     part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
@@ -142,7 +144,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
     resumed = _resume(cfg, engine, registry, run_identity(cfg, fingerprint))
-    server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
+    server = _grpc_server(cfg.grpc_workers(), cfg.grpc_options(), auth)
     add_to_server(service, server)
     aggregator = None
     if in_process:  # its round close drives the server's (average + checkpoint) before anyone sees the result
@@ -212,7 +214,7 @@ def aggregate(cfg: AggregateConfig) -> int:
     stop = _stop_on_signals()
     cfg.validate_tls()
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the aggregator")
-    server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
+    server = _grpc_server(cfg.grpc_workers(), cfg.grpc_options(), auth)
     aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
                                    chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
                                    quorum=cfg.quorum(cfg.clients))

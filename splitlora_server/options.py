@@ -8,6 +8,7 @@ from pathlib import Path
 from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, Strategy, StrategyOptions, build_strategy
 from common.config.engine import ConfigError, option
 from common.config.sections import ModelOptions, TransportOptions
+from common.threads import ThreadOptions
 from common.tls import ServerTlsOptions
 from common.wire import CODEC_NAMES
 from splitlora_server.rounds.gate import Quorum
@@ -77,7 +78,7 @@ class RoundOptions:
 
 @dataclass
 class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
-                  RoundOptions):
+                  RoundOptions, ThreadOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -108,8 +109,8 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
     aggregator: str = option("", "Address host:port of a separate aggregator; empty: run it in this process.")
     codecs: list[str] = option(["float32", "float16", "bfloat16", "int8"],
                                "Activation/gradient codecs the server accepts, in its order of preference.")
-    max_workers: int = option(128, "gRPC handler threads (a training stream and a round wait per client, plus "
-                                   "room: at least 4 per concurrent client).")
+    max_workers: int = option(0, "gRPC handler threads (a training stream and a round wait per client, plus "
+                                 "room: at least 4 per concurrent client; 0: 4 per expected client + 16).")
     max_adapter_bytes: int = option(512 << 20, "Largest client adapter the aggregator accepts, in bytes.")
     finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
                                                "final adapter before shutting down.")
@@ -126,7 +127,10 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
             import torch
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.validate_rounds(self.clients)
-        for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
+        self.validate_threads()
+        if self.max_workers < 0:
+            raise ConfigError(f"max_workers must be >= 0, got {self.max_workers}")
+        for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_batch_clients < 0 or self.batch_window_ms < 0:
@@ -139,6 +143,10 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         unknown = [c for c in self.codecs if c not in CODEC_NAMES]
         if unknown or not self.codecs:
             raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
+
+    def grpc_workers(self) -> int:
+        """The gRPC handler pool: --max-workers, or 4 per expected client + 16 (streams, round waits, health)."""
+        return self.max_workers or 4 * self.clients + 16
 
 
 @dataclass
