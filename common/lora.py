@@ -1,8 +1,6 @@
 """LoRA adapter state in and out: extraction, validated loading, safetensors bytes and whole-model export."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -10,7 +8,8 @@ from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from safetensors.torch import save_file
+
+from common.atomic import save_tensors_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -73,11 +72,7 @@ def from_bytes(data: bytes) -> AdapterState:
 
 def write_adapter_file(path: Path, state: AdapterState) -> None:
     """Write an adapter state to a safetensors file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+    save_tensors_atomic(path, state)
 
 
 def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,

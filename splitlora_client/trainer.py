@@ -5,8 +5,11 @@ import json
 import logging
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -73,21 +76,80 @@ def run_identity(cfg: TrainConfig, sched, fingerprint) -> dict:
             "split_layer": fingerprint.split_layer}
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run every round of split training for this client; return the path of its final adapter.
+@dataclass
+class _Loop:
+    """What the local steps of a round need: the part, its optimizer, the data and the round boundaries."""
 
-    Losing the server (or the aggregator) is not an error: the client backs off, joins again and resumes from
-    its checkpoint of the round the server restarts it at; a restarted client does the same from its --output."""
-    log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
-    apply_threads(f"client {cfg.client_id}", cfg.torch_threads)
-    model_dir = cfg.model_dir()
-    lora = cfg.lora_settings()
+    cfg: TrainConfig
+    sched: Any  # the server's spb.Schedule
+    part: SplitPart
+    params: list[torch.nn.Parameter]
+    optim: OptimSettings
+    opt: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LRScheduler
+    prep: StepPreparer
+    rounds: RoundSync
+    metrics: MetricsLog
+    bar: tqdm
+
+    def local_steps(self, rnd: int) -> int:
+        """Train the local steps of round `rnd` through the server; return the samples they used."""
+        cfg, sched, prep, params = self.cfg, self.sched, self.prep, self.params
+        samples, ahead = 0, []  # ahead: the next step, prepared while the server works (--overlap)
+        for local in range(sched.local_steps):
+            step = rnd * sched.local_steps + local
+            started = time.perf_counter()
+            prepared = ahead.pop() if ahead else prep.prepare(step)
+            batch = prepared.batch
+            hidden = prep.forward(prepared)
+            # within the round only: a checkpoint at the boundary must not have drawn the next batch
+            prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
+                if cfg.overlap and local + 1 < sched.local_steps else None
+            result = self.rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
+                                      batch["position_ids"], while_waiting=prepare_next)
+            fault_point("client", "step", step)
+            hidden.backward(result.grad.to(hidden.dtype))
+            optimizer_step(params, self.opt, self.lr_sched, self.optim.max_grad_norm)
+            samples += int(batch["input_ids"].shape[0])
+            seconds = time.perf_counter() - started
+            tokens_per_s = int(batch["attention_mask"].sum()) / max(seconds, 1e-9)
+            self.metrics.write(event="step", client=cfg.client_id, round=rnd, step=step, loss=result.loss,
+                               tokens=result.tokens, seconds=round(seconds, 4), bytes_sent=result.bytes_sent,
+                               bytes_received=result.bytes_received, lr=self.lr_sched.get_last_lr()[0])
+            self.bar.set_postfix(round=f"{rnd + 1}/{sched.rounds}", loss=f"{result.loss:.3f}",
+                                 tok_s=f"{tokens_per_s:.0f}")
+            self.bar.update(1)
+        return samples
+
+    def run(self, rnd: int) -> None:
+        """Every round from `rnd` on, rejoining the server whenever the connection is lost."""
+        cfg, sched = self.cfg, self.sched
+        while True:
+            try:
+                merged = self.rounds.enter(rnd)  # from the checkpoint of its start + the global adapter of rnd-1
+                if merged is not None:
+                    self.metrics.write(event="round", client=cfg.client_id, round=rnd - 1, clients=merged[0],
+                                       samples=merged[1])
+                if rnd >= sched.rounds:
+                    return
+                self.bar.n = rnd * sched.local_steps
+                samples = self.local_steps(rnd)
+                self.rounds.save(rnd + 1, samples)  # before submitting: a restart resubmits this adapter
+                rnd += 1
+            except Reconnect as why:
+                rnd = self.rounds.rejoin(why)
+                self.metrics.write(event="rejoin", client=cfg.client_id, round=rnd, reason=str(why))
+
+
+def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger
+          ) -> tuple[SplitSession, Any, tuple, agrpc.AggregatorStub, bool]:
+    """Connect and join the server; return the session, the Join reply, the join arguments (for rejoining), the
+    aggregator's stub and whether the aggregator shares the server's channel."""
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
     options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
     channel = open_channel(cfg.server, cfg, options)
     session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes)
     codecs = [codec_from_name(c) for c in cfg.codecs]
-    backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
     first_join = Backoff(cap=5.0, budget=cfg.join_timeout)
     reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout, backoff=first_join)
     sched = reply.schedule
@@ -95,66 +157,42 @@ def train(cfg: TrainConfig) -> Path:
              sched.local_steps, sched.batch_size, codec_name(reply.codec))
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
     agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, options)
+    return session, reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel
 
+
+def train(cfg: TrainConfig) -> Path:
+    """Run every round of split training for this client; return the path of its final adapter.
+
+    Losing the server (or the aggregator) is not an error: the client backs off, joins again and resumes from
+    its checkpoint of the round the server restarts it at; a restarted client does the same from its --output."""
+    log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
+    apply_threads(f"client {cfg.client_id}", cfg.torch_threads)
+    model_dir, lora = cfg.model_dir(), cfg.lora_settings()
+    session, reply, join_args, aggregator, shared_channel = _join(cfg, model_dir, lora, log)
+    sched = reply.schedule
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
     part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=sched.seed)
     part.train()
     batches = BatchStream(load_private_data(cfg, tokenizer, sched.max_seq_len), sched.batch_size,
                           tokenizer.pad_token_id, seed=cfg.seed)
-    params = [p for p in part.parameters() if p.requires_grad]
     optim = OptimSettings(sched.learning_rate, sched.weight_decay, sched.warmup_steps,
                           sched.rounds * sched.local_steps, sched.max_grad_norm)
+    params = [p for p in part.parameters() if p.requires_grad]
     opt, lr_sched = build_optimizer(params, optim)
     state = ClientState(part.peft, opt, lr_sched, batches)
     out_dir = cfg.output_dir
-    checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, fingerprint), state.capture())
-    rounds = RoundSync(session, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel, state,
-                    checkpoints, backoff, cfg.chunk_bytes, cfg.round_timeout)
+    checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, join_args[0]), state.capture())
+    backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
+    rounds = RoundSync(session, join_args, aggregator, shared_channel, state, checkpoints, backoff, cfg.chunk_bytes,
+                       cfg.round_timeout)
     checkpoints.drop_after(reply.start_round)
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None)
     bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
                unit="step", dynamic_ncols=True)
-    prep = StepPreparer(part, batches, cfg.seed, cfg.client_id)
-    rnd = reply.start_round
+    loop = _Loop(cfg, sched, part, params, optim, opt, lr_sched, StepPreparer(part, batches, cfg.seed, cfg.client_id),
+                 rounds, metrics, bar)
     try:
-        while True:
-            try:
-                merged = rounds.enter(rnd)  # from the checkpoint of its start + the global adapter of round rnd-1
-                if merged is not None:
-                    metrics.write(event="round", client=cfg.client_id, round=rnd - 1, clients=merged[0],
-                                  samples=merged[1])
-                if rnd >= sched.rounds:
-                    break
-                bar.n = rnd * sched.local_steps
-                samples, ahead = 0, []  # ahead: the next step, prepared while the server works (--overlap)
-                for local in range(sched.local_steps):
-                    step = rnd * sched.local_steps + local
-                    started = time.perf_counter()
-                    prepared = ahead.pop() if ahead else prep.prepare(step)
-                    batch = prepared.batch
-                    hidden = prep.forward(prepared)
-                    # within the round only: a checkpoint at the boundary must not have drawn the next batch
-                    prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
-                        if cfg.overlap and local + 1 < sched.local_steps else None
-                    result = rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
-                                         batch["position_ids"], while_waiting=prepare_next)
-                    fault_point("client", "step", step)
-                    hidden.backward(result.grad.to(hidden.dtype))
-                    optimizer_step(params, opt, lr_sched, optim.max_grad_norm)
-                    samples += int(batch["input_ids"].shape[0])
-                    seconds = time.perf_counter() - started
-                    tokens_per_s = int(batch["attention_mask"].sum()) / max(seconds, 1e-9)
-                    metrics.write(event="step", client=cfg.client_id, round=rnd, step=step, loss=result.loss,
-                                  tokens=result.tokens, seconds=round(seconds, 4), bytes_sent=result.bytes_sent,
-                                  bytes_received=result.bytes_received, lr=lr_sched.get_last_lr()[0])
-                    bar.set_postfix(round=f"{rnd + 1}/{sched.rounds}", loss=f"{result.loss:.3f}",
-                                    tok_s=f"{tokens_per_s:.0f}")
-                    bar.update(1)
-                rounds.save(rnd + 1, samples)  # before submitting: a restart resubmits this adapter
-                rnd += 1
-            except Reconnect as why:
-                rnd = rounds.rejoin(why)
-                metrics.write(event="rejoin", client=cfg.client_id, round=rnd, reason=str(why))
+        loop.run(reply.start_round)
     finally:
         bar.close()
         metrics.close()

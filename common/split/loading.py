@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.split import ModelFamily, family_for
-from common.split.segment import Segment, Side, SplitError, as_segment, check_split_layer
+from common.split.segment import Segment, Side, SplitError, as_segment, check_split_layer  # noqa: F401 (re-exported)
 from common.weights import CheckpointError, CheckpointIndex, resolve_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
