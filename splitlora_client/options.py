@@ -34,6 +34,9 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions, ThreadOption
     codecs: list[str] = option(["float32"], "Activation/gradient codecs this client offers, in order of preference.")
     overlap: bool = option(True, "Prepare (collate) the next batch while waiting for the server's gradient; "
                                  "the results are the same either way.")
+    micro_batches: int = option(0, "Pipelined steps: split each batch into this many micro-batches, sent one after "
+                                   "another so this client computes the next while the server works (same result "
+                                   "as whole steps; 0: the server's --micro-batches).")
     join_timeout: float = option(120.0, "Seconds to keep trying to reach the server at start.")
     round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")
     reconnect_timeout: float = option(900.0, "After losing the server or the aggregator, seconds to keep trying to "
@@ -49,6 +52,8 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions, ThreadOption
         self.validate_transport()
         self.validate_tls()
         self.validate_threads()
+        if self.micro_batches < 0:
+            raise ConfigError(f"micro_batches must be >= 0, got {self.micro_batches}")
         for name in ("server", "aggregator"):
             value = getattr(self, name)
             if value and not _ADDRESS.match(value):

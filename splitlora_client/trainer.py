@@ -25,6 +25,7 @@ from common.threads import apply_threads
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
 from splitlora_client.options import TrainConfig
+from splitlora_client.pipeline import pipelined_step
 from splitlora_client.prefetch import StepPreparer
 from splitlora_client.resume import RoundSync
 from splitlora_client.retry import Backoff, Reconnect, channel_options
@@ -101,14 +102,13 @@ class _Loop:
             started = time.perf_counter()
             prepared = ahead.pop() if ahead else prep.prepare(step)
             batch = prepared.batch
-            hidden = prep.forward(prepared)
             # within the round only: a checkpoint at the boundary must not have drawn the next batch
             prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
                 if cfg.overlap and local + 1 < sched.local_steps else None
-            result = self.rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
-                                      batch["position_ids"], while_waiting=prepare_next)
+            self.opt.zero_grad(set_to_none=True)  # nothing left from a step a lost connection cut short
+            result = self.rounds.step(step, lambda session: pipelined_step(
+                session, prep, prepared, rnd, session.reply.micro_batches or 1, prepare_next))
             fault_point("client", "step", step)
-            hidden.backward(result.grad.to(hidden.dtype))
             optimizer_step(params, self.opt, self.lr_sched, self.optim.max_grad_norm)
             samples += int(batch["input_ids"].shape[0])
             seconds = time.perf_counter() - started
@@ -148,13 +148,14 @@ def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
     options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
     channel = open_channel(cfg.server, cfg, options)
-    session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes)
+    session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes, cfg.micro_batches)
     codecs = [codec_from_name(c) for c in cfg.codecs]
     first_join = Backoff(cap=5.0, budget=cfg.join_timeout)
     reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout, backoff=first_join)
     sched = reply.schedule
-    log.info("joined %s as %s: %d rounds x %d steps, batch %d, codec %s", cfg.server, cfg.client_id, sched.rounds,
-             sched.local_steps, sched.batch_size, codec_name(reply.codec))
+    log.info("joined %s as %s: %d rounds x %d steps, batch %d in %d micro-batches, codec %s", cfg.server,
+             cfg.client_id, sched.rounds, sched.local_steps, sched.batch_size, reply.micro_batches or 1,
+             codec_name(reply.codec))
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
     agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, options)
     return session, reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel

@@ -171,7 +171,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     schedule = _schedule(cfg, max_positions)
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
-                                   cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
+                                   cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
+                                   micro_batches=cfg.micro_batches)
     server = _grpc_server(cfg.grpc_workers(), cfg.grpc_options(), auth)
     add_to_server(service, server)
     aggregator = None

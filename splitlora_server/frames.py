@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.loss import IGNORE_INDEX
+from common.loss import IGNORE_INDEX, target_tokens
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import WireError, codec_name, decode_tensor
@@ -68,4 +68,10 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if bad.any():
         raise WireError(f"labels must be {IGNORE_INDEX} or in [0, {limits.vocab_size}); "
                         f"got {int(labels[bad][0])}")
-    return Step(client_id, frame.step, hidden, mask, positions, labels)
+    count = max(frame.micro_count, 1)
+    if frame.micro >= count:
+        raise WireError(f"micro-batch {frame.micro} of a step sent in {count}")
+    tokens = target_tokens(labels)
+    if count > 1 and frame.step_tokens < max(tokens, 1):
+        raise WireError(f"step_tokens {frame.step_tokens} is below this micro-batch's {tokens} target tokens")
+    return Step(client_id, frame.step, hidden, mask, positions, labels, frame.micro, count, frame.step_tokens)

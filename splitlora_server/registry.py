@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from splitlora_server.errors import Refused
+from splitlora_server.pipelining import MicroProgress
 from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator
 
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -40,6 +41,8 @@ class ClientRecord:
     samples_by_round: dict[int, int] = field(default_factory=dict)
     codec: int = 1  # negotiated activation/gradient codec (CODEC_RAW)
     chunk_bytes: int = 4 << 20  # negotiated piece size of large frames, both ways
+    micro_batches: int = 1  # negotiated most micro-batches per step (pipelined steps)
+    micro: MicroProgress = field(default_factory=MicroProgress)  # its step in progress
     step_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 

@@ -20,6 +20,7 @@ from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine.core import ServerEngine
 from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits, decode_step
+from splitlora_server.pipelining import MicroProgress
 from splitlora_server.registry import ClientRecord, Registry
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
 
@@ -37,8 +38,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def __init__(self, engine: ServerEngine, registry: Registry, fingerprint: spb.Fingerprint,
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
-                 on_shutdown: Callable[[str], None] | None = None) -> None:
+                 on_shutdown: Callable[[str], None] | None = None, micro_batches: int = 1) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
+        self.micro_batches = micro_batches  # per step, for clients that do not ask for a number at Join
         self.rounds: RoundCoordinator = registry.coordinator
         self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
         self.schedule, self.limits = schedule, limits
@@ -64,9 +66,14 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             record = self.registry.join(request.client_id)
         except Refused as refused:
             abort(context, refused)
+        micro = request.micro_batches or self.micro_batches
+        if not 1 <= micro <= self.schedule.batch_size:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"micro_batches {micro} must be between 1 and the "
+                                                            f"batch size {self.schedule.batch_size}")
         record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
         self.engine.add_client(record.client_id).result()
         with record.step_lock:  # after any step of its old stream still in flight
+            record.micro_batches, record.micro = micro, MicroProgress()
             start, partial = self.registry.resume(record)
             if partial:
                 self.engine.rollback(record.client_id, start).result()
@@ -76,8 +83,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         return spb.JoinReply(session=record.session, schedule=self.schedule,
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
-                             start_round=start,
-                             num_clients=self.rounds.expected, server_version=VERSION)
+                             start_round=start, num_clients=self.rounds.expected, server_version=VERSION,
+                             micro_batches=micro)
 
     def _negotiate(self, offered: list[int]) -> int:
         for codec in offered or [tpb.CODEC_RAW]:
@@ -181,6 +188,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
         rnd = fwd.round
         try:
+            record.micro.check(step, record.micro_batches)
             with self.rounds.open_for(record.client_id, rnd):  # no step overtakes a round close
                 future = self.engine.submit_step(step)
         except Refused as refused:
@@ -192,13 +200,15 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} produced a non-finite loss; the update was skipped")
-        if self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens, samples=step.rows):
+        whole = record.micro.add(step, outcome.loss, outcome.tokens)  # the step's last (or only) micro-batch
+        if whole and self.registry.step_done(record, fwd.step, record.micro.loss, record.micro.tokens,
+                                             samples=record.micro.rows):
             try:  # the round may close here, before the reply: no client sees round r+1 early
                 self.rounds.arrive(record.client_id, rnd, FINISHED)
             except Refused as refused:
                 self._fail(context, record, refused.code, refused.message)
         return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
-                                tokens=outcome.tokens, bytes_received=nbytes)
+                                tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro)
 
     # -- status ----------------------------------------------------------------------------------------------
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusReply:

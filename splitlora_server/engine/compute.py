@@ -82,8 +82,10 @@ def forward(part: SplitPart, steps: Sequence[Step], label_smoothing: float) -> P
                           stacked.position_ids.to(device))
     top = out.detach().requires_grad_(True)
     labels, results, counted = stacked.labels.to(device), [], 0
+    normalizer = steps[0].step_tokens if len(steps) == 1 and steps[0].pipelined else None  # a micro-batch's share
     for a, b, t in spans:
-        loss, tokens = causal_lm_loss(part.family.head(part.base, top[a:b, :t]), labels[a:b, :t], label_smoothing)
+        loss, tokens = causal_lm_loss(part.family.head(part.base, top[a:b, :t]), labels[a:b, :t], label_smoothing,
+                                      normalizer)
         if tokens and torch.isfinite(loss):
             loss.backward()
             counted += 1

@@ -1,0 +1,51 @@
+"""Pipelined steps on the client (GPipe semantics): a step's batch cut into micro-batches of rows.
+
+The client runs micro-batch i+1's forward while the server works on micro-batch i: every forward frame is
+queued on the stream as soon as it is computed (gRPC sends it from its own thread). Then each micro-batch's
+gradient is received and backpropagated in turn, so the client's backward of micro-batch i overlaps the server's
+work on micro-batch i+1. The server divides each micro-batch's summed loss by the target tokens of the whole
+step (`step_tokens`), so the micro-batches' gradients add up to the whole step's; both sides accumulate them and
+take one optimizer step per batch. The result equals the unpipelined step up to float summation order; with
+dropout on, the micro-batches draw their masks one after another (different draws, same distribution).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from common.loss import target_tokens
+from splitlora_client.prefetch import Prepared, StepPreparer
+from splitlora_client.session import SplitSession, StepResult
+
+
+def micro_rows(rows: int, count: int) -> list[slice]:
+    """`count` contiguous row ranges of a batch, as equal as possible (fewer when it has fewer rows)."""
+    count = max(1, min(count, rows))
+    bounds = [rows * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared, rnd: int, count: int,
+                   while_waiting: Callable[[], None] | None = None) -> StepResult:
+    """Run a prepared step through the server as `count` micro-batches and backpropagate every gradient into the
+    client part (the caller takes the optimizer step); return the step's loss, tokens and bytes."""
+    step, batch = prepared.step, prepared.batch
+    slices = micro_rows(int(batch["input_ids"].shape[0]), count)
+    step_tokens = target_tokens(batch["labels"]) if len(slices) > 1 else 0
+    cuts: list[torch.Tensor | None] = []
+    sent = 0
+    for i, rows in enumerate(slices):
+        hidden = prep.forward(prepared, rows)
+        sent += session.send(step, rnd, hidden.detach(), batch["attention_mask"][rows], batch["labels"][rows],
+                             batch["position_ids"][rows], micro=i, micro_count=len(slices), step_tokens=step_tokens)
+        cuts.append(hidden)
+    if while_waiting is not None:
+        while_waiting()
+    loss, tokens, received = 0.0, 0, 0
+    for i, hidden in enumerate(cuts):
+        result = session.receive(step, micro=i)
+        hidden.backward(result.grad.to(hidden.dtype))
+        cuts[i] = None  # its graph is freed
+        loss, tokens, received = loss + result.loss, tokens + result.tokens, received + result.bytes_received
+    return StepResult(torch.empty(0), loss, tokens, sent, received)
