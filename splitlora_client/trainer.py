@@ -21,6 +21,7 @@ from common.lora import adapter_state, write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
+from common.split.quantize import quantize_frozen, weight_bytes
 from common.threads import apply_threads
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
@@ -173,6 +174,10 @@ def train(cfg: TrainConfig) -> Path:
     sched = reply.schedule
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
     part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=sched.seed)
+    if cfg.client_quantization != "none":
+        count = quantize_frozen(part, cfg.client_quantization)
+        log.info("frozen base in %s: %d weights quantized, %.1f MB held", cfg.client_quantization, count,
+                 weight_bytes(part) / 1e6)
     part.train()
     batches = BatchStream(load_private_data(cfg, tokenizer, sched.max_seq_len), sched.batch_size,
                           tokenizer.pad_token_id, seed=cfg.seed)
