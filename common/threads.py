@@ -32,8 +32,8 @@ def usable_cores() -> int:
 class ThreadOptions:
     """torch's intra-op threads of this role."""
 
-    torch_threads: int = option(0, "torch intra-op threads (0: every usable core when computing on the CPU, "
-                                   f"at most {GPU_TORCH_THREADS} when computing on a GPU).")
+    torch_threads: int = option(0, "torch intra-op threads (0: OMP_NUM_THREADS if set, else every usable core when "
+                                   f"computing on the CPU, at most {GPU_TORCH_THREADS} when computing on a GPU).")
 
     def validate_threads(self) -> None:
         """A thread count is a count."""
@@ -42,7 +42,10 @@ class ThreadOptions:
 
 
 def default_torch_threads(device: str = "cpu") -> int:
-    """The intra-op threads a role computing on `device` gets when --torch-threads is 0."""
+    """The intra-op threads a role computing on `device` gets when --torch-threads is 0: OMP_NUM_THREADS when the
+    environment sets it, else every usable core on the CPU and a few on a GPU."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
     cores = usable_cores()
     return cores if device.startswith("cpu") else min(GPU_TORCH_THREADS, cores)
 
@@ -53,6 +56,7 @@ def apply_threads(role: str, requested: int, device: str = "cpu", grpc_workers: 
     threads = requested or default_torch_threads(device)
     torch.set_num_threads(threads)
     pool = f", gRPC handler pool {grpc_workers}" if grpc_workers is not None else ""
-    log.info("%s threads: torch %d intra-op (%s) on %s, %d usable cores%s", role, threads,
-             "--torch-threads" if requested else "default", device, usable_cores(), pool)
+    source = "--torch-threads" if requested else "OMP_NUM_THREADS" if "OMP_NUM_THREADS" in os.environ else "default"
+    log.info("%s threads: torch %d intra-op (%s) on %s, %d usable cores%s", role, threads, source, device,
+             usable_cores(), pool)
     return threads

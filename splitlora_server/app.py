@@ -241,7 +241,7 @@ def aggregate(cfg: AggregateConfig) -> int:
     stop = _stop_on_signals()
     cfg.validate_tls()
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the aggregator")
-    server = _grpc_server(cfg.grpc_workers(), cfg.grpc_options(), auth)
+    server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
                                    chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
                                    quorum=cfg.quorum(cfg.clients))

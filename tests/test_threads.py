@@ -3,6 +3,7 @@ affinity a process is started with (a real process under taskset)."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -15,12 +16,19 @@ from splitlora_client.options import TrainConfig
 from splitlora_server.options import ServeConfig
 
 
-def test_defaults_follow_the_device():
+def test_defaults_follow_the_device(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert default_torch_threads("cpu") == usable_cores()
     assert default_torch_threads("cuda:0") == min(GPU_TORCH_THREADS, usable_cores())
 
 
-def test_apply_sets_and_logs_the_threads(caplog: pytest.LogCaptureFixture):
+def test_the_environment_s_omp_num_threads_wins_over_the_default(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_torch_threads("cpu") == default_torch_threads("cuda") == 3
+
+
+def test_apply_sets_and_logs_the_threads(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
         with caplog.at_level(logging.INFO, logger="common.threads"):
@@ -45,6 +53,7 @@ def test_the_grpc_pool_grows_with_the_clients_and_can_be_pinned():
 def test_a_process_pinned_to_one_core_defaults_to_one_thread():
     code = ("from common.threads import apply_threads, usable_cores; import torch; "
             "print(usable_cores(), apply_threads('client', 0), torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
+                         check=True, env=env).stdout.split()
     assert out == ["1", "1", "1"]
