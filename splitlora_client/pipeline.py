@@ -10,6 +10,7 @@ dropout on, the micro-batches draw their masks one after another (different draw
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -33,19 +34,33 @@ def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared
     step, batch = prepared.step, prepared.batch
     slices = micro_rows(int(batch["input_ids"].shape[0]), count)
     step_tokens = target_tokens(batch["labels"]) if len(slices) > 1 else 0
+    phases = dict.fromkeys(("forward", "send", "wait", "backward"), 0.0)
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[phase] += now - clock
+        clock = now
+
     cuts: list[torch.Tensor | None] = []
     sent = 0
     for i, rows in enumerate(slices):
         hidden = prep.forward(prepared, rows)
+        lap("forward")
         sent += session.send(step, rnd, hidden.detach(), batch["attention_mask"][rows], batch["labels"][rows],
                              batch["position_ids"][rows], micro=i, micro_count=len(slices), step_tokens=step_tokens)
+        lap("send")  # encoding and serializing (gRPC writes from its own thread)
         cuts.append(hidden)
     if while_waiting is not None:
         while_waiting()
+        lap("forward")  # preparing the next batch (--overlap)
     loss, tokens, received = 0.0, 0, 0
     for i, hidden in enumerate(cuts):
         result = session.receive(step, micro=i)
+        lap("wait")  # the wire, the server's work and decoding the answer, as far as not overlapped
         hidden.backward(result.grad.to(hidden.dtype))
+        lap("backward")
         cuts[i] = None  # its graph is freed
         loss, tokens, received = loss + result.loss, tokens + result.tokens, received + result.bytes_received
-    return StepResult(torch.empty(0), loss, tokens, sent, received)
+    return StepResult(torch.empty(0), loss, tokens, sent, received, phases)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import queue
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import grpc
@@ -27,6 +27,7 @@ class StepResult:
     tokens: int
     bytes_sent: int
     bytes_received: int
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of the step's parts (pipeline.pipelined_step)
 
 
 class SplitSession:

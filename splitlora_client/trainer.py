@@ -110,13 +110,16 @@ class _Loop:
             result = self.rounds.step(step, lambda session: pipelined_step(
                 session, prep, prepared, rnd, session.reply.micro_batches or 1, prepare_next))
             fault_point("client", "step", step)
+            updating = time.perf_counter()
             optimizer_step(params, self.opt, self.lr_sched, self.optim.max_grad_norm)
+            result.phases["optimizer"] = time.perf_counter() - updating
             samples += int(batch["input_ids"].shape[0])
             seconds = time.perf_counter() - started
             tokens_per_s = int(batch["attention_mask"].sum()) / max(seconds, 1e-9)
             self.metrics.write(event="step", client=cfg.client_id, round=rnd, step=step, loss=result.loss,
                                tokens=result.tokens, seconds=round(seconds, 4), bytes_sent=result.bytes_sent,
-                               bytes_received=result.bytes_received, lr=self.lr_sched.get_last_lr()[0])
+                               bytes_received=result.bytes_received, lr=self.lr_sched.get_last_lr()[0],
+                               **{f"{k}_s": round(v, 4) for k, v in result.phases.items()})
             self.bar.set_postfix(round=f"{rnd + 1}/{sched.rounds}", loss=f"{result.loss:.3f}",
                                  tok_s=f"{tokens_per_s:.0f}")
             self.bar.update(1)

@@ -63,6 +63,9 @@ def test_pipelined_rounds_equal_whole_steps_on_both_sides(tmp_path: Path, no_dro
         client, whole = runs[m]
         assert _max_diff(client, client1) < tolerance, f"client adapter, {m} micro-batches"
         assert _max_diff(whole, whole1) < tolerance, f"whole-model adapter (both sides), {m} micro-batches"
+    steps = [json.loads(line) for line in (tmp_path / "2" / "solo" / "metrics.jsonl").read_text().splitlines()]
+    phases = ("forward_s", "send_s", "wait_s", "backward_s", "optimizer_s")  # the step broken down, in the metrics
+    assert all(sum(r[p] for p in phases) <= r["seconds"] + 1e-3 for r in steps if r.get("event") == "step")
     if not extra:  # the comparison can fail: another seed trains other adapters
         other = solo_run(tmp_path / "other", seed=4, serve=exact, **exact)[1]
         assert _max_diff(other, whole1) > 1e-3
