@@ -11,20 +11,18 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import assets, procs, report
+from benchmarks import assets, procs, report, split_run
 from benchmarks.baselines import WholeModelTrainer
 from benchmarks.evaluate import full_model
 from benchmarks.options import BenchConfig
-from common.data import BatchStream, encode, load_examples, write_examples
+from common.data import write_examples
 from common.optim import OptimSettings
 from common.threads import usable_cores
 
 
 def _single_process(cfg: BenchConfig, model: Path, data: Path, core: int, steps: int) -> list[float]:
     """Step times of the whole model with LoRA in this process on one core, on the client's batches."""
-    tokenizer = assets.tokenizer_of(model)
-    batches = BatchStream([encode(tokenizer, ex, cfg.max_seq_len) for ex in load_examples(data)], cfg.batch_size,
-                          tokenizer.pad_token_id, seed=cfg.seed)
+    batches = split_run.same_batches(cfg, model, data)
     trainer = WholeModelTrainer(full_model(model, cfg.lora()).train(), OptimSettings(cfg.learning_rate, 0.01, 0, steps),
                                 0.1, cfg.seed, "pipeline-local")
     affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
@@ -43,25 +41,6 @@ def _single_process(cfg: BenchConfig, model: Path, data: Path, core: int, steps:
         torch.set_num_threads(threads)
 
 
-def _split(cfg: BenchConfig, model: Path, data: Path, micro: int, cores: tuple[int, int], steps: int,
-           work: Path) -> list[float]:
-    """Step times the client reports (its metrics.jsonl) for a run with `micro` micro-batches per step."""
-    procs.fresh(work)
-    split = ["--split-layer", str(cfg.split_layer), *cfg.lora_flags(), *procs.PLAINTEXT_FLAGS]
-    server, port = procs.start_server(
-        ["--model", str(model), "--clients", "1", "--rounds", "1", "--local-steps", str(steps), "--batch-size",
-         str(cfg.batch_size), "--warmup-steps", "0", "--learning-rate", str(cfg.learning_rate), "--max-seq-len",
-         str(cfg.max_seq_len), "--codecs", "float32", "--seed", str(cfg.seed), "--output", str(work / "server"),
-         "--torch-threads", "1", "--micro-batches", str(micro), "--finish-grace-seconds", "0", *split],
-        work / "server.log", 1, prefix=["taskset", "-c", str(cores[1])], port=procs.free_port())
-    client = procs.start_client(
-        ["--server", f"127.0.0.1:{port}", "--model", str(model), "--client-id", "pipeline", "--data", str(data),
-         "--seed", str(cfg.seed), "--output", str(work / "client"), "--torch-threads", "1", *split],
-        work / "client.log", 1, prefix=["taskset", "-c", str(cores[0])])
-    procs.wait_all([client, server], timeout=3600, logs=[work / "client.log", work / "server.log"])
-    return [r["seconds"] for r in procs.steps(work / "client" / "metrics.jsonl")]
-
-
 def run(cfg: BenchConfig) -> Path:
     """Measure the single-process step and the split step for each of --pipeline-micro-batches."""
     cores = sorted(os.sched_getaffinity(0))
@@ -74,7 +53,8 @@ def run(cfg: BenchConfig) -> Path:
     write_examples(data, train[:n * cfg.batch_size])  # one pass: both sides see the same batches in one order
     load = os.getloadavg()
     single = _single_process(cfg, model, data, cores[0], n)[warm:]
-    split = {m: _split(cfg, model, data, m, (cores[0], cores[1]), n, work / f"micro-{m}")[warm:]
+    split = {m: [r["seconds"] for r in split_run.console_steps(cfg, model, data, n, work / f"micro-{m}", 1, m,
+                                                                 (cores[0], cores[1]))][warm:]
              for m in cfg.pipeline_micro_batches}
     base = statistics.median(single)
     rows = [{"step": "single process, 1 core", "micro_batches": 0, "median_step_s": base, "ratio": 1.0}]

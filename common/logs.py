@@ -71,7 +71,4 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])  # no-op if already configured
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # peft imports torchao (when installed, for --client-quantization) as it builds LoRA layers; torchao then warns
-    # about its CUDA-only kernel libraries on a CPU build, and torch about torchao's enum registrations
-    for noisy in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+

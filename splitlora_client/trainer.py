@@ -100,7 +100,7 @@ class _Loop:
         samples, ahead = 0, []  # ahead: the next step, prepared while the server works (--overlap)
         for local in range(sched.local_steps):
             step = rnd * sched.local_steps + local
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             prepared = ahead.pop() if ahead else prep.prepare(step)
             batch = prepared.batch
             # within the round only: a checkpoint at the boundary must not have drawn the next batch
@@ -119,6 +119,7 @@ class _Loop:
             self.metrics.write(event="step", client=cfg.client_id, round=rnd, step=step, loss=result.loss,
                                tokens=result.tokens, seconds=round(seconds, 4), bytes_sent=result.bytes_sent,
                                bytes_received=result.bytes_received, lr=self.lr_sched.get_last_lr()[0],
+                               cpu_s=round(time.process_time() - cpu, 4),  # this process, every thread
                                **{f"{k}_s": round(v, 4) for k, v in result.phases.items()})
             self.bar.set_postfix(round=f"{rnd + 1}/{sched.rounds}", loss=f"{result.loss:.3f}",
                                  tok_s=f"{tokens_per_s:.0f}")

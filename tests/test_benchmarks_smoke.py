@@ -52,6 +52,7 @@ def test_overhead(smoke: BenchConfig):
     run_benchmarks(smoke, ["overhead"])
     (row,) = _result(smoke, "overhead")["table"]
     assert row["split_step_s"] > 0 and row["local_step_s"] > 0 and row["ratio"] > 0 and row["wire_MB_per_step"] > 0
+    assert row["forward_s"] > 0 and row["wait_s"] > 0 and row["client_cpu_s"] > 0  # from the client's metrics
 
 
 def test_pipeline(smoke: BenchConfig):
