@@ -9,7 +9,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from common.atomic import save_tensors_atomic
+from common.integrity import read_verified, write_with_digest
+
+from common.residuals import expand_residuals
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,8 +42,8 @@ def check_adapter(state: AdapterState, reference: AdapterState, what: str = "ada
             raise AdapterError(f"{what} tensor {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
         if not values:
             continue
-        if not value.is_floating_point():
-            raise AdapterError(f"{what} tensor {key} has dtype {value.dtype}, expected a float dtype")
+        if value.dtype != torch.float32:  # the adapter's own dtype: a float64 1e300 would overflow when averaged
+            raise AdapterError(f"{what} tensor {key} has dtype {value.dtype}, the adapter's dtype is float32")
         if not torch.isfinite(value).all():
             raise AdapterError(f"{what} tensor {key} contains NaN or Inf")
 
@@ -71,13 +73,19 @@ def from_bytes(data: bytes) -> AdapterState:
 
 
 def write_adapter_file(path: Path, state: AdapterState) -> None:
-    """Write an adapter state to a safetensors file atomically."""
-    save_tensors_atomic(path, state)
+    """Write an adapter state to a safetensors file atomically, with its SHA-256 next to it (common.integrity)."""
+    write_with_digest(Path(path), to_bytes(state))
+
+
+def read_adapter_file(path: Path) -> AdapterState:
+    """Read an adapter file after checking it against its SHA-256 (IntegrityError names a damaged file)."""
+    return from_bytes(read_verified(Path(path)))
 
 
 def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,
                    base_model: str | None = None) -> Path:
-    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts."""
+    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts; fedex residuals
+    in them become exact higher-rank modules (common.residuals.expand_residuals)."""
     out = Path(out_dir)
     merged: AdapterState = {}
     for state in states:
@@ -85,6 +93,7 @@ def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterStat
         if overlap:
             raise AdapterError(f"adapter parts overlap on {sorted(overlap)[:3]}")
         merged.update(state)
+    merged, config = expand_residuals(merged, config)
     config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": base_model})
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))

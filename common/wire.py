@@ -11,6 +11,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from common.limits import MIN_CHUNK_BYTES
 from common.rpc.splitlora.v1 import tensor_pb2 as pb
 
 _TORCH_BY_DTYPE: dict[int, torch.dtype] = {
@@ -142,10 +143,13 @@ def _check_shape(shape: Sequence[int], max_elements: int | None) -> int:
     if len(shape) > MAX_DIMS:
         raise WireError(f"tensor has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
     if any(d < 0 for d in shape):
-        raise WireError(f"tensor shape {list(shape)} has a negative dimension")
+        raise WireError(f"tensor shape {list(shape)[:MAX_DIMS]} has a negative dimension")
     numel = math.prod(shape)
-    if max_elements is not None and numel > max_elements:
-        raise WireError(f"tensor shape {list(shape)} has {numel} elements; the limit is {max_elements}")
+    if max_elements is not None:  # every dimension too: [0, 2**62, H] holds no element but overflows strides
+        largest = math.prod(d for d in shape if d)
+        if largest > max_elements:
+            raise WireError(f"tensor shape {list(shape)} has {largest} elements (ignoring empty dimensions); "
+                            f"the limit is {max_elements}")
     return numel
 
 
@@ -205,10 +209,13 @@ def split_bytes(data: bytes, message_id: int, chunk_bytes: int) -> list[pb.Frame
 
 
 class Reassembler:
-    """Collects FrameParts of one message at a time and returns the whole bytes when complete."""
+    """Collects FrameParts of one message at a time and returns the whole bytes when complete.
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    `max_bytes` bounds a message; with `max_piece` (the negotiated piece size) every piece is bounded too, and a
+    message announcing more pieces than `max_bytes` can need is refused at its first piece."""
+
+    def __init__(self, max_bytes: int, max_piece: int | None = None) -> None:
+        self.max_bytes, self.max_piece = max_bytes, max_piece
         self._id: int | None = None
         self._parts: list[bytes] = []
         self._size = 0
@@ -219,19 +226,32 @@ class Reassembler:
         if self._id is None:
             if part.index != 0 or part.count == 0:
                 raise WireError(f"frame part {part.index}/{part.count} arrived before part 0")
+            if self.max_piece and part.count > math.ceil(self.max_bytes / MIN_CHUNK_BYTES) + 1:
+                raise WireError(f"a frame announced as {part.count} pieces exceeds the largest frame this stream may "
+                                f"send ({self.max_bytes} bytes, in pieces of at least {MIN_CHUNK_BYTES} bytes)")
             self._id, self._count = part.message_id, part.count
+        if self.max_piece and len(part.data) > self.max_piece:
+            self.clear()
+            raise WireError(f"frame piece of {len(part.data)} bytes exceeds the negotiated piece size "
+                            f"({self.max_piece} bytes)")
         elif part.message_id != self._id or part.index != len(self._parts) or part.count != self._count:
             raise WireError(f"frame part out of order: got message {part.message_id} part {part.index}/{part.count},"
                             f" expected message {self._id} part {len(self._parts)}/{self._count}")
         self._size += len(part.data)
         if self._size > self.max_bytes:
-            raise WireError(f"reassembled frame exceeds {self.max_bytes} bytes (64 x --max-message-bytes)")
+            self.clear()
+            raise WireError(f"reassembled frame exceeds the largest frame this stream may send "
+                            f"({self.max_bytes} bytes)")
         self._parts.append(part.data)
         if len(self._parts) < self._count:
             return None
         data = b"".join(self._parts)
-        self._id, self._parts, self._size, self._count = None, [], 0, 0
+        self.clear()
         return data
+
+    def clear(self) -> None:
+        """Drop a partly received message (its stream ended or was refused)."""
+        self._id, self._parts, self._size, self._count = None, [], 0, 0
 
     @property
     def pending(self) -> bool:

@@ -70,7 +70,7 @@ def main() -> int:
     procs = {
         "aggregator": _spawn([str(BIN / "splitlora-server"), "aggregate", "--port", str(args.port + 1), "--clients",
                               str(len(CLIENTS)), "--rounds", str(rounds), "--output", str(out / "aggregator"),
-                              *_server_tls(certs)], out / "logs" / "aggregator.log", env),
+                              *LORA, *_server_tls(certs)], out / "logs" / "aggregator.log", env),
         "server": _spawn([str(BIN / "splitlora-server"), "serve", "--port", str(args.port), "--clients",
                           str(len(CLIENTS)), "--aggregator", aggregator, "--output", str(out / "server"), *TRAINING,
                           *LORA, *_server_tls(certs)], out / "logs" / "server.log", env),

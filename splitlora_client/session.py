@@ -129,7 +129,9 @@ class SplitSession:
         raise ConnectionError("the server closed the training stream")
 
     def close(self) -> None:
-        """End the stream politely."""
+        """End the stream: half-close it, then cancel it, so that no call outlives the session (a stream the
+        server stopped reading would otherwise keep the client process from exiting)."""
         if self._call is not None:
             self._requests.put(None)
+            self._call.cancel()
             self._call = None

@@ -13,12 +13,14 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from common.aggregation import freezes_lora_a
 from common.data import BatchStream, encode, load_examples, shard, synthetic_e2e
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.logs import ContextLogger
 from common.lora import adapter_state, write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
+from common.residuals import ResidualFolder
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
 from common.split.quantize import quantize_frozen, weight_bytes
@@ -158,9 +160,9 @@ def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger
     first_join = Backoff(cap=5.0, budget=cfg.join_timeout)
     reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout, backoff=first_join)
     sched = reply.schedule
-    log.info("joined %s as %s: %d rounds x %d steps, batch %d in %d micro-batches, codec %s", cfg.server,
-             cfg.client_id, sched.rounds, sched.local_steps, sched.batch_size, reply.micro_batches or 1,
-             codec_name(reply.codec))
+    log.info("joined %s as %s: %d rounds x %d steps, batch %d in %d micro-batches, codec %s, aggregation %s",
+             cfg.server, cfg.client_id, sched.rounds, sched.local_steps, sched.batch_size, reply.micro_batches or 1,
+             codec_name(reply.codec), reply.aggregation or "fedavg")
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
     agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, options)
     return session, reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel
@@ -183,13 +185,17 @@ def train(cfg: TrainConfig) -> Path:
         log.info("frozen base in %s: %d weights quantized, %.1f MB held", cfg.client_quantization, count,
                  weight_bytes(part) / 1e6)
     part.train()
+    if reply.aggregation and freezes_lora_a(reply.aggregation):  # ffa: only B trains, A stays as initialised
+        for name, param in part.peft.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
     batches = BatchStream(load_private_data(cfg, tokenizer, sched.max_seq_len), sched.batch_size,
                           tokenizer.pad_token_id, seed=cfg.seed)
     optim = OptimSettings(sched.learning_rate, sched.weight_decay, sched.warmup_steps,
                           sched.rounds * sched.local_steps, sched.max_grad_norm)
     params = [p for p in part.parameters() if p.requires_grad]
     opt, lr_sched = build_optimizer(params, optim)
-    state = ClientState(part.peft, opt, lr_sched, batches)
+    state = ClientState(part.peft, opt, lr_sched, batches, ResidualFolder(part.peft))
     out_dir = cfg.output_dir
     checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, join_args[0]), state.capture())
     backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
@@ -208,6 +214,6 @@ def train(cfg: TrainConfig) -> Path:
         metrics.close()
         session.close()
     path = out_dir / CLIENT_ADAPTER_FILE
-    write_adapter_file(path, adapter_state(part.peft))
+    write_adapter_file(path, {**adapter_state(part.peft), **state.folder.residuals})  # fedex: residuals too
     log.info("client adapter written to %s", path)
     return path

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common.adapter_layout import adapter_layout
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.lora import export_adapter, write_adapter_file
@@ -21,6 +23,7 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.parts import SplitPart
 from common.threads import apply_threads
 from common.tls import add_port
+from splitlora_server.admission import RPC_THREADS, Admission, AdmissionInterceptor, AdmissionOptions
 from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
 from splitlora_server.engine.batching import BatchSettings
@@ -37,9 +40,27 @@ log = logging.getLogger("splitlora.server")
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
 
 
-def _grpc_server(max_workers: int, options: list[tuple[str, int]], auth: Authenticator) -> grpc.Server:
-    return grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="splitlora-rpc"),
-                       options=options, interceptors=[AuthInterceptor(auth)])
+def _grpc_server(max_workers: int, options: list[tuple[str, int]], auth: Authenticator,
+                 limits: AdmissionOptions) -> tuple[grpc.Server, Admission]:
+    """A grpc server whose calls are authenticated, then admitted (splitlora_server.admission)."""
+    admission = Admission(auth, limits, max_workers)
+    server = grpc.server(admission.pool, options=options,
+                         interceptors=[AuthInterceptor(auth), AdmissionInterceptor(admission)])
+    return server, admission
+
+
+def exit_if_stuck(code: int, grace: float) -> None:
+    """After an orderly stop (idle handler threads end with `Admission.close`): if handler threads are still alive
+    `grace` seconds later (a call that ignores cancellation), exit at once rather than hang in the interpreter's
+    join of the thread pool."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not any(t.name.startswith(RPC_THREADS) and t.is_alive() for t in threading.enumerate()):
+            return
+        time.sleep(0.05)
+    log.error("handler threads still running %.1f s after shutdown; exiting without waiting for them", grace)
+    logging.shutdown()
+    os._exit(code)
 
 
 def _add_health(server: grpc.Server, *services: str) -> health.HealthServicer:
@@ -66,6 +87,7 @@ class RunningServer:
     stop_requested: threading.Event = field(default_factory=threading.Event)  # set by the admin Shutdown call
     health: health.HealthServicer | None = None
     resumed_round: int | None = None  # the round the server resumed at from its checkpoint, if it did
+    admission: Admission | None = None
 
     def wait_finished(self, stop: threading.Event | None = None) -> bool:
         """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
@@ -109,13 +131,18 @@ class RunningServer:
         self.service.stopping.set()
         if self.aggregator is not None:
             self.aggregator.stopping.set()
-        self.engine.call(lambda: None).result(timeout=60)  # steps already queued finish
+        try:
+            self.engine.call(lambda: None).result(timeout=self.config.shutdown_grace_seconds)  # queued steps finish
+        except TimeoutError:
+            log.warning("the engine did not finish its queued steps within %.1f s", self.config.shutdown_grace_seconds)
         log.info("shutting down; a restart with --output %s resumes at round %d", self.config.output,
                  self.rounds.current_round())
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving and stop the engine."""
-        self.server.stop(grace).wait()
+        self.server.stop(grace).wait(grace + 1.0)
+        if self.admission is not None:
+            self.admission.close()
         self.engine.stop()
 
 
@@ -137,7 +164,7 @@ def _engine(cfg: ServeConfig, part: SplitPart, checkpoints: ServerCheckpoints) -
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
     optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
     return ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed,
-                        BatchSettings(cfg.batch_window_ms, cfg.max_batch_clients),
+                        BatchSettings(cfg.batch_window_ms, cfg.max_batch_clients), strategy=cfg.strategy(),
                         on_boundary=lambda state: checkpoints.save(
                             state, fault=lambda: fault_point("server", "checkpoint", state.round - 1))).start()
 
@@ -157,7 +184,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     cfg.validate_tls()  # secure by default: no certificates and no --insecure is refused before anything starts
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the split server")
     stop = stop if stop is not None else threading.Event()
-    apply_threads("server", cfg.torch_threads, cfg.device, cfg.grpc_workers())
+    apply_threads("server", cfg.torch_threads, cfg.device, cfg.max_workers)
     model_dir, lora = cfg.model_dir(), cfg.lora_settings()
     part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
                      gradient_checkpointing=cfg.gradient_checkpointing)
@@ -172,8 +199,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
-                                   micro_batches=cfg.micro_batches)
-    server = _grpc_server(cfg.grpc_workers(), cfg.grpc_options(), auth)
+                                   aggregation=cfg.aggregation, micro_batches=cfg.micro_batches)
+    server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
     add_to_server(service, server)
     aggregator = None
     if in_process:
@@ -181,7 +208,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                                        max_adapter_bytes=cfg.max_adapter_bytes, is_enrolled=registry.is_enrolled,
                                        chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
                                        verify_claim=registry.verify_claim, store_submissions=False,
-                                       coordinator=coordinator)
+                                       coordinator=coordinator,
+                                       layout=adapter_layout(model_dir, "client", cfg.split_layer, lora))
         coordinator.subscribe(aggregator.ledger)  # first: the global adapter is computed and stored, or refused
         agrpc.add_AggregatorServicer_to_server(aggregator, server)
     coordinator.subscribe(EngineRoundEnd(engine, registry))
@@ -194,7 +222,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the split server")
     server.start()
     return RunningServer(server, port, cfg, part, engine, registry, coordinator, service, aggregator,
-                         stop_requested=stop, health=health_servicer, resumed_round=resumed)
+                         stop_requested=stop, health=health_servicer, resumed_round=resumed, admission=admission)
 
 
 def _resume(checkpoints: ServerCheckpoints, engine: ServerEngine, registry: Registry) -> int | None:
@@ -220,7 +248,8 @@ def serve(cfg: ServeConfig) -> int:
     """Run `splitlora-server serve` until training ends (exit 0) or a signal stops it (exit 1)."""
     stop = _stop_on_signals()
     running = start_server(cfg, stop)
-    metrics = metrics_for(cfg.host, cfg.metrics_port, running.registry, running.aggregator)
+    metrics = metrics_for(cfg.host, cfg.metrics_port, running.registry, running.aggregator,
+                          running.service.auth.refusals)
     log.info("listening on %s:%d; expecting %d clients for %d rounds of %d steps", cfg.host, running.port,
              cfg.clients, cfg.rounds, cfg.local_steps)
     print(f"splitlora-server listening on {cfg.host}:{running.port}", flush=True)
@@ -230,9 +259,10 @@ def serve(cfg: ServeConfig) -> int:
         running.wait_for_final_fetches(cfg.finish_grace_seconds)
     else:
         running.drain()
-    running.stop()
+    running.stop(cfg.shutdown_grace_seconds)
     if metrics is not None:
         metrics.stop()
+    exit_if_stuck(0 if finished else 1, 1.0)
     return 0 if finished else 1
 
 
@@ -241,16 +271,17 @@ def aggregate(cfg: AggregateConfig) -> int:
     stop = _stop_on_signals()
     cfg.validate_tls()
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the aggregator")
-    server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
+    server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
+    layout = adapter_layout(cfg.model_dir(), "client", cfg.split_layer, cfg.lora_settings())
     aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
                                    chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
-                                   quorum=cfg.quorum(cfg.clients))
+                                   quorum=cfg.quorum(cfg.clients), layout=layout)
     aggregator.restore()
     agrpc.add_AggregatorServicer_to_server(aggregator, server)
     health_servicer = _add_health(server, "splitlora.v1.Aggregator")
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the aggregator")
     server.start()
-    metrics = metrics_for(cfg.host, cfg.metrics_port, aggregator=aggregator)
+    metrics = metrics_for(cfg.host, cfg.metrics_port, aggregator=aggregator, refusals=auth.refusals)
     print(f"splitlora-server aggregate listening on {cfg.host}:{port}", flush=True)
     while not stop.is_set() and not aggregator.finished:
         stop.wait(0.2)
@@ -262,7 +293,9 @@ def aggregate(cfg: AggregateConfig) -> int:
     else:
         health_servicer.enter_graceful_shutdown()
         aggregator.stopping.set()
-    server.stop(2.0).wait()
+    server.stop(cfg.shutdown_grace_seconds).wait(cfg.shutdown_grace_seconds + 1.0)
+    admission.close()
     if metrics is not None:
         metrics.stop()
+    exit_if_stuck(0 if aggregator.finished else 1, 1.0)
     return 0 if aggregator.finished else 1

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 
+from common.redact import shown
 from common.tls import AUTHORIZATION_KEY, BEARER
 from splitlora_server.errors import Refused, abort
 from splitlora_server.ops.tokens import TokenStore
+from splitlora_server.refusals import RefusalBook
+from splitlora_server.registry import CLIENT_ID_PATTERN
 
 log = logging.getLogger(__name__)
 ADMIN_ID = "admin"
@@ -68,6 +71,7 @@ class Authenticator:
 
     def __init__(self, tokens: TokenStore | None = None, certificates: bool = False) -> None:
         self.tokens, self.certificates = tokens, certificates
+        self.refusals = RefusalBook()  # every refusal of the servers this authenticator guards, by caller
 
     @property
     def enabled(self) -> bool:
@@ -78,6 +82,10 @@ class Authenticator:
         """The caller's identity; AccessDenied(UNAUTHENTICATED) for a bearer token that is not valid."""
         if self.certificates and context.auth_context().get(_CN_KEY):
             name = certificate_identity(context.auth_context())
+            if name and not CLIENT_ID_PATTERN.match(name):
+                raise AccessDenied(grpc.StatusCode.UNAUTHENTICATED,
+                                   f"the certificate's name {shown(name)} is not a valid client id (1-64 letters, "
+                                   "digits, '.', '_', '-'); issue certificates with `splitlora-server certs`")
             if name:
                 return Identity(name, "certificate")
         if self.tokens is None:
@@ -93,6 +101,14 @@ class Authenticator:
             raise AccessDenied(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid here (unknown or "
                                                                 "revoked); ask the operator for a token")
         return Identity(name, "token")
+
+    def caller(self, context: grpc.ServicerContext) -> str:
+        """Who to count a call against: the caller's identity, else its peer address."""
+        try:
+            identity = self.identify(context)
+        except AccessDenied:
+            identity = None
+        return identity.name if identity is not None else context.peer()
 
     def authenticate(self, context: grpc.ServicerContext) -> Identity | None:
         """The caller's identity; AccessDenied(UNAUTHENTICATED) when one is required and none was given."""
@@ -114,7 +130,7 @@ class Authenticator:
         if client_id != identity.name:
             raise AccessDenied(grpc.StatusCode.PERMISSION_DENIED,
                                f"authenticated as {identity.name!r} (by {identity.via}) but acting as client "
-                               f"{client_id!r}: a client may only act as itself")
+                               f"{shown(client_id)}: a client may only act as itself")
 
     def check_admin(self, context: grpc.ServicerContext) -> None:
         """Administrative calls need the admin credential (when identities are configured)."""
@@ -133,8 +149,10 @@ def build_authenticator(tokens_file: str, certificates: bool, role: str) -> Auth
     return auth
 
 
-def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], None]) -> grpc.RpcMethodHandler:
-    """The same handler, running `check(context)` before its behaviour."""
+def rewrap(handler: grpc.RpcMethodHandler, before: Callable[[Any, grpc.ServicerContext], Any],
+           request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+    """The same handler, running `before(request, context)` (which returns the request to pass on) before its
+    behaviour; with `request_deserializer`, that one instead of the handler's."""
     kinds = {(False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
              (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
              (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
@@ -143,10 +161,9 @@ def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerConte
     behaviour = getattr(handler, attribute)
 
     def guarded(request, context: grpc.ServicerContext):
-        check(context)
-        return behaviour(request, context)
+        return behaviour(before(request, context), context)
 
-    return factory(guarded, request_deserializer=handler.request_deserializer,
+    return factory(guarded, request_deserializer=request_deserializer or handler.request_deserializer,
                    response_serializer=handler.response_serializer)
 
 
@@ -163,16 +180,20 @@ class AuthInterceptor(grpc.ServerInterceptor):
         auth = self.authenticator
         rule = auth.check_admin if details.method in ADMIN_METHODS else auth.authenticate
 
-        def check(context: grpc.ServicerContext) -> None:
-            abort_if_denied(context, lambda: rule(context), details.method)
+        def check(request, context: grpc.ServicerContext):
+            abort_if_denied(context, lambda: rule(context), details.method, auth)
+            return request
 
-        return _guarded(handler, check)
+        return rewrap(handler, check)
 
 
-def abort_if_denied(context: grpc.ServicerContext, check: Callable[[], None], call: str = "a call") -> None:
-    """Run an access check in a handler or interceptor; a refusal is logged and becomes the call's status."""
+def abort_if_denied(context: grpc.ServicerContext, check: Callable[[], None], call: str = "a call",
+                    auth: Authenticator | None = None) -> None:
+    """Run an access check in a handler or interceptor; a refusal is counted against the caller (by `auth`),
+    logged (rate-limited) and becomes the call's status."""
     try:
         check()
     except AccessDenied as denied:
-        log.warning("refused %s from %s: %s", call, context.peer(), denied.message)
+        book, caller = (auth.refusals, auth.caller(context)) if auth is not None else (RefusalBook(), context.peer())
+        book.refuse(caller, denied.code.name.lower(), f"{call}: {denied.message}")
         abort(context, denied)

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from common.lora import export_adapter
+from common.lora import export_adapter, read_adapter_file
 from common.split import family_for
 from common.split.parts import load_config
 from splitlora_server.options import ExportConfig
@@ -27,5 +25,6 @@ def export(cfg: ExportConfig) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"adapter file {path} does not exist")
     family = family_for(load_config(model_dir).model_type)
-    return export_adapter(cfg.output, cfg.lora_settings().peft_config(family), load_file(str(client_path)),
-                          load_file(str(cfg.server_adapter)), base_model=str(model_dir))
+    # both inputs are checked against their SHA-256 files; the exported weights get one too
+    return export_adapter(cfg.output, cfg.lora_settings().peft_config(family), read_adapter_file(client_path),
+                          read_adapter_file(Path(cfg.server_adapter)), base_model=str(model_dir))

@@ -25,6 +25,19 @@ class FrameLimits:
     max_positions: int
 
 
+_WIRE_BYTES = {tpb.CODEC_FLOAT16: 2, tpb.CODEC_BFLOAT16: 2, tpb.CODEC_INT8: 1}  # per value; raw: up to 4
+FRAME_OVERHEAD_BYTES = 16 << 10  # protobuf envelopes, shapes and the step header, generously
+
+
+def max_frame_bytes(limits: FrameLimits, codec: int) -> int:
+    """The largest valid step frame in `codec` (the schedule's batch and sequence length, the model's hidden size):
+    a frame sent in pieces may announce no more than this."""
+    tokens = limits.max_batch * limits.max_seq_len
+    hidden = tokens * limits.hidden_size * _WIRE_BYTES.get(codec, 4)
+    scales = tokens * 4 if codec == tpb.CODEC_INT8 else 0
+    return hidden + scales + 3 * tokens * 8 + FRAME_OVERHEAD_BYTES  # mask, positions, labels: up to int64
+
+
 def _int_tensor(msg, name: str, shape: tuple[int, int], limits: FrameLimits) -> torch.Tensor:
     if not msg.ByteSize():
         raise WireError(f"{name} is missing")

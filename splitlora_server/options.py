@@ -11,6 +11,7 @@ from common.config.sections import ModelOptions, TransportOptions
 from common.threads import ThreadOptions
 from common.tls import ServerTlsOptions
 from common.wire import CODEC_NAMES
+from splitlora_server.admission import AdmissionOptions
 from splitlora_server.rounds.gate import Quorum
 
 
@@ -32,8 +33,11 @@ class AuthOptions:
 class AggregationOptions:
     """How the aggregator combines the clients' adapters each round."""
 
-    aggregation: str = option("fedavg", "fedavg: sample-weighted mean; median / trimmed-mean: coordinate-wise, "
-                                        "each client counted once, robust to a minority of bad clients.",
+    aggregation: str = option("fedavg", "fedavg: sample-weighted mean of A and B (inexact for B·A); ffa: A frozen "
+                                        "at its initialisation, B averaged (exact); fedex: A and B averaged plus "
+                                        "the residual folded into the base weights (exact); median / trimmed-mean: "
+                                        "coordinate-wise, each client counted once, robust to a minority of bad "
+                                        "clients. Per-client server adapters follow it too.",
                               choices=sorted(MODES))
     clip_norm: float = option(0.0, "Clip each client's update (its adapter minus the previous global adapter) to "
                                    "this L2 norm before combining (0: off).")
@@ -78,7 +82,7 @@ class RoundOptions:
 
 @dataclass
 class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
-                  RoundOptions, ThreadOptions):
+                  RoundOptions, AdmissionOptions, ThreadOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -112,8 +116,8 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
     aggregator: str = option("", "Address host:port of a separate aggregator; empty: run it in this process.")
     codecs: list[str] = option(["float32", "float16", "bfloat16", "int8"],
                                "Activation/gradient codecs the server accepts, in its order of preference.")
-    max_workers: int = option(0, "gRPC handler threads (a training stream and a round wait per client, plus "
-                                 "room: at least 4 per concurrent client; 0: 4 per expected client + 16).")
+    max_workers: int = option(128, "gRPC handler threads (a training stream and a round wait per client, plus "
+                                   "room: at least 4 per concurrent client).")
     max_adapter_bytes: int = option(512 << 20, "Largest client adapter the aggregator accepts, in bytes.")
     finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
                                                "final adapter before shutting down.")
@@ -131,14 +135,13 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.validate_rounds(self.clients)
         self.validate_threads()
-        if self.max_workers < 0:
-            raise ConfigError(f"max_workers must be >= 0, got {self.max_workers}")
         if not 1 <= self.micro_batches <= self.batch_size:
             raise ConfigError(f"micro_batches must be between 1 and batch_size ({self.batch_size}), "
                               f"got {self.micro_batches}")
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.validate_admission(self.max_workers)
         if self.max_batch_clients < 0 or self.batch_window_ms < 0:
             raise ConfigError("max_batch_clients and batch_window_ms must be >= 0")
         for name in ("port", "metrics_port"):
@@ -150,15 +153,13 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         if unknown or not self.codecs:
             raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
 
-    def grpc_workers(self) -> int:
-        """The gRPC handler pool: --max-workers, or 4 per expected client + 16 (streams, round waits, health)."""
-        return self.max_workers or 4 * self.clients + 16
-
 
 @dataclass
-class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions, RoundOptions):
+class AggregateConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
+                      RoundOptions, AdmissionOptions):
     """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
-    see client adapters."""
+    see client adapters. Give it the model, split and LoRA flags of the run: the adapters it accepts must have
+    the layout they define."""
 
     host: str = option("127.0.0.1", "Address to listen on.")
     port: int = option(50052, "Port to listen on.")
@@ -174,9 +175,11 @@ class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, Aggregati
     def validate(self) -> None:
         """Reject settings that cannot work."""
         self.validate_rounds(self.clients)
-        for name in ("clients", "rounds"):
+        self.validate_model()
+        for name in ("clients", "rounds", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.validate_admission(self.max_workers)
         self.validate_transport()
         self.validate_tls()
         self.validate_auth()

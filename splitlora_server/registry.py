@@ -9,18 +9,20 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from common.redact import shown
 from splitlora_server.errors import Refused
 from splitlora_server.pipelining import MicroProgress
 from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator
 
-CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The client id character set (documented in SECURITY.md); \Z, not $: "alice\n" is not "alice".
+CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 def invalid_client_id(client_id: str) -> str | None:
     """Why `client_id` is not a valid client id, or None if it is."""
     if CLIENT_ID_PATTERN.match(client_id):
         return None
-    return (f"client id {client_id[:80]!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
+    return (f"client id {shown(client_id)} must be 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
 
 
@@ -79,11 +81,11 @@ class Registry:
         with self.lock:
             record = self.clients.get(client_id)
         if record is None:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"unknown client {client_id!r}: it has not joined "
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"unknown client {shown(client_id)}: it has not joined "
                                                                "this server (call Join first)")
         if not secrets.compare_digest(record.session, session):
             raise Refused(grpc.StatusCode.UNAUTHENTICATED,
-                          f"session of client {client_id!r} is not current; join again")
+                          f"session of client {shown(client_id)} is not current; join again")
         return record
 
     def is_enrolled(self, client_id: str) -> bool:

@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 from common.faults import fault_point
 from common.fingerprint import differences
 from common.limits import negotiated_chunk, too_small
+from common.redact import shown
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
@@ -19,7 +20,7 @@ from common.wire import Reassembler, WireError, codec_from_name, codec_name, enc
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine.core import ServerEngine
 from splitlora_server.errors import Refused, abort
-from splitlora_server.frames import FrameLimits, decode_step
+from splitlora_server.frames import FrameLimits, decode_step, max_frame_bytes
 from splitlora_server.pipelining import MicroProgress
 from splitlora_server.registry import ClientRecord, Registry
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
@@ -38,8 +39,10 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def __init__(self, engine: ServerEngine, registry: Registry, fingerprint: spb.Fingerprint,
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
-                 on_shutdown: Callable[[str], None] | None = None, micro_batches: int = 1) -> None:
+                 on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg",
+                 micro_batches: int = 1) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
+        self.aggregation = aggregation  # announced at Join: how the clients' adapters are combined
         self.micro_batches = micro_batches  # per step, for clients that do not ask for a number at Join
         self.rounds: RoundCoordinator = registry.coordinator
         self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
@@ -54,7 +57,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def Join(self, request: spb.JoinRequest, context: grpc.ServicerContext) -> spb.JoinReply:
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
+        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id), "Join", self.auth)
         chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
         if chunk is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
@@ -84,7 +87,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
                              start_round=start, num_clients=self.rounds.expected, server_version=VERSION,
-                             micro_batches=micro)
+                             aggregation=self.aggregation, micro_batches=micro)
 
     def _negotiate(self, offered: list[int]) -> int:
         for codec in offered or [tpb.CODEC_RAW]:
@@ -99,17 +102,16 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if not client_id or not session:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           f"missing {CLIENT_ID_KEY} / {SESSION_KEY} metadata; call Join first")
-        abort_if_denied(context, lambda: self.auth.check_client(context, client_id))
+        abort_if_denied(context, lambda: self.auth.check_client(context, client_id), "Train", self.auth)
         try:
             return self.registry.authenticate(client_id, session)
         except Refused as refused:
             abort(context, refused)
 
     def _fail(self, context: grpc.ServicerContext, record: ClientRecord, code: grpc.StatusCode, message: str):
-        record.last_error = f"{code.name}: {message}"
+        record.last_error = f"{code.name}: {message[:300]}"
         record.errors += 1
-        log.warning("client %s: %s", record.client_id, record.last_error,
-                    extra={"client": record.client_id, "round": self.registry.round_of(record.next_step)})
+        self.auth.refusals.refuse(record.client_id, code.name.lower(), message)  # rate-limited, no traceback
         context.abort(code, message)
 
     def Train(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -120,7 +122,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         record = self._authenticate(context)
         record.connected = True
         self.engine.stream_opened(record.client_id)
-        parts, step_bytes = Reassembler(max_bytes=self.max_message_bytes * 64), 0
+        parts, step_bytes = Reassembler(max_frame_bytes(self.limits, record.codec), max_piece=record.chunk_bytes), 0
         try:
             for raw in request_iterator:
                 if self.stopping.is_set():  # shutting down: no new step; the client retries after a restart
@@ -137,7 +139,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                     yield out
                 self._replies += 1
                 fault_point("server", "reply", self._replies)
+            if parts.pending:  # the client ended its stream within a frame
+                self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                           "the stream ended in the middle of a frame; the partial frame was dropped")
         finally:
+            parts.clear()  # a partial frame is dropped with its stream
             record.connected = False
             self.engine.stream_closed(record.client_id)
 
@@ -219,10 +225,14 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                                         bytes_out=r.bytes_out, last_error=r.last_error)
                        for r in sorted(reg.clients.values(), key=lambda r: r.client_id)]
         text, waiting = rounds.status()
+        counts, incidents = self.auth.refusals.snapshot()
+        refusals = [spb.RefusalCount(caller=shown(caller, 64), reason=reason, count=n)
+                    for (caller, reason), n in sorted(counts.items())]
         return spb.StatusReply(round=rounds.current_round(), rounds=rounds.rounds, steps=reg.total_steps,
                                steps_per_second=reg.steps_per_second(), clients=clients,
                                server_adapter_mode=self.engine.mode, finished=rounds.finished.is_set(),
-                               round_status=text, waiting_for_quorum=waiting)
+                               round_status=text, waiting_for_quorum=waiting, refusals=refusals,
+                               incidents=[*incidents, *self.engine.incidents[-20:]])
 
     # -- shutdown (the interceptor lets only the admin credential through) ------------------------------------
     def Shutdown(self, request: spb.ShutdownRequest, context: grpc.ServicerContext) -> spb.ShutdownReply:

@@ -20,12 +20,15 @@ import pytest
 import torch
 
 from benchmarks.procs import BIN
+from common.adapter_layout import adapter_layout
+from common.builtin import ensure_builtin_model
 from common.lora import adapter_state, to_bytes
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
+from common.split.parts import LoraSettings
 from common.tls import ClientTlsOptions, bearer_metadata, open_channel
 from splitlora_client.aggregator import submit_adapter
 from splitlora_client.session import SplitSession
@@ -268,7 +271,8 @@ def test_standalone_aggregator_process_checks_tokens(deployment_certs: Path, tok
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         port = int(re.search(r"listening on [\d.]+:(\d+)", proc.stdout.readline()).group(1))
-        state = {"m.lora_A.weight": torch.ones(2, 3)}
+        state = {k: torch.ones(shape) for k, shape in  # the layout of the run's (built-in model's) client adapter
+                 adapter_layout(ensure_builtin_model(), "client", 3, LoraSettings()).items()}
 
         def submit(token: str | None, client_id: str) -> str | grpc.StatusCode:
             tls = ClientTlsOptions(tls_ca=str(c / "ca.pem"))

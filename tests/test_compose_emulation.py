@@ -43,8 +43,8 @@ services:
     volumes: ["./seed:/seed:ro", "shards:/shards"]
   aggregator:
     command: ["splitlora-server", "aggregate", "--host", "0.0.0.0", "--port", "50052", "--clients", "2",
-              "--rounds", "2", "--output", "/results/aggregator", "--metrics-port", "9101", "--log-format", "json",
-              "--finish-grace-seconds", "20", "--insecure"]
+              "--rounds", "2", {LORA}, "--output", "/results/aggregator", "--metrics-port", "9101",
+              "--log-format", "json", "--finish-grace-seconds", "20", "--insecure"]
     volumes: ["results:/results"]
     healthcheck: {{test: {HEALTH.format(port=50052)}, interval: 0.5s, timeout: 5s, retries: 3, start_period: 60s}}
   server:

@@ -107,7 +107,7 @@ def test_separate_aggregator_then_export_command(tmp_path: Path, builtin_model_d
     _make_certs(certs, env)
     aggregator, agg_port = _start(tmp_path, "aggregator", ["aggregate", "--clients", "2", "--rounds", "1",
                                                            "--output", str(tmp_path / "aggregator"),
-                                                           *_server_tls(certs)], env)
+                                                           "--lora-targets", "c_attn,c_fc", *_server_tls(certs)], env)
     server, port = _start(tmp_path, "server", ["serve", "--clients", "2", "--aggregator", f"localhost:{agg_port}",
                                                "--output", str(tmp_path / "server"), *training,
                                                "--lora-targets", "c_attn,c_fc", *_server_tls(certs)], env)

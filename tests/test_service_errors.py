@@ -327,10 +327,10 @@ def test_message_over_the_servers_limit_is_resource_exhausted_and_loses_nothing(
         _, err = exchange(server, client.metadata, [frame])
         assert_refused(err, Code.RESOURCE_EXHAUSTED, "larger than max")
         assert server.client_status("big").steps == 0
-        # pieces that reassemble to far more than the server allows are refused while they arrive
+        # pieces that announce far more than the largest frame of the schedule are refused before they are kept
         junk = [part(i, 1000, b"\0" * chunk) for i in range(300)]
         _, err = exchange(server, client.metadata, junk)
-        assert_refused(err, Code.INVALID_ARGUMENT, "reassembled frame exceeds")
+        assert_refused(err, Code.INVALID_ARGUMENT, "exceeds the largest frame this stream may send")
         # the same step in pieces of the negotiated size goes through; the answer comes back in pieces too
         pieces = list(chunked([frame], spb.ClientFrame, client.reply.chunk_bytes))
         assert len(pieces) > 1 and all(p.ByteSize() < limit for p in pieces)

@@ -41,10 +41,7 @@ def test_apply_sets_and_logs_the_threads(caplog: pytest.LogCaptureFixture, monke
         torch.set_num_threads(before)
 
 
-def test_the_grpc_pool_grows_with_the_clients_and_can_be_pinned():
-    assert ServeConfig(clients=3).grpc_workers() == 28
-    assert ServeConfig(clients=64).grpc_workers() == 272
-    assert ServeConfig(clients=3, max_workers=7).grpc_workers() == 7
+def test_negative_thread_counts_are_refused():
     for cfg in (ServeConfig(insecure=True, torch_threads=-1), TrainConfig(insecure=True, torch_threads=-1)):
         with pytest.raises(ConfigError, match="torch_threads must be >= 0"):
             cfg.validate()

@@ -24,6 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from common.atomic import Tensors, atomic_write_bytes, fsync_dir
+from common.integrity import settings_digest
 from common.state import CheckpointFormatError
 from common.state.optimizer import from_json, to_json
 
@@ -76,6 +77,7 @@ class CheckpointDir:
                 fault()
             manifest = {"format": FORMAT, "version": FORMAT_VERSION, "role": self.role, "round": round,
                         "sha256": hashlib.sha256(data).hexdigest(), "meta": to_json(meta)}
+            manifest["manifest_sha256"] = settings_digest(manifest)  # the manifest's own integrity
             atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
             final = self.path(round)
             if final.exists():  # the same round written again after a rollback: swap it out
@@ -116,6 +118,10 @@ class CheckpointDir:
         if manifest.get("role") != self.role or manifest.get("round") != round:
             raise CheckpointFormatError(f"checkpoint {path} is a {manifest.get('role')} checkpoint of round "
                                         f"{manifest.get('round')}, expected {self.role} round {round}")
+        recorded = manifest.pop("manifest_sha256", None) if isinstance(manifest, dict) else None
+        if recorded != settings_digest(manifest):
+            raise CheckpointFormatError(f"checkpoint {path}: {MANIFEST} does not match its recorded SHA-256 (edited or "
+                                        "damaged after it was written); refusing to resume from it")
         if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
             raise CheckpointFormatError(f"checkpoint {path}: {TENSORS} does not match its manifest (corrupt)")
         try:

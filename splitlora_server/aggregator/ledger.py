@@ -12,11 +12,12 @@ from typing import Callable
 
 import grpc
 import torch
-from safetensors.torch import load_file
 
 from common.aggregation import ClientUpdate, Strategy
+from common.aggregation.guard import guarded_aggregate
 from common.faults import fault_point
-from common.lora import AdapterState, to_bytes
+from common.integrity import IntegrityError
+from common.lora import AdapterState, from_bytes, to_bytes
 from splitlora_server.aggregator.store import AggregatorStore, RoundSummary
 from splitlora_server.errors import Refused
 from splitlora_server.rounds.coordinator import RoundCoordinator, RoundListener
@@ -29,8 +30,10 @@ class Ledger(RoundListener):
     """Submissions, global adapters and fetches, round by round."""
 
     def __init__(self, coordinator: RoundCoordinator, strategy: Strategy, output_dir: Path | None,
-                 store_submissions: bool, on_round_closed: Callable[[int, AdapterState], None] | None) -> None:
+                 store_submissions: bool, on_round_closed: Callable[[int, AdapterState], None] | None,
+                 on_incident: Callable[[str], None] = log.error) -> None:
         self.coordinator, self.strategy, self.on_round_closed = coordinator, strategy, on_round_closed
+        self.on_incident = on_incident  # a round that kept its previous global adapter, a damaged file
         self.cond = threading.Condition()
         self.pending: dict[str, tuple[int, AdapterState]] = {}
         self.reference: AdapterState | None = None  # keys/shapes of the first accepted adapter (meta tensors)
@@ -73,8 +76,12 @@ class Ledger(RoundListener):
             ids = [c for c in included if c in self.pending]
             summary = RoundSummary({c: self.pending[c][0] for c in ids})
             try:
-                glob = self.strategy.aggregate(rnd, [ClientUpdate(c, self.pending[c][1], self.pending[c][0])
-                                                     for c in ids], self.previous)
+                glob, incident = guarded_aggregate(self.strategy, rnd, [
+                    ClientUpdate(c, self.pending[c][1], self.pending[c][0]) for c in ids], self.previous)
+                if incident:
+                    self.on_incident(f"round {rnd}: {incident}")
+                if glob is None:
+                    raise ValueError(f"no finite global adapter ({incident})")
                 fault_point("aggregator", "close", rnd)
                 data = to_bytes(glob)
                 if self.store is not None:
@@ -111,9 +118,12 @@ class Ledger(RoundListener):
                 return None
             if rnd in self.cache:
                 return self.cache[rnd]
-        path = self.store.global_path(rnd) if self.store is not None else None
         try:
-            return path.read_bytes() if path is not None else None
+            return self.store.global_bytes(rnd) if self.store is not None else None
+        except IntegrityError as err:
+            self.on_incident(str(err))
+            raise Refused(grpc.StatusCode.DATA_LOSS, f"the global adapter of round {rnd} on the aggregator's disk is "
+                                                     "damaged; the operator must restore it") from None
         except OSError:
             return None
 
@@ -134,8 +144,7 @@ class Ledger(RoundListener):
             for summary in self.summary.values():  # who was enrolled, and the clipping reference
                 self.members.update(summary.samples if summary is not None else ())
             if closed:
-                last = load_file(str(self.store.global_path(closed[-1])))
-                self.previous = {k: v.float() for k, v in last.items()}
+                self.previous = from_bytes(self.store.global_bytes(closed[-1]))
             open_round = len(closed)
             readable = self.store_submissions and open_round < self.coordinator.rounds
             stored = self.store.read_pending(open_round) if readable else {}

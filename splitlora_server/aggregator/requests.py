@@ -3,10 +3,13 @@ undecodable or inconsistent adapters. Each refusal carries the gRPC status the c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import grpc
 
+from common.adapter_layout import Layout, LayoutError, UploadCheck
 from common.lora import AdapterError, AdapterState, check_adapter, from_bytes
+from common.redact import shown
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from splitlora_server.errors import Refused
 from splitlora_server.registry import invalid_client_id
@@ -48,11 +51,36 @@ def parse_adapter(header: Header, data: bytes, reference: AdapterState | None) -
     return state
 
 
+def read_upload(header: Header, messages: Iterable[apb.AdapterUpload], layout: Layout | None,
+                max_bytes: int) -> bytes:
+    """The bytes of a Submit stream. With `layout` (the run's adapter) checked piece by piece and refused at the
+    first piece that cannot fit, never holding more than the adapter's exact size; else bounded by `max_bytes`."""
+    what = f"adapter from client {header.client_id!r}"
+    if layout is not None:
+        upload = UploadCheck(layout, max_bytes)
+        try:
+            for msg in messages:
+                check_repeated_header(header, msg)
+                upload.add(msg.safetensors_chunk)
+            return upload.finish()
+        except LayoutError as err:
+            raise Refused(_Code.INVALID_ARGUMENT, f"{what}: {err}; every client must use the model, split and LoRA "
+                                                   "config of this run") from None
+    pieces, size = [], 0
+    for msg in messages:
+        check_repeated_header(header, msg)
+        size += len(msg.safetensors_chunk)
+        if size > max_bytes:
+            raise Refused(_Code.RESOURCE_EXHAUSTED, f"{what} exceeds {max_bytes} bytes; raise --max-adapter-bytes")
+        pieces.append(msg.safetensors_chunk)
+    return b"".join(pieces)
+
+
 def check_repeated_header(header: Header, msg: apb.AdapterUpload) -> None:
     """Later messages may repeat the header fields (unset = not repeated) but must not change them."""
     for name, value in (("client_id", msg.client_id), ("round", msg.round), ("num_samples", msg.num_samples)):
         if value and value != getattr(header, name):
-            raise Refused(_Code.INVALID_ARGUMENT, f"a later Submit message has {name}={value!r} but the first "
+            raise Refused(_Code.INVALID_ARGUMENT, f"a later Submit message has {name}={shown(value)} but the first "
                                                    f"had {getattr(header, name)!r}; keep the header the same")
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import grpc
+import torch
 
+from common.adapter_layout import Layout
 from common.aggregation import Strategy, build_strategy
 from common.faults import fault_point
 from common.limits import negotiated_chunk, too_small
@@ -27,8 +29,8 @@ from common.lora import AdapterState, from_bytes
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from splitlora_server.aggregator.ledger import KEEP_IN_MEMORY, Ledger
-from splitlora_server.aggregator.requests import (Header, check_client_id, check_layout, check_repeated_header,
-                                                  parse_adapter)
+from splitlora_server.aggregator.requests import (Header, check_client_id, check_layout, parse_adapter,
+                                                  read_upload)
 from splitlora_server.aggregator.store import RoundSummary
 from splitlora_server.auth import Authenticator
 from splitlora_server.errors import Refused, abort
@@ -47,7 +49,9 @@ class AggregatorService(agrpc.AggregatorServicer):
     `rounds`: the coordinator that owns the rounds (the application's; without one, the service makes its own
     from `rounds_total` and `quorum`, and subscribes to it). `auth`: a client may submit and fetch only as itself.
     `verify_claim(client_id, round, num_samples)`: an error message when the split server knows the claim to be
-    false (round not trained, samples inflated).
+    false (round not trained, samples inflated). `layout`: the keys and shapes of the run's client adapter
+    (common.adapter_layout, from the model and LoRA options); every upload is checked against it piece by piece.
+    Without one (embedded uses and tests; both commands pass one) the first accepted adapter defines the layout.
     """
 
     def __init__(self, expected_clients: int, rounds: int, output_dir: Path | None,
@@ -57,7 +61,7 @@ class AggregatorService(agrpc.AggregatorServicer):
                  strategy: Strategy | None = None, auth: Authenticator | None = None,
                  verify_claim: Callable[[str, int, int], str | None] | None = None,
                  quorum: Quorum | None = None, store_submissions: bool = True,
-                 coordinator: RoundCoordinator | None = None) -> None:
+                 coordinator: RoundCoordinator | None = None, layout: Layout | None = None) -> None:
         for name, value in (("expected_clients", expected_clients), ("rounds", rounds),
                             ("max_adapter_bytes", max_adapter_bytes), ("chunk_bytes", chunk_bytes)):
             if value < 1:
@@ -66,10 +70,14 @@ class AggregatorService(agrpc.AggregatorServicer):
         self.coordinator = coordinator or RoundCoordinator(rounds, quorum or Quorum(expected_clients), SUBMITTED)
         self.strategy = strategy or build_strategy()
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.ledger = Ledger(self.coordinator, self.strategy, self.output_dir, store_submissions, on_round_closed)
+        self._auth, self._layout = auth or Authenticator(), layout
+        self.ledger = Ledger(self.coordinator, self.strategy, self.output_dir, store_submissions, on_round_closed,
+                             on_incident=self._auth.refusals.incident)
+        if layout is not None:  # the run's layout, never the first submitter's
+            self.ledger.reference = {k: torch.empty(shape, device="meta") for k, shape in layout.items()}
         if coordinator is None:
             self.coordinator.subscribe(self.ledger)
-        self._auth, self._verify_claim, self._is_enrolled = auth or Authenticator(), verify_claim, is_enrolled
+        self._verify_claim, self._is_enrolled = verify_claim, is_enrolled
         self.max_adapter_bytes, self.chunk_bytes = max_adapter_bytes, chunk_bytes
         self.submissions = self.refusals = self.bytes_received = 0  # counters for the metrics endpoint
         self._accepted_here = 0  # submissions accepted by this process (the fault hook counts them)
@@ -149,7 +157,8 @@ class AggregatorService(agrpc.AggregatorServicer):
         except Refused as refusal:
             with self.ledger.cond:
                 self.refusals += 1
-            log.warning("refused submission: %s", refusal.message)
+            self._auth.refusals.refuse(self._auth.caller(context), refusal.code.name.lower(),
+                                       f"submission: {refusal.message}")
             abort(context, refusal)
 
     def _receive(self, messages: Iterable[apb.AdapterUpload], context: grpc.ServicerContext
@@ -172,17 +181,10 @@ class AggregatorService(agrpc.AggregatorServicer):
         if problem:
             raise Refused(_Code.FAILED_PRECONDITION, f"submission of client {header.client_id!r} for round "
                                                      f"{header.round} refused: {problem}")
-        pieces, size = [], 0
-        for msg in itertools.chain([first], stream):
-            check_repeated_header(header, msg)
-            size += len(msg.safetensors_chunk)
-            if size > self.max_adapter_bytes:
-                raise Refused(_Code.RESOURCE_EXHAUSTED, f"adapter from client {header.client_id!r} exceeds "
-                                                        f"{self.max_adapter_bytes} bytes; raise --max-adapter-bytes")
-            pieces.append(msg.safetensors_chunk)
+        data = read_upload(header, itertools.chain([first], stream), self._layout, self.max_adapter_bytes)
         with self.ledger.cond:
-            self.bytes_received += size
-        return header, b"".join(pieces)
+            self.bytes_received += len(data)
+        return header, data
 
     def _check_client(self, client_id: str, round: int, context: grpc.ServicerContext) -> None:
         """Checks shared by Submit and FetchGlobal that need no round state."""

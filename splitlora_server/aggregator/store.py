@@ -5,8 +5,10 @@
 - `pending/round-NNNN/<hash of the client id>.safetensors`: each accepted submission of the open round, with the
   client id and sample count in its header; dropped when the round closes.
 
-Every file is written atomically (temporary file, fsync, rename). Restoring reads the closed rounds (contiguous
-from 0) and the open round's submissions.
+Every file is written atomically (temporary file, fsync, rename) with its SHA-256 next to it (common.integrity).
+Restoring reads the closed rounds (contiguous from 0) and the open round's submissions, each checked against its
+digest: a file without one was not finished (a round not closed, a submission to send again); a file that does
+not match its digest stops the restore with an error naming it (IntegrityError).
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic import read_safetensors_metadata, save_tensors_atomic
+from safetensors.torch import save as st_save
+
+from common.integrity import IntegrityError, drop, read_verified, recorded_digest, write_with_digest
 from common.lora import AdapterState, from_bytes
 
 log = logging.getLogger(__name__)
@@ -54,16 +58,26 @@ class AggregatorStore:
 
     def write_global(self, round: int, state: AdapterState, summary: RoundSummary) -> None:
         """Store a closed round's global adapter and summary, then drop the round's pending submissions."""
-        save_tensors_atomic(self.global_path(round), state,
-                            {"round": str(round), "samples": json.dumps(summary.samples, sort_keys=True)})
+        write_with_digest(self.global_path(round), _safetensors(state, {
+            "round": str(round), "samples": json.dumps(summary.samples, sort_keys=True)}))
         shutil.rmtree(self._pending_dir(round), ignore_errors=True)
 
+    def global_bytes(self, round: int) -> bytes | None:
+        """The global adapter file of a closed round, checked against its digest (None if it has none)."""
+        return read_verified(self.global_path(round), missing_ok=True)
+
     def read_summary(self, round: int) -> RoundSummary | None:
-        """The summary of a closed round from its global file's header (None if absent or unreadable)."""
+        """The summary of a closed round from its global file's header (None if absent, unfinished or
+        unreadable; IntegrityError if it does not match its digest)."""
         try:
-            meta = read_safetensors_metadata(self.global_path(round))
+            data = self.global_bytes(round)
+            if data is None:
+                return None
+            meta = _metadata(data)
             return RoundSummary({k: int(v) for k, v in json.loads(meta["samples"]).items()})
-        except Exception as err:  # noqa: BLE001 - OSError, bad JSON, and safetensors' own error types
+        except IntegrityError:
+            raise
+        except Exception as err:  # noqa: BLE001 - OSError, bad JSON, a missing key
             if self.global_path(round).exists():
                 log.warning("global adapter of round %d is unreadable: %s", round, err)
             return None
@@ -76,7 +90,8 @@ class AggregatorStore:
             if match:
                 present.add(int(match.group(1)))
         rounds = []
-        while len(rounds) in present and self.read_summary(len(rounds)) is not None:
+        while len(rounds) in present and recorded_digest(self.global_path(len(rounds))) is not None \
+                and self.read_summary(len(rounds)) is not None:
             rounds.append(len(rounds))
         return rounds
 
@@ -85,29 +100,44 @@ class AggregatorStore:
         for path in (self.root / "global").glob("round-*.safetensors"):
             match = _ROUND_FILE.match(path.name)
             if match and int(match.group(1)) >= round:
-                path.unlink(missing_ok=True)
+                drop(path)
 
     def write_pending(self, round: int, client_id: str, num_samples: int, state: AdapterState) -> None:
         """Store an accepted submission of the open round."""
         name = hashlib.sha256(client_id.encode()).hexdigest()[:24]  # client ids are not trusted as file names
-        save_tensors_atomic(self._pending_dir(round) / f"{name}.safetensors", state,
-                            {"client_id": client_id, "round": str(round), "num_samples": str(num_samples)})
+        write_with_digest(self._pending_dir(round) / f"{name}.safetensors", _safetensors(state, {
+            "client_id": client_id, "round": str(round), "num_samples": str(num_samples)}))
 
     def drop_pending(self, round: int, client_id: str) -> None:
         name = hashlib.sha256(client_id.encode()).hexdigest()[:24]
-        (self._pending_dir(round) / f"{name}.safetensors").unlink(missing_ok=True)
+        drop(self._pending_dir(round) / f"{name}.safetensors")
 
     def read_pending(self, round: int) -> dict[str, tuple[int, AdapterState]]:
-        """The stored submissions of `round` (unreadable files are skipped: their clients submit again);
-        submissions stored for any other round are deleted."""
+        """The stored submissions of `round` (unfinished or unreadable files are skipped: their clients submit
+        again; IntegrityError for one that does not match its digest); other rounds' submissions are deleted."""
         for other in (self.root / "pending").glob("round-*"):
             if other != self._pending_dir(round):
                 shutil.rmtree(other, ignore_errors=True)
         pending: dict[str, tuple[int, AdapterState]] = {}
         for path in sorted(self._pending_dir(round).glob("*.safetensors")):
             try:
-                meta = read_safetensors_metadata(path)
-                pending[meta["client_id"]] = (int(meta["num_samples"]), from_bytes(path.read_bytes()))
+                data = read_verified(path, missing_ok=True)
+                if data is None:
+                    continue
+                meta = _metadata(data)
+                pending[meta["client_id"]] = (int(meta["num_samples"]), from_bytes(data))
+            except IntegrityError:
+                raise
             except Exception as err:  # noqa: BLE001 - OSError, AdapterError, and safetensors' own error types
                 log.warning("skipping unreadable stored submission %s: %s", path, err)
         return pending
+
+
+def _safetensors(state: AdapterState, metadata: dict[str, str]) -> bytes:
+    return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The string metadata in the header of safetensors bytes."""
+    size = int.from_bytes(data[:8], "little")
+    return dict(json.loads(data[8:8 + size]).get("__metadata__") or {})

@@ -57,6 +57,11 @@ class ServerEngine:
         """The server adapters, by client id (per-client mode) or SHARED."""
         return self._slots.by_key
 
+    @property
+    def incidents(self) -> list[str]:
+        """Rounds whose per-client average was not finite, and who was to blame (shown by status)."""
+        return self._slots.incidents
+
     # -- the queue -------------------------------------------------------------------------------------------
     def start(self) -> "ServerEngine":
         """Start the worker thread."""
@@ -213,5 +218,6 @@ class ServerEngine:
         return self.call(lambda: self._slots.adapter(client_id)).result()
 
     def server_adapter(self) -> AdapterState:
-        """The server adapter to export (the shared one, or the average after the last round)."""
-        return self.call(lambda: self._slots.adapter(SHARED)).result()
+        """The server adapter to export (the shared one, or the average after the last round, with fedex's
+        residuals)."""
+        return self.call(self._slots.export_state).result()

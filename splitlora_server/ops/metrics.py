@@ -16,7 +16,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from common.redact import shown
 from splitlora_server.aggregator.service import AggregatorService
+from splitlora_server.refusals import RefusalBook
 from splitlora_server.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,23 @@ class AggregatorCollector(Collector):
                        sum(len(agg.fetched(r)) for r in range(min(open_round, agg.rounds))))
 
 
+class RefusalCollector(Collector):
+    """Refused calls by caller and reason (splitlora_server.refusals): the limits, when they trigger."""
+
+    def __init__(self, refusals: RefusalBook) -> None:
+        self.refusals = refusals
+
+    def collect(self) -> Iterator[Metric]:
+        counts, incidents = self.refusals.snapshot()
+        family = CounterMetricFamily("splitlora_refusals", "Calls refused, by caller and reason.",
+                                     labels=["caller", "reason"])
+        for (caller, reason), n in sorted(counts.items()):
+            family.add_metric([shown(caller, 64), reason], n)
+        yield family
+        yield _counter("splitlora_incidents", "Notable events (e.g. a round kept its previous global adapter).",
+                       len(incidents))
+
+
 @dataclass
 class MetricsServer:
     """A running metrics endpoint."""
@@ -133,7 +152,8 @@ def start_metrics_server(host: str, port: int, *collectors: Collector) -> Metric
 
 
 def metrics_for(host: str, port: int, registry: Registry | None = None,
-                aggregator: AggregatorService | None = None) -> MetricsServer | None:
+                aggregator: AggregatorService | None = None, refusals: RefusalBook | None = None
+                ) -> MetricsServer | None:
     """The `--metrics-port` option: None when 0 (off), else an endpoint for the given server parts."""
     if not port:
         return None
@@ -142,4 +162,6 @@ def metrics_for(host: str, port: int, registry: Registry | None = None,
         collectors.append(SplitServerCollector(registry))
     if aggregator is not None:
         collectors.append(AggregatorCollector(aggregator))
+    if refusals is not None:
+        collectors.append(RefusalCollector(refusals))
     return start_metrics_server(host, port, *collectors)

@@ -62,10 +62,16 @@ def format_status(reply: spb.StatusReply, server: str, rates: dict[str, float] |
                      "-" if math.isnan(c.last_loss) else f"{c.last_loss:.4f}",
                      human_bytes(c.bytes_in), human_bytes(c.bytes_out), c.last_error or "-"))
     if len(rows) == 1:
-        return head + "\n(no client has joined yet)"
+        return "\n".join([head, "(no client has joined yet)", *_refusal_lines(reply)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
-    return "\n".join([head, *(line.rstrip() for line in lines)])
+    return "\n".join([head, *(line.rstrip() for line in lines), *_refusal_lines(reply)])
+
+
+def _refusal_lines(reply: spb.StatusReply) -> list[str]:
+    """Refused calls by caller and reason, and incidents (only when there are any)."""
+    lines = [f"refused: {r.caller} {r.reason} x{r.count}" for r in reply.refusals]
+    return lines + [f"incident: {text}" for text in reply.incidents]
 
 
 def status_json(reply: spb.StatusReply) -> str:

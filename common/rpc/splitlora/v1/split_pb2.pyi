@@ -70,7 +70,7 @@ class Schedule(_message.Message):
     def __init__(self, rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., seed: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("session", "schedule", "aggregator_address", "codec", "max_message_bytes", "chunk_bytes", "start_round", "num_clients", "server_version", "micro_batches")
+    __slots__ = ("session", "schedule", "aggregator_address", "codec", "max_message_bytes", "chunk_bytes", "start_round", "num_clients", "server_version", "aggregation", "micro_batches")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class JoinReply(_message.Message):
     START_ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     session: str
     schedule: Schedule
@@ -90,8 +91,9 @@ class JoinReply(_message.Message):
     start_round: int
     num_clients: int
     server_version: str
+    aggregation: str
     micro_batches: int
-    def __init__(self, session: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., aggregator_address: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., start_round: _Optional[int] = ..., num_clients: _Optional[int] = ..., server_version: _Optional[str] = ..., micro_batches: _Optional[int] = ...) -> None: ...
+    def __init__(self, session: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., aggregator_address: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., start_round: _Optional[int] = ..., num_clients: _Optional[int] = ..., server_version: _Optional[str] = ..., aggregation: _Optional[str] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class StepForward(_message.Message):
     __slots__ = ("step", "round", "hidden", "attention_mask", "labels", "position_ids", "micro", "micro_count", "step_tokens")
@@ -171,8 +173,18 @@ class ClientStatus(_message.Message):
     last_error: str
     def __init__(self, client_id: _Optional[str] = ..., connected: _Optional[bool] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
+class RefusalCount(_message.Message):
+    __slots__ = ("caller", "reason", "count")
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    caller: str
+    reason: str
+    count: int
+    def __init__(self, caller: _Optional[str] = ..., reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
 class StatusReply(_message.Message):
-    __slots__ = ("round", "rounds", "steps", "steps_per_second", "clients", "server_adapter_mode", "finished", "round_status", "waiting_for_quorum")
+    __slots__ = ("round", "rounds", "steps", "steps_per_second", "clients", "server_adapter_mode", "finished", "round_status", "waiting_for_quorum", "refusals", "incidents")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +194,8 @@ class StatusReply(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ROUND_STATUS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_QUORUM_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    INCIDENTS_FIELD_NUMBER: _ClassVar[int]
     round: int
     rounds: int
     steps: int
@@ -191,7 +205,9 @@ class StatusReply(_message.Message):
     finished: bool
     round_status: str
     waiting_for_quorum: bool
-    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ..., round_status: _Optional[str] = ..., waiting_for_quorum: _Optional[bool] = ...) -> None: ...
+    refusals: _containers.RepeatedCompositeFieldContainer[RefusalCount]
+    incidents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., steps: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., server_adapter_mode: _Optional[str] = ..., finished: _Optional[bool] = ..., round_status: _Optional[str] = ..., waiting_for_quorum: _Optional[bool] = ..., refusals: _Optional[_Iterable[_Union[RefusalCount, _Mapping]]] = ..., incidents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ("reason",)
