@@ -11,6 +11,7 @@ from common.cli import add_command, run_main
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "overhead": ("benchmarks.bench_overhead", "a split step over loopback gRPC against one process"),
+    "pipeline": ("benchmarks.bench_pipeline", "pipelined split steps, client and server pinned to a core each"),
     "wire": ("benchmarks.bench_wire", "bytes per step and final loss of each activation/gradient codec"),
     "scaling": ("benchmarks.bench_scaling", "server steps/s with 1..8 concurrent clients, batching on and off"),
     "time-to-target": ("benchmarks.bench_time_to_target", "CenLoRA, FedLoRA and SplitLoRA to a validation loss"),

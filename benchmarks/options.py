@@ -49,6 +49,8 @@ class BenchConfig:
                                                              "(12x768 is GPT-2 small).")
     overhead_steps: int = option(10, "Timed steps per mode (after --overhead-warmup), split and local interleaved.")
     overhead_warmup: int = option(1, "Untimed steps per mode first.")
+    pipeline_micro_batches: list[int] = option([1, 2, 4], "Micro-batches per step timed by `pipeline` (1: whole "
+                                                          "steps).")
     wire_codecs: list[str] = option(["float32", "float16", "bfloat16", "int8"], "Codecs compared by `wire`.")
     wire_rounds: int = option(2, "Rounds of each `wire` run (one client).")
     wire_local_steps: int = option(20, "Steps per round of each `wire` run.")

@@ -48,3 +48,35 @@ def _round_ends(flat: list[dict], start: float) -> list[float]:
     for r in flat:
         ends[r["round"]] = max(ends.get(r["round"], 0.0), r["time"] - start)
     return [ends[k] for k in sorted(ends)]
+
+
+def console_steps(cfg: BenchConfig, model: Path, data: Path, steps: int, work: Path, threads: int,
+                  micro_batches: int = 1, cores: tuple[int, int] | None = None) -> list[dict]:
+    """One client's `steps` steps through what users run, `splitlora-server serve` and `splitlora-client train` as
+    separate processes (pinned to `cores` (client, server) with `taskset` when given), on the lines of `data` in
+    the client's order; return the step records of its metrics.jsonl (seconds, cpu_s and the phases)."""
+    procs.fresh(work)
+    split = ["--split-layer", str(cfg.split_layer), "--torch-threads", str(threads), *cfg.lora_flags(),
+             *procs.PLAINTEXT_FLAGS]
+    pin = (["taskset", "-c", str(cores[0])], ["taskset", "-c", str(cores[1])]) if cores else ([], [])
+    server, port = procs.start_server(
+        ["--model", str(model), "--clients", "1", "--rounds", "1", "--local-steps", str(steps), "--batch-size",
+         str(cfg.batch_size), "--warmup-steps", "0", "--learning-rate", str(cfg.learning_rate), "--max-seq-len",
+         str(cfg.max_seq_len), "--codecs", "float32", "--seed", str(cfg.seed), "--output", str(work / "server"),
+         "--micro-batches", str(micro_batches), "--finish-grace-seconds", "0", *split],
+        work / "server.log", threads, prefix=pin[1], port=procs.free_port())
+    client = procs.start_client(
+        ["--server", f"127.0.0.1:{port}", "--model", str(model), "--client-id", "bench", "--data", str(data),
+         "--seed", str(cfg.seed), "--output", str(work / "client"), "--join-timeout", "300", *split],
+        work / "client.log", threads, prefix=pin[0])
+    procs.wait_all([client, server], timeout=3600, logs=[work / "client.log", work / "server.log"])
+    return procs.steps(work / "client" / "metrics.jsonl")
+
+
+def same_batches(cfg: BenchConfig, model: Path, data: Path):
+    """The batches the client of `console_steps` trains on, in its order (same file, tokenizer, seed)."""
+    from common.data import BatchStream, encode, load_examples
+
+    tokenizer = assets.tokenizer_of(model)
+    return BatchStream([encode(tokenizer, ex, cfg.max_seq_len) for ex in load_examples(data)], cfg.batch_size,
+                       tokenizer.pad_token_id, seed=cfg.seed)

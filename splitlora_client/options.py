@@ -7,6 +7,8 @@ from pathlib import Path
 
 from common.config.engine import ConfigError, option
 from common.config.sections import ModelOptions, TransportOptions
+from common.split.quantize import QUANTIZATIONS, QuantizationError, check_quantization
+from common.threads import ThreadOptions
 from common.tls import ClientTlsOptions
 from common.wire import CODEC_NAMES
 from splitlora_client.scalars import TENSORBOARD_HINT, tensorboard_available
@@ -15,7 +17,7 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
 
 
 @dataclass
-class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
+class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions, ThreadOptions):
     """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server."""
 
     server: str = option("127.0.0.1:50051", "Split server address host:port.")
@@ -33,6 +35,12 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
     codecs: list[str] = option(["float32"], "Activation/gradient codecs this client offers, in order of preference.")
     overlap: bool = option(True, "Prepare (collate) the next batch while waiting for the server's gradient; "
                                  "the results are the same either way.")
+    micro_batches: int = option(0, "Pipelined steps: split each batch into this many micro-batches, sent one after "
+                                   "another so this client computes the next while the server works (same result "
+                                   "as whole steps; 0: the server's --micro-batches).")
+    client_quantization: str = option("none", "The frozen base of this client's part (embeddings, blocks) in int8 "
+                                              "(torchao weight-only; int4 needs a CUDA device); LoRA stays float32.",
+                                      choices=list(QUANTIZATIONS))
     join_timeout: float = option(120.0, "Seconds to keep trying to reach the server at start.")
     round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")
     reconnect_timeout: float = option(900.0, "After losing the server or the aggregator, seconds to keep trying to "
@@ -51,6 +59,13 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
         self.validate_model()
         self.validate_transport()
         self.validate_tls()
+        self.validate_threads()
+        try:
+            check_quantization(self.client_quantization)  # the client part runs on the CPU
+        except QuantizationError as err:
+            raise ConfigError(f"client_quantization: {err}") from None
+        if self.micro_batches < 0:
+            raise ConfigError(f"micro_batches must be >= 0, got {self.micro_batches}")
         for name in ("server", "aggregator"):
             value = getattr(self, name)
             if value and not _ADDRESS.match(value):

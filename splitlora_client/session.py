@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import queue
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import grpc
@@ -13,7 +13,7 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.router_wire import decode_backward, encode_stats
 from common.split.router import RouterStats
-from common.wire import Reassembler, chunked, decode_tensor, encode_tensor
+from common.wire import Reassembler, decode_tensor, encode_tensor, method_path, serialized
 from splitlora_client.retry import TRANSIENT, Backoff
 
 CLIENT_ID_KEY = "x-splitlora-client-id"
@@ -31,14 +31,20 @@ class StepResult:
     bytes_received: int
     router_grad: torch.Tensor | None = None  # d loss / d the sent routing probabilities (mixture of experts)
     aux_loss: float = 0.0                    # the router's auxiliary loss term, included in `loss`
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of the step's parts (pipeline.pipelined_step)
 
 
 class SplitSession:
     """Join the server and exchange one activation/gradient pair per step over a single stream."""
 
-    def __init__(self, channel: grpc.Channel, client_id: str, max_message_bytes: int = 0) -> None:
+    def __init__(self, channel: grpc.Channel, client_id: str, max_message_bytes: int = 0, micro_batches: int = 0
+                 ) -> None:
         self.stub = sgrpc.SplitTrainingStub(channel)
+        # the training stream without serializers: each frame is serialized (and parsed) once, here
+        self._train = channel.stream_stream(method_path(spb.DESCRIPTOR.services_by_name["SplitTraining"].full_name,
+                                                        "Train"))
         self.client_id, self.max_message_bytes = client_id, max_message_bytes
+        self.micro_batches = micro_batches  # asked for at Join (0: the server's); the reply says what is used
         self.reply: spb.JoinReply | None = None
         self._requests: queue.Queue = queue.Queue()
         self._responses: Iterator[spb.ServerFrame] | None = None
@@ -53,7 +59,8 @@ class SplitSession:
         while True:
             try:
                 self.reply = self.stub.Join(spb.JoinRequest(client_id=self.client_id, fingerprint=fingerprint,
-                                                            codecs=codecs, max_message_bytes=self.max_message_bytes),
+                                                            codecs=codecs, max_message_bytes=self.max_message_bytes,
+                                                            micro_batches=self.micro_batches),
                                             timeout=10.0, wait_for_ready=True)
                 backoff.reset()
                 return self.reply
@@ -70,7 +77,7 @@ class SplitSession:
 
     def _open(self) -> None:
         self._requests = queue.Queue()
-        self._call = self.stub.Train(iter(self._requests.get, None), metadata=self._metadata())
+        self._call = self._train(iter(self._requests.get, None), metadata=self._metadata())
         self._responses = iter(self._call)
 
     def step(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -79,9 +86,11 @@ class SplitSession:
         return self.receive(step, self.send(step, rnd, hidden, attention_mask, labels, position_ids, router))
 
     def send(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-             position_ids: torch.Tensor, router: RouterStats | None = None) -> int:
+             position_ids: torch.Tensor, router: RouterStats | None = None, micro: int = 0, micro_count: int = 1,
+             step_tokens: int = 0) -> int:
         """Queue one step's frame (in pieces if large) without waiting; return the bytes it takes. `router`: the
-        client layers' router statistics, for a mixture-of-experts model with the auxiliary loss on."""
+        client layers' router statistics, for a mixture-of-experts model with the auxiliary loss on. A pipelined
+        step is sent as `micro_count` frames, micro-batch `micro` of a step with `step_tokens` target tokens."""
         if self.reply is None:
             raise RuntimeError("join before training")
         if self._call is None:
@@ -91,34 +100,36 @@ class SplitSession:
         frame = spb.ClientFrame(forward=spb.StepForward(
             step=step, round=rnd, hidden=encode_tensor(hidden, codec),
             attention_mask=encode_tensor(attention_mask.to(torch.uint8)), labels=encode_tensor(labels.to(torch.int32)),
-            position_ids=encode_tensor(position_ids.to(torch.int32)),
-            router=None if router is None else encode_stats(router)))
+            position_ids=encode_tensor(position_ids.to(torch.int32)), micro=micro, micro_count=micro_count,
+            step_tokens=step_tokens, router=None if router is None else encode_stats(router)))
         sent = 0
-        for piece in chunked([frame], spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
-            sent += piece.ByteSize()
+        for piece in serialized(frame, spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
+            sent += len(piece)
             self._requests.put(piece)
         return sent
 
-    def receive(self, step: int, sent: int = 0) -> StepResult:
-        """Wait for the server's answer to `step` (sent with `send`)."""
+    def receive(self, step: int, sent: int = 0, micro: int = 0) -> StepResult:
+        """Wait for the server's answer to `step` (micro-batch `micro` of it), sent with `send`."""
         try:
-            return self._receive(step, sent)
+            return self._receive(step, sent, micro)
         except grpc.RpcError as err:
             raise_if_too_large(err, "split server", "splitlora-server serve")
             raise
 
-    def _receive(self, step: int, sent: int) -> StepResult:
+    def _receive(self, step: int, sent: int, micro: int) -> StepResult:
         parts, received = Reassembler(max_bytes=1 << 34), 0
-        for out in self._responses:
-            received += out.ByteSize()
+        for raw in self._responses:
+            received += len(raw)
+            out = spb.ServerFrame.FromString(raw)
             if out.WhichOneof("kind") == "part":
                 data = parts.add(out.part)
                 if data is None:
                     continue
                 out = spb.ServerFrame.FromString(data)
             back = out.backward
-            if back.step != step:
-                raise RuntimeError(f"server answered step {back.step} while step {step} was sent")
+            if (back.step, back.micro) != (step, micro):
+                raise RuntimeError(f"server answered step {back.step} micro-batch {back.micro} while step {step} "
+                                   f"micro-batch {micro} was awaited")
             grad = decode_tensor(back.grad, name="grad")
             router_grad, aux = decode_backward(back.router) if back.HasField("router") else (None, 0.0)
             return StepResult(grad, back.loss, back.tokens, sent, received, router_grad, aux)

@@ -23,12 +23,14 @@ from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.residuals import ResidualFolder
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
-from common.split.router import RouterRecorder, backward_through_cut
+from common.split.quantize import quantize_frozen, weight_bytes
+from common.threads import apply_threads
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
 from splitlora_client.generation.options import CLIENT_ADAPTER_FILE
 from splitlora_client.generation.scoring import RoundValidator
 from splitlora_client.options import TrainConfig
+from splitlora_client.pipeline import pipelined_step
 from splitlora_client.prefetch import StepPreparer
 from splitlora_client.resume import RoundSync
 from splitlora_client.retry import Backoff, Reconnect, channel_options
@@ -102,26 +104,27 @@ class _Loop:
         samples, ahead = 0, []  # ahead: the next step, prepared while the server works (--overlap)
         for local in range(sched.local_steps):
             step = rnd * sched.local_steps + local
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             prepared = ahead.pop() if ahead else prep.prepare(step)
             batch = prepared.batch
-            with RouterRecorder(self.part, batch["attention_mask"]) as routers:  # mixture of experts only
-                hidden = prep.forward(prepared)
-            router = routers.stats()
             # within the round only: a checkpoint at the boundary must not have drawn the next batch
             prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
                 if cfg.overlap and local + 1 < sched.local_steps else None
-            result = self.rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
-                                      batch["position_ids"], router, while_waiting=prepare_next)
+            self.opt.zero_grad(set_to_none=True)  # nothing left from a step a lost connection cut short
+            result = self.rounds.step(step, lambda session: pipelined_step(
+                session, prep, prepared, rnd, session.reply.micro_batches or 1, prepare_next, part=self.part))
             fault_point("client", "step", step)
-            backward_through_cut(hidden, result.grad, router, result.router_grad)
+            updating = time.perf_counter()
             optimizer_step(params, self.opt, self.lr_sched, self.optim.max_grad_norm)
+            result.phases["optimizer"] = time.perf_counter() - updating
             samples += int(batch["input_ids"].shape[0])
             seconds = time.perf_counter() - started
             tokens_per_s = int(batch["attention_mask"].sum()) / max(seconds, 1e-9)
             self.metrics.write(event="step", client=cfg.client_id, round=rnd, step=step, loss=result.loss,
                                tokens=result.tokens, seconds=round(seconds, 4), bytes_sent=result.bytes_sent,
-                               bytes_received=result.bytes_received, lr=self.lr_sched.get_last_lr()[0])
+                               bytes_received=result.bytes_received, lr=self.lr_sched.get_last_lr()[0],
+                               cpu_s=round(time.process_time() - cpu, 4),  # this process, every thread
+                               **{f"{k}_s": round(v, 4) for k, v in result.phases.items()})
             self.bar.set_postfix(round=f"{rnd + 1}/{sched.rounds}", loss=f"{result.loss:.3f}",
                                  tok_s=f"{tokens_per_s:.0f}")
             self.bar.update(1)
@@ -165,13 +168,14 @@ def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
     options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
     channel = open_channel(cfg.server, cfg, options)
-    session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes)
+    session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes, cfg.micro_batches)
     codecs = [codec_from_name(c) for c in cfg.codecs]
     first_join = Backoff(cap=5.0, budget=cfg.join_timeout)
     reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout, backoff=first_join)
     sched = reply.schedule
-    log.info("joined %s as %s: %d rounds x %d steps, batch %d, codec %s, aggregation %s", cfg.server, cfg.client_id,
-             sched.rounds, sched.local_steps, sched.batch_size, codec_name(reply.codec), reply.aggregation or "fedavg")
+    log.info("joined %s as %s: %d rounds x %d steps, batch %d in %d micro-batches, codec %s, aggregation %s",
+             cfg.server, cfg.client_id, sched.rounds, sched.local_steps, sched.batch_size, reply.micro_batches or 1,
+             codec_name(reply.codec), reply.aggregation or "fedavg")
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
     agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, options)
     return session, reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel
@@ -194,11 +198,16 @@ def train(cfg: TrainConfig) -> Path:
     Losing the server (or the aggregator) is not an error: the client backs off, joins again and resumes from
     its checkpoint of the round the server restarts it at; a restarted client does the same from its --output."""
     log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
+    apply_threads(f"client {cfg.client_id}", cfg.torch_threads)
     model_dir, lora = cfg.model_dir(), cfg.lora_settings()
     session, reply, join_args, aggregator, shared_channel = _join(cfg, model_dir, lora, log)
     sched = reply.schedule
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
     part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=sched.seed)
+    if cfg.client_quantization != "none":
+        count = quantize_frozen(part, cfg.client_quantization)
+        log.info("frozen base in %s: %d weights quantized, %.1f MB held", cfg.client_quantization, count,
+                 weight_bytes(part) / 1e6)
     part.train()
     if reply.aggregation and freezes_lora_a(reply.aggregation):  # ffa: only B trains, A stays as initialised
         for name, param in part.peft.named_parameters():

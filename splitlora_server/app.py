@@ -20,10 +20,10 @@ from common.lora import export_adapter, write_adapter_file
 from common.optim import OptimSettings
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.split.lora_settings import whole_model_lora_config
 from common.split.parts import SplitPart
 from common.split.router import router_aux
+from common.threads import apply_threads
 from common.tls import add_port
 from splitlora_server.admission import RPC_THREADS, Admission, AdmissionInterceptor, AdmissionOptions
 from splitlora_server.aggregator.service import AggregatorService
@@ -37,7 +37,7 @@ from splitlora_server.ops.metrics import metrics_for
 from splitlora_server.options import AggregateConfig, ServeConfig
 from splitlora_server.registry import Registry
 from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator, RoundListener
-from splitlora_server.service import SplitTrainingService
+from splitlora_server.service import SplitTrainingService, add_to_server
 
 log = logging.getLogger("splitlora.server")
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
@@ -190,6 +190,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     cfg.validate_tls()  # secure by default: no certificates and no --insecure is refused before anything starts
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the split server")
     stop = stop if stop is not None else threading.Event()
+    apply_threads("server", cfg.torch_threads, cfg.device, cfg.max_workers)
     model_dir, lora = cfg.model_dir(), cfg.lora_settings()
     part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
                      gradient_checkpointing=cfg.gradient_checkpointing)
@@ -207,9 +208,10 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     generation = build_generation(cfg, engine, limits, auth, fingerprint)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
-                                   aggregation=cfg.aggregation, status_extras=generation.status_fields)
+                                   aggregation=cfg.aggregation, micro_batches=cfg.micro_batches,
+                                   status_extras=generation.status_fields)
     server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
-    sgrpc.add_SplitTrainingServicer_to_server(service, server)
+    add_to_server(service, server)
     generation.add_to(server)
     aggregator = None
     if in_process:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.loss import IGNORE_INDEX
+from common.loss import IGNORE_INDEX, target_tokens
 from common.router_wire import decode_stats
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
@@ -58,7 +58,7 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if not frame.hidden.ByteSize():
         raise WireError("hidden is missing")
     hidden = decode_tensor(frame.hidden, name="hidden",
-                           max_elements=limits.max_batch * limits.max_seq_len * limits.hidden_size)
+                           max_elements=limits.max_batch * limits.max_seq_len * limits.hidden_size, float32=True)
     if not hidden.is_floating_point():
         raise WireError(f"hidden must be a float tensor, got {hidden.dtype}")
     if codec is not None and (frame.hidden.codec or tpb.CODEC_RAW) != (codec or tpb.CODEC_RAW):
@@ -84,7 +84,17 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if bad.any():
         raise WireError(f"labels must be {IGNORE_INDEX} or in [0, {limits.vocab_size}); "
                         f"got {int(labels[bad][0])}")
-    return Step(client_id, frame.step, hidden.float(), mask, positions, labels, _router(frame, limits))
+    count = max(frame.micro_count, 1)
+    if frame.micro >= count:
+        raise WireError(f"micro-batch {frame.micro} of a step sent in {count}")
+    tokens = target_tokens(labels)
+    if count > 1 and frame.step_tokens < max(tokens, 1):
+        raise WireError(f"step_tokens {frame.step_tokens} is below this micro-batch's {tokens} target tokens")
+    router = _router(frame, limits)
+    if router is not None and count > 1:
+        raise WireError("a step with router statistics cannot be sent in micro-batches: the router's auxiliary loss "
+                        "is not a sum over rows (use --micro-batches 1 with this mixture-of-experts model)")
+    return Step(client_id, frame.step, hidden, mask, positions, labels, router, frame.micro, count, frame.step_tokens)
 
 
 def _router(frame: spb.StepForward, limits: FrameLimits) -> RouterStats | None:

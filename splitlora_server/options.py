@@ -8,6 +8,7 @@ from pathlib import Path
 from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, Strategy, StrategyOptions, build_strategy
 from common.config.engine import ConfigError, option
 from common.config.sections import ModelOptions, TransportOptions
+from common.threads import ThreadOptions
 from common.tls import ServerTlsOptions
 from common.wire import CODEC_NAMES
 from splitlora_server.admission import AdmissionOptions
@@ -82,7 +83,7 @@ class RoundOptions:
 
 @dataclass
 class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
-                  RoundOptions, AdmissionOptions, GenerationOptions):
+                  RoundOptions, AdmissionOptions, GenerationOptions, ThreadOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -103,6 +104,9 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
                                       choices=["shared", "per-client"])
     max_batch_clients: int = option(1, "Cross-client batching (shared adapter mode): stack up to this many clients' "
                                        "waiting steps into one forward/backward (0 or 1: off).")
+    micro_batches: int = option(1, "Pipelined steps: micro-batches per client step for clients that do not ask for "
+                                   "a number at Join (1: whole steps); the client computes micro-batch i+1 while "
+                                   "the server works on i, with the same result as a whole step.")
     batch_window_ms: float = option(0.0, "With batching on, how long the server waits for other clients' steps "
                                          "before running a batch (0: only steps already waiting).")
     device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...; auto: cuda when a GPU is "
@@ -132,6 +136,10 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.validate_rounds(self.clients)
         self.validate_generation()
+        self.validate_threads()
+        if not 1 <= self.micro_batches <= self.batch_size:
+            raise ConfigError(f"micro_batches must be between 1 and batch_size ({self.batch_size}), "
+                              f"got {self.micro_batches}")
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

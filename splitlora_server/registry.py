@@ -11,6 +11,7 @@ import grpc
 
 from common.redact import shown
 from splitlora_server.errors import Refused
+from splitlora_server.pipelining import MicroProgress
 from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator
 
 # The client id character set (documented in SECURITY.md); \Z, not $: "alice\n" is not "alice".
@@ -42,6 +43,8 @@ class ClientRecord:
     samples_by_round: dict[int, int] = field(default_factory=dict)
     codec: int = 1  # negotiated activation/gradient codec (CODEC_RAW)
     chunk_bytes: int = 4 << 20  # negotiated piece size of large frames, both ways
+    micro_batches: int = 1  # negotiated most micro-batches per step (pipelined steps)
+    micro: MicroProgress = field(default_factory=MicroProgress)  # its step in progress
     step_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 

@@ -17,11 +17,12 @@ from common.router_wire import encode_backward
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
-from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
+from common.wire import Reassembler, WireError, codec_from_name, codec_name, encode_tensor, serialized
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine.core import ServerEngine
 from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits, decode_step, max_frame_bytes
+from splitlora_server.pipelining import MicroProgress
 from splitlora_server.registry import ClientRecord, Registry
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
 
@@ -40,10 +41,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
                  on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg",
-                 status_extras: Callable[[], dict[str, Any]] | None = None) -> None:
+                 status_extras: Callable[[], dict[str, Any]] | None = None, micro_batches: int = 1) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
         self.aggregation = aggregation  # announced at Join: how the clients' adapters are combined
         self.status_extras = status_extras or dict  # more StatusReply fields (generation, validation)
+        self.micro_batches = micro_batches  # per step, for clients that do not ask for a number at Join
         self.rounds: RoundCoordinator = registry.coordinator
         self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
         self.schedule, self.limits = schedule, limits
@@ -69,9 +71,14 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             record = self.registry.join(request.client_id)
         except Refused as refused:
             abort(context, refused)
+        micro = request.micro_batches or self.micro_batches
+        if not 1 <= micro <= self.schedule.batch_size:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"micro_batches {micro} must be between 1 and the "
+                                                            f"batch size {self.schedule.batch_size}")
         record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
         self.engine.add_client(record.client_id).result()
         with record.step_lock:  # after any step of its old stream still in flight
+            record.micro_batches, record.micro = micro, MicroProgress()
             start, partial = self.registry.resume(record)
             if partial:
                 self.engine.rollback(record.client_id, start).result()
@@ -81,9 +88,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         return spb.JoinReply(session=record.session, schedule=self.schedule,
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
-                             start_round=start,
-                             num_clients=self.rounds.expected, server_version=VERSION,
-                             aggregation=self.aggregation)
+                             start_round=start, num_clients=self.rounds.expected, server_version=VERSION,
+                             aggregation=self.aggregation, micro_batches=micro)
 
     def _negotiate(self, offered: list[int]) -> int:
         for codec in offered or [tpb.CODEC_RAW]:
@@ -110,37 +116,28 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self.auth.refusals.refuse(record.client_id, code.name.lower(), message)  # rate-limited, no traceback
         context.abort(code, message)
 
-    def Train(self, request_iterator: Iterator[spb.ClientFrame], context: grpc.ServicerContext
-              ) -> Iterator[spb.ServerFrame]:
+    def Train(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The training stream, frames as bytes (registered without serializers by `add_to_server`): each frame
+        is parsed once and each answer serialized once, and their sizes are the lengths of those bytes."""
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         record = self._authenticate(context)
         record.connected = True
         self.engine.stream_opened(record.client_id)
-        parts = Reassembler(max_frame_bytes(self.limits, record.codec), max_piece=record.chunk_bytes)
+        parts, step_bytes = Reassembler(max_frame_bytes(self.limits, record.codec), max_piece=record.chunk_bytes), 0
         try:
-            for frame in request_iterator:
+            for raw in request_iterator:
                 if self.stopping.is_set():  # shutting down: no new step; the client retries after a restart
                     context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-                nbytes = frame.ByteSize()
-                record.bytes_in += nbytes
-                kind = frame.WhichOneof("kind")
-                if kind == "part":
-                    try:
-                        data = parts.add(frame.part)
-                        if data is None:
-                            continue
-                        frame = spb.ClientFrame.FromString(data)
-                    except (WireError, DecodeError) as err:
-                        self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame part: {err}")
-                    if frame.WhichOneof("kind") != "forward":
-                        self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
-                                   "a reassembled frame must hold a StepForward")
-                elif kind != "forward":
-                    self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, "empty frame: set forward or part")
-                reply = self._step(record, frame.forward, context)
-                for out in chunked([spb.ServerFrame(backward=reply)], spb.ServerFrame, record.chunk_bytes):
-                    record.bytes_out += out.ByteSize()
+                record.bytes_in += len(raw)
+                step_bytes += len(raw)
+                frame = self._parse(record, raw, parts, context)
+                if frame is None:
+                    continue
+                reply = self._step(record, frame.forward, context, step_bytes)
+                step_bytes = 0
+                for out in serialized(spb.ServerFrame(backward=reply), spb.ServerFrame, record.chunk_bytes):
+                    record.bytes_out += len(out)
                     yield out
                 self._replies += 1
                 fault_point("server", "reply", self._replies)
@@ -152,11 +149,35 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             record.connected = False
             self.engine.stream_closed(record.client_id)
 
-    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext) -> spb.StepBackward:
-        with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
-            return self._step_locked(record, fwd, context)
+    def _parse(self, record: ClientRecord, raw: bytes, parts: Reassembler, context: grpc.ServicerContext
+               ) -> spb.ClientFrame | None:
+        """The frame `raw` holds, or the one its piece completes (None while pieces are missing)."""
+        try:
+            frame = spb.ClientFrame.FromString(raw)
+        except DecodeError as err:
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"undecodable frame: {err}")
+        kind = frame.WhichOneof("kind")
+        if kind == "part":
+            try:
+                data = parts.add(frame.part)
+                if data is None:
+                    return None
+                frame = spb.ClientFrame.FromString(data)
+            except (WireError, DecodeError) as err:
+                self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame part: {err}")
+            if frame.WhichOneof("kind") != "forward":
+                self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                           "a reassembled frame must hold a StepForward")
+        elif kind != "forward":
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, "empty frame: set forward or part")
+        return frame
 
-    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext
+    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
+              ) -> spb.StepBackward:
+        with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
+            return self._step_locked(record, fwd, context, nbytes)
+
+    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
                      ) -> spb.StepBackward:
         total = self.schedule.rounds * self.schedule.local_steps
         if fwd.step >= total:
@@ -175,6 +196,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
         rnd = fwd.round
         try:
+            record.micro.check(step, record.micro_batches)
             with self.rounds.open_for(record.client_id, rnd):  # no step overtakes a round close
                 future = self.engine.submit_step(step)
         except Refused as refused:
@@ -186,14 +208,16 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} produced a non-finite loss; the update was skipped")
-        if self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens, samples=step.rows):
+        whole = record.micro.add(step, outcome.loss, outcome.tokens)  # the step's last (or only) micro-batch
+        if whole and self.registry.step_done(record, fwd.step, record.micro.loss, record.micro.tokens,
+                                             samples=record.micro.rows):
             try:  # the round may close here, before the reply: no client sees round r+1 early
                 self.rounds.arrive(record.client_id, rnd, FINISHED)
             except Refused as refused:
                 self._fail(context, record, refused.code, refused.message)
         router = None if outcome.router_grad is None else encode_backward(outcome.router_grad, outcome.aux_loss)
         return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
-                                tokens=outcome.tokens, bytes_received=fwd.ByteSize(), router=router)
+                                tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro, router=router)
 
     # -- status ----------------------------------------------------------------------------------------------
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusReply:
@@ -220,3 +244,24 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         log.warning("shutdown requested by %s: %r", context.peer(), request.reason[:200] or "(no reason given)")
         self.on_shutdown(request.reason)
         return spb.ShutdownReply()
+
+
+class _Handlers:
+    """Collects the method handlers a generated `add_*Servicer_to_server` function registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_to_server(service: SplitTrainingService, server: grpc.Server) -> None:
+    """Register the servicer as the generated code does, except `Train`, whose frames cross as bytes (no
+    serializers): the servicer parses and serializes each frame once, and counts the bytes it already has."""
+    collected = _Handlers()
+    sgrpc.add_SplitTrainingServicer_to_server(service, collected)
+    handlers = collected.handlers
+    handlers["Train"] = grpc.stream_stream_rpc_method_handler(service.Train)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(collected.service, handlers),))
+    server.add_registered_method_handlers(collected.service, handlers)

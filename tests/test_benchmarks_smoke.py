@@ -44,7 +44,7 @@ def _result(cfg: BenchConfig, name: str) -> dict:
 
 def test_the_command_line_knows_every_benchmark():
     parser = build_parser()
-    for name in ("overhead", "wire", "scaling", "time-to-target", "edge-link", "aggregation", "all"):
+    for name in ("overhead", "pipeline", "wire", "scaling", "time-to-target", "edge-link", "aggregation", "all"):
         assert parser.parse_args([name, "--out", "x"])._run
 
 
@@ -52,6 +52,15 @@ def test_overhead(smoke: BenchConfig):
     run_benchmarks(smoke, ["overhead"])
     (row,) = _result(smoke, "overhead")["table"]
     assert row["split_step_s"] > 0 and row["local_step_s"] > 0 and row["ratio"] > 0 and row["wire_MB_per_step"] > 0
+    assert row["forward_s"] > 0 and row["wait_s"] > 0 and row["client_cpu_s"] > 0  # from the client's metrics
+
+
+def test_pipeline(smoke: BenchConfig):
+    run_benchmarks(dataclasses.replace(smoke, pipeline_micro_batches=[1, 2]), ["pipeline"])
+    result = _result(smoke, "pipeline")
+    assert [r["micro_batches"] for r in result["table"]] == [0, 1, 2]
+    assert all(r["median_step_s"] > 0 for r in result["table"]) and len(result["split"]["2"]) == 1
+    assert "load average" in (smoke.out_dir / "pipeline.md").read_text()
 
 
 def test_wire(smoke: BenchConfig):

@@ -97,8 +97,10 @@ def forward(part: SplitPart, steps: Sequence[Step], label_smoothing: float) -> P
     top = out.detach().requires_grad_(True)
     labels, results, counted = stacked.labels.to(device), [], 0
     router = RouterTerms([], []) if routers.aux else None
+    normalizer = steps[0].step_tokens if len(steps) == 1 and steps[0].pipelined else None  # a micro-batch's share
     for step, (a, b, t) in zip(steps, spans):
-        loss, tokens = causal_lm_loss(part.family.head(part.base, top[a:b, :t]), labels[a:b, :t], label_smoothing)
+        loss, tokens = causal_lm_loss(part.family.head(part.base, top[a:b, :t]), labels[a:b, :t], label_smoothing,
+                                      normalizer)
         aux = _router_term(router, routers, step, (a, b, t)) if router else None
         total = loss if aux is None else loss + aux
         if tokens and torch.isfinite(total):

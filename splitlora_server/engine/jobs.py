@@ -25,6 +25,14 @@ class Step:
     position_ids: torch.Tensor
     labels: torch.Tensor
     router: RouterStats | None = None  # the client layers' router statistics (mixture of experts, aux loss on)
+    micro: int = 0        # pipelined steps: this micro-batch's index, of micro_count, whose loss is divided by
+    micro_count: int = 1  # step_tokens (the target tokens of the whole step); see engine.micro
+    step_tokens: int = 0
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether this is one micro-batch of a step sent in several."""
+        return self.micro_count > 1
 
     @property
     def rows(self) -> int:

@@ -31,18 +31,20 @@ class Fingerprint(_message.Message):
     def __init__(self, family: _Optional[str] = ..., config_sha256: _Optional[str] = ..., index_sha256: _Optional[str] = ..., client_weights_sha256: _Optional[str] = ..., split_layer: _Optional[int] = ..., lora_sha256: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("client_id", "fingerprint", "codecs", "client_version", "max_message_bytes")
+    __slots__ = ("client_id", "fingerprint", "codecs", "client_version", "max_message_bytes", "micro_batches")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     fingerprint: Fingerprint
     codecs: _containers.RepeatedScalarFieldContainer[_tensor_pb2.Codec]
     client_version: str
     max_message_bytes: int
-    def __init__(self, client_id: _Optional[str] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., codecs: _Optional[_Iterable[_Union[_tensor_pb2.Codec, str]]] = ..., client_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    micro_batches: int
+    def __init__(self, client_id: _Optional[str] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., codecs: _Optional[_Iterable[_Union[_tensor_pb2.Codec, str]]] = ..., client_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class Schedule(_message.Message):
     __slots__ = ("rounds", "local_steps", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_seq_len", "label_smoothing", "seed", "max_grad_norm")
@@ -69,7 +71,7 @@ class Schedule(_message.Message):
     def __init__(self, rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., seed: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("session", "schedule", "aggregator_address", "codec", "max_message_bytes", "chunk_bytes", "start_round", "num_clients", "server_version", "aggregation")
+    __slots__ = ("session", "schedule", "aggregator_address", "codec", "max_message_bytes", "chunk_bytes", "start_round", "num_clients", "server_version", "aggregation", "micro_batches")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +82,7 @@ class JoinReply(_message.Message):
     NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     session: str
     schedule: Schedule
     aggregator_address: str
@@ -90,10 +93,11 @@ class JoinReply(_message.Message):
     num_clients: int
     server_version: str
     aggregation: str
-    def __init__(self, session: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., aggregator_address: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., start_round: _Optional[int] = ..., num_clients: _Optional[int] = ..., server_version: _Optional[str] = ..., aggregation: _Optional[str] = ...) -> None: ...
+    micro_batches: int
+    def __init__(self, session: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., aggregator_address: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., start_round: _Optional[int] = ..., num_clients: _Optional[int] = ..., server_version: _Optional[str] = ..., aggregation: _Optional[str] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class StepForward(_message.Message):
-    __slots__ = ("step", "round", "hidden", "attention_mask", "labels", "position_ids", "router")
+    __slots__ = ("step", "round", "hidden", "attention_mask", "labels", "position_ids", "router", "micro", "micro_count", "step_tokens")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +105,9 @@ class StepForward(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     ROUTER_FIELD_NUMBER: _ClassVar[int]
+    MICRO_FIELD_NUMBER: _ClassVar[int]
+    MICRO_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     step: int
     round: int
     hidden: _tensor_pb2.Tensor
@@ -108,7 +115,10 @@ class StepForward(_message.Message):
     labels: _tensor_pb2.Tensor
     position_ids: _tensor_pb2.Tensor
     router: _router_pb2.RouterStats
-    def __init__(self, step: _Optional[int] = ..., round: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., router: _Optional[_Union[_router_pb2.RouterStats, _Mapping]] = ...) -> None: ...
+    micro: int
+    micro_count: int
+    step_tokens: int
+    def __init__(self, step: _Optional[int] = ..., round: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., router: _Optional[_Union[_router_pb2.RouterStats, _Mapping]] = ..., micro: _Optional[int] = ..., micro_count: _Optional[int] = ..., step_tokens: _Optional[int] = ...) -> None: ...
 
 class ClientFrame(_message.Message):
     __slots__ = ("forward", "part")
@@ -119,20 +129,22 @@ class ClientFrame(_message.Message):
     def __init__(self, forward: _Optional[_Union[StepForward, _Mapping]] = ..., part: _Optional[_Union[_tensor_pb2.FramePart, _Mapping]] = ...) -> None: ...
 
 class StepBackward(_message.Message):
-    __slots__ = ("step", "grad", "loss", "tokens", "bytes_received", "router")
+    __slots__ = ("step", "grad", "loss", "tokens", "bytes_received", "router", "micro")
     STEP_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ROUTER_FIELD_NUMBER: _ClassVar[int]
+    MICRO_FIELD_NUMBER: _ClassVar[int]
     step: int
     grad: _tensor_pb2.Tensor
     loss: float
     tokens: int
     bytes_received: int
     router: _router_pb2.RouterBackward
-    def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., bytes_received: _Optional[int] = ..., router: _Optional[_Union[_router_pb2.RouterBackward, _Mapping]] = ...) -> None: ...
+    micro: int
+    def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., bytes_received: _Optional[int] = ..., router: _Optional[_Union[_router_pb2.RouterBackward, _Mapping]] = ..., micro: _Optional[int] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
     __slots__ = ("backward", "part")
