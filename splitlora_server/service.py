@@ -155,7 +155,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         try:
             frame = spb.ClientFrame.FromString(raw)
         except DecodeError as err:
-            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"undecodable frame: {err}")
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                       f"a Train message could not be decoded (not the protobuf message this method takes: {err})")
         kind = frame.WhichOneof("kind")
         if kind == "part":
             try:
