@@ -67,18 +67,19 @@ def from_bytes(data: bytes) -> AdapterState:
         raise AdapterError(f"adapter is not valid safetensors data: {err}") from err
 
 
-def write_adapter_file(path: Path, state: AdapterState) -> None:
-    """Write an adapter state to a safetensors file atomically."""
+def write_adapter_file(path: Path, state: AdapterState, metadata: dict[str, str] | None = None) -> None:
+    """Write an adapter state to a safetensors file atomically (`metadata`: extra header entries)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
     os.replace(tmp, path)
 
 
 def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,
-                   base_model: str | None = None) -> Path:
-    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts."""
+                   base_model: str | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts
+    (`metadata`: extra header entries of its safetensors file)."""
     out = Path(out_dir)
     merged: AdapterState = {}
     for state in states:
@@ -89,5 +90,5 @@ def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterStat
     config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": base_model})
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
-    write_adapter_file(out / ADAPTER_WEIGHTS, merged)
+    write_adapter_file(out / ADAPTER_WEIGHTS, merged, metadata)
     return out

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ModelOptions, TransportOptions
+from common.plan import pinnable, unpinned_copy
 from common.configuration import ConfigError, option
 from common.tls import ClientTlsOptions
 from common.wire import CODEC_NAMES
@@ -15,7 +16,7 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
 
 
 @dataclass
-class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
+class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions):
     """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server."""
 
     server: str = option("127.0.0.1:50051", "Split server address host:port.")
@@ -33,7 +34,7 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
     codecs: list[str] = option(["float32"], "Activation/gradient codecs this client offers, in order of preference.")
     overlap: bool = option(True, "Prepare (collate) the next batch while waiting for the server's gradient; "
                                  "the results are the same either way.")
-    join_timeout: float = option(120.0, "Seconds to keep trying to reach the server at start.")
+    join_timeout: float = option(60.0, "Seconds to keep trying to reach the server at start.")
     round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")
     reconnect_timeout: float = option(900.0, "After losing the server or the aggregator, seconds to keep trying to "
                                              "reach it again before giving up.")
@@ -44,7 +45,7 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions):
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
-        self.validate_model()
+        unpinned_copy(self).validate_model()
         self.validate_transport()
         self.validate_tls()
         for name in ("server", "aggregator"):

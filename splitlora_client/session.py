@@ -9,6 +9,7 @@ import grpc
 import torch
 
 from common.limits import raise_if_too_large
+from common.reach import unreachable
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.wire import Reassembler, chunked, decode_tensor, encode_tensor
@@ -32,13 +33,30 @@ class StepResult:
 class SplitSession:
     """Join the server and exchange one activation/gradient pair per step over a single stream."""
 
-    def __init__(self, channel: grpc.Channel, client_id: str, max_message_bytes: int = 0) -> None:
-        self.stub = sgrpc.SplitTrainingStub(channel)
+    def __init__(self, channel: grpc.Channel, client_id: str, max_message_bytes: int = 0, address: str = "") -> None:
+        self.stub, self.address = sgrpc.SplitTrainingStub(channel), address
         self.client_id, self.max_message_bytes = client_id, max_message_bytes
         self.reply: spb.JoinReply | None = None
         self._requests: queue.Queue = queue.Queue()
         self._responses: Iterator[spb.ServerFrame] | None = None
         self._call = None
+
+    def get_plan(self, timeout: float, security: str = "TLS") -> spb.Plan:
+        """The run's plan, waiting up to `timeout` s for the server to come up; ConnectionError saying what was
+        tried and the likely causes when it never answers; other refusals raise grpc.RpcError."""
+        backoff, last = Backoff(first=0.2, cap=2.0, budget=timeout), None
+        while True:
+            try:
+                return self.stub.GetPlan(spb.PlanRequest(client_id=self.client_id), timeout=min(10.0, timeout))
+            except grpc.RpcError as err:
+                if err.code() not in TRANSIENT:
+                    raise
+                last = err
+            try:
+                backoff.wait(f"plan of {self.address}: {last.code().name}: {last.details()}")
+            except ConnectionError:
+                raise ConnectionError(unreachable("the split server", self.address, security, last,
+                                                  timeout)) from None
 
     def join(self, fingerprint: spb.Fingerprint, codecs: list[int], timeout: float = 120.0,
              backoff: Backoff | None = None) -> spb.JoinReply:

@@ -4,17 +4,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from tqdm import tqdm
-from transformers import AutoTokenizer
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from common.data import BatchStream, encode, load_examples, shard, synthetic_e2e
+from common.data import BatchStream
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.logs import ContextLogger
 from common.lora import adapter_state, write_adapter_file
+from common.plan import options_json
+from common.provenance import provenance
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
@@ -22,6 +25,9 @@ from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
 from splitlora_client.checkpoint import ClientCheckpoints, ClientState
 from splitlora_client.config import TrainConfig
+from splitlora_client.final import receive_whole_adapter
+from splitlora_client.local import load_local
+from splitlora_client.plan import take_plan
 from splitlora_client.prefetch import StepPreparer
 from splitlora_client.resume import Rounds
 from splitlora_client.retry import Backoff, Reconnect, channel_options
@@ -29,17 +35,6 @@ from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
 
 CLIENT_ADAPTER_FILE = "client_adapter.safetensors"
-
-
-def load_private_data(cfg: TrainConfig, tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """This client's examples, tokenized: its data file (or shard of it), else built-in synthetic data."""
-    if cfg.data:
-        examples = shard(load_examples(cfg.data), cfg.shard_index, cfg.shard_count)
-    else:
-        examples = synthetic_e2e(cfg.builtin_examples, seed=zlib.crc32(cfg.client_id.encode()))
-    if not examples:
-        raise ValueError(f"client {cfg.client_id} has no training examples")
-    return [encode(tokenizer, ex, max_len) for ex in examples]
 
 
 class MetricsLog:
@@ -73,32 +68,33 @@ def run_identity(cfg: TrainConfig, sched, fingerprint) -> dict:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run every round of split training for this client; return the path of its final adapter.
+    """Run every round of split training for this client; return the path of its final adapter (the whole-model
+    adapter when the server hands out its part, else the client adapter).
 
     Losing the server (or the aggregator) is not an error: the client backs off, joins again and resumes from
     its checkpoint of the round the server restarts it at; a restarted client does the same from its --output."""
     log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
-    model_dir = cfg.model_dir()
-    lora = cfg.lora_settings()
-    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
+    local = load_local(cfg)  # before any contact: a client that fails on its own files takes no slot
     options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
     channel = open_channel(cfg.server, cfg, options)
-    session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes)
+    session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes, cfg.server)
+    plan = take_plan(cfg, session)
+    sched = plan.schedule
+    lora = cfg.lora_settings()
+    part = SplitPart(local.model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=sched.seed)
+    plan.load_initial_adapter(part)
+    part.train()
+    batches = BatchStream(local.encoded(sched.max_seq_len), sched.batch_size, local.tokenizer.pad_token_id,
+                          seed=cfg.seed)
+    fingerprint = compute_fingerprint(local.model_dir, cfg.split_layer, lora)
     codecs = [codec_from_name(c) for c in cfg.codecs]
-    backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
-    first_join = Backoff(cap=5.0, budget=cfg.join_timeout)
-    reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout, backoff=first_join)
-    sched = reply.schedule
-    log.info("joined %s as %s: %d rounds x %d steps, batch %d, codec %s", cfg.server, cfg.client_id, sched.rounds,
-             sched.local_steps, sched.batch_size, codec_name(reply.codec))
+    reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout,
+                         backoff=Backoff(cap=5.0, budget=cfg.join_timeout))
+    log.info("joined %s as %s: %d rounds x %d steps, batch %d, split layer %d, codec %s", cfg.server,
+             cfg.client_id, sched.rounds, sched.local_steps, sched.batch_size, cfg.split_layer,
+             codec_name(reply.codec))
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
     agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, options)
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
-    part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=sched.seed)
-    part.train()
-    batches = BatchStream(load_private_data(cfg, tokenizer, sched.max_seq_len), sched.batch_size,
-                          tokenizer.pad_token_id, seed=cfg.seed)
     params = [p for p in part.parameters() if p.requires_grad]
     optim = OptimSettings(sched.learning_rate, sched.weight_decay, sched.warmup_steps,
                           sched.rounds * sched.local_steps, sched.max_grad_norm)
@@ -106,58 +102,85 @@ def train(cfg: TrainConfig) -> Path:
     state = ClientState(part.peft, opt, lr_sched, batches)
     out_dir = cfg.output_dir
     checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, fingerprint), state.capture())
+    backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
     rounds = Rounds(session, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel, state,
                     checkpoints, backoff, cfg.chunk_bytes, cfg.round_timeout)
     checkpoints.drop_after(reply.start_round)
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None)
     bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
                unit="step", dynamic_ncols=True)
-    prep = StepPreparer(part, batches, cfg.seed, cfg.client_id)
-    rnd = reply.start_round
+    loop = _Loop(cfg, sched, rounds, StepPreparer(part, batches, cfg.seed, cfg.client_id), metrics, bar,
+                 lambda: optimizer_step(params, opt, lr_sched, optim.max_grad_norm), lambda: lr_sched.get_last_lr()[0])
     try:
-        while True:
-            try:
-                merged = rounds.enter(rnd)  # from the checkpoint of its start + the global adapter of round rnd-1
-                if merged is not None:
-                    metrics.write(event="round", client=cfg.client_id, round=rnd - 1, clients=merged[0],
-                                  samples=merged[1])
-                if rnd >= sched.rounds:
-                    break
-                bar.n = rnd * sched.local_steps
-                samples, ahead = 0, []  # ahead: the next step, prepared while the server works (--overlap)
-                for local in range(sched.local_steps):
-                    step = rnd * sched.local_steps + local
-                    started = time.perf_counter()
-                    prepared = ahead.pop() if ahead else prep.prepare(step)
-                    batch = prepared.batch
-                    hidden = prep.forward(prepared)
-                    # within the round only: a checkpoint at the boundary must not have drawn the next batch
-                    prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
-                        if cfg.overlap and local + 1 < sched.local_steps else None
-                    result = rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
-                                         batch["position_ids"], while_waiting=prepare_next)
-                    fault_point("client", "step", step)
-                    hidden.backward(result.grad.to(hidden.dtype))
-                    optimizer_step(params, opt, lr_sched, optim.max_grad_norm)
-                    samples += int(batch["input_ids"].shape[0])
-                    seconds = time.perf_counter() - started
-                    tokens_per_s = int(batch["attention_mask"].sum()) / max(seconds, 1e-9)
-                    metrics.write(event="step", client=cfg.client_id, round=rnd, step=step, loss=result.loss,
-                                  tokens=result.tokens, seconds=round(seconds, 4), bytes_sent=result.bytes_sent,
-                                  bytes_received=result.bytes_received, lr=lr_sched.get_last_lr()[0])
-                    bar.set_postfix(round=f"{rnd + 1}/{sched.rounds}", loss=f"{result.loss:.3f}",
-                                    tok_s=f"{tokens_per_s:.0f}")
-                    bar.update(1)
-                rounds.save(rnd + 1, samples)  # before submitting: a restart resubmits this adapter
-                rnd += 1
-            except Reconnect as why:
-                rnd = rounds.rejoin(why)
-                metrics.write(event="rejoin", client=cfg.client_id, round=rnd, reason=str(why))
+        with logging_redirect_tqdm():  # log lines go above the progress bar instead of through it
+            loop.run(reply.start_round)
     finally:
         bar.close()
         metrics.close()
         session.close()
     path = out_dir / CLIENT_ADAPTER_FILE
-    write_adapter_file(path, adapter_state(part.peft))
+    made = provenance("client", fingerprint, options_json(cfg), str(local.model_dir))
+    write_adapter_file(path, adapter_state(part.peft), made.to_metadata())
     log.info("client adapter written to %s", path)
-    return path
+    whole = receive_whole_adapter(session, plan.message, part, out_dir / "adapter", made, cfg.round_timeout)
+    return whole or path
+
+
+@dataclass
+class _Loop:
+    """The rounds of one client: local steps through the server, then the round boundary (see resume.Rounds)."""
+
+    cfg: TrainConfig
+    sched: Any
+    rounds: Rounds
+    prep: StepPreparer
+    metrics: MetricsLog
+    bar: Any
+    update: Callable[[], None]  # clip, optimizer step, schedule step
+    lr: Callable[[], float]
+
+    def run(self, rnd: int) -> None:
+        """From round `rnd` to the end, rejoining the server whenever the connection is lost."""
+        while True:
+            try:
+                merged = self.rounds.enter(rnd)  # from the checkpoint of its start + the global adapter of rnd-1
+                if merged is not None:
+                    self.metrics.write(event="round", client=self.cfg.client_id, round=rnd - 1, clients=merged[0],
+                                       samples=merged[1])
+                if rnd >= self.sched.rounds:
+                    return
+                self.rounds.save(rnd + 1, self.local_steps(rnd))  # before submitting: a restart resubmits it
+                rnd += 1
+            except Reconnect as why:
+                rnd = self.rounds.rejoin(why)
+                self.metrics.write(event="rejoin", client=self.cfg.client_id, round=rnd, reason=str(why))
+
+    def local_steps(self, rnd: int) -> int:
+        """The local steps of round `rnd`; returns the examples trained on."""
+        cfg, sched, prep = self.cfg, self.sched, self.prep
+        self.bar.n = rnd * sched.local_steps
+        samples, ahead = 0, []  # ahead: the next step, prepared while the server works (--overlap)
+        for local in range(sched.local_steps):
+            step = rnd * sched.local_steps + local
+            started = time.perf_counter()
+            prepared = ahead.pop() if ahead else prep.prepare(step)
+            batch = prepared.batch
+            hidden = prep.forward(prepared)
+            # within the round only: a checkpoint at the boundary must not have drawn the next batch
+            prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
+                if cfg.overlap and local + 1 < sched.local_steps else None
+            result = self.rounds.step(step, rnd, hidden.detach(), batch["attention_mask"], batch["labels"],
+                                      batch["position_ids"], while_waiting=prepare_next)
+            fault_point("client", "step", step)
+            hidden.backward(result.grad.to(hidden.dtype))
+            self.update()
+            samples += int(batch["input_ids"].shape[0])
+            seconds = time.perf_counter() - started
+            tokens_per_s = int(batch["attention_mask"].sum()) / max(seconds, 1e-9)
+            self.metrics.write(event="step", client=cfg.client_id, round=rnd, step=step, loss=result.loss,
+                               tokens=result.tokens, seconds=round(seconds, 4), bytes_sent=result.bytes_sent,
+                               bytes_received=result.bytes_received, lr=self.lr())
+            self.bar.set_postfix(round=f"{rnd} of 0-{sched.rounds - 1}", loss=f"{result.loss:.3f}",
+                                 tok_s=f"{tokens_per_s:.0f}")
+            self.bar.update(1)
+        return samples

@@ -1,6 +1,7 @@
 """Assemble and run the server process: model part, engine, services, gRPC server, and the final export."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -16,6 +17,8 @@ from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.lora import export_adapter, write_adapter_file
 from common.optim import OptimSettings
+from common.plan import options_json
+from common.provenance import Provenance, provenance
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
@@ -28,6 +31,7 @@ from splitlora_server.batching import BatchSettings
 from splitlora_server.config import AggregateConfig, ServeConfig
 from splitlora_server.engine import ServerEngine
 from splitlora_server.frames import FrameLimits
+from splitlora_server.init_adapter import load_initial_adapter
 from splitlora_server.metrics import metrics_for
 from splitlora_server.registry import Registry
 from splitlora_server.service import SplitTrainingService
@@ -37,8 +41,9 @@ SERVER_ADAPTER_FILE = "server_adapter.safetensors"
 
 
 def _grpc_server(max_workers: int, options: list[tuple[str, int]], auth: Authenticator) -> grpc.Server:
+    # no SO_REUSEPORT: a second server on a taken port must fail to bind, not share the port with the first
     return grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="splitlora-rpc"),
-                       options=options, interceptors=[AuthInterceptor(auth)])
+                       options=[*options, ("grpc.so_reuseport", 0)], interceptors=[AuthInterceptor(auth)])
 
 
 def _add_health(server: grpc.Server, *services: str) -> health.HealthServicer:
@@ -64,6 +69,7 @@ class RunningServer:
     stop_requested: threading.Event = field(default_factory=threading.Event)  # set by the admin Shutdown call
     health: health.HealthServicer | None = None
     resumed_round: int | None = None  # the round the server resumed at from its checkpoint, if it did
+    provenance: Provenance | None = None  # written into the headers of the adapter files it exports
 
     def wait_finished(self, stop: threading.Event | None = None) -> bool:
         """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
@@ -78,24 +84,29 @@ class RunningServer:
         """Write the server adapter and, with the aggregator in process, the whole-model PEFT adapter."""
         out = Path(self.config.output)
         server_state = self.engine.server_adapter()
-        write_adapter_file(out / SERVER_ADAPTER_FILE, server_state)
+        meta = self.provenance.to_metadata() if self.provenance else None
+        write_adapter_file(out / SERVER_ADAPTER_FILE, server_state, meta)
         if self.aggregator is None:
             log.info("server adapter written to %s; run `splitlora-server export` with the aggregator's output",
                      out / SERVER_ADAPTER_FILE)
             return out / SERVER_ADAPTER_FILE
         client_state = self.aggregator.global_adapter(self.config.rounds - 1)
+        whole = dataclasses.replace(self.provenance, side="model").to_metadata() if self.provenance else None
         path = export_adapter(out / "adapter", self.part.lora.peft_config(self.part.family), client_state,
-                              server_state, base_model=str(self.part.model_dir))
+                              server_state, base_model=str(self.part.model_dir), metadata=whole)
         log.info("exported the whole-model PEFT adapter to %s", path)
         return path
 
     def wait_for_final_fetches(self, grace_seconds: float) -> None:
         """Give clients time to download the last global adapter before the process exits."""
-        if self.aggregator is None:
-            return
         deadline = time.monotonic() + grace_seconds
         wanted = set(self.registry.clients)
-        while time.monotonic() < deadline and not wanted <= self.aggregator.fetched(self.config.rounds - 1):
+
+        def done() -> bool:
+            fetched_global = self.aggregator is None or wanted <= self.aggregator.fetched(self.config.rounds - 1)
+            return fetched_global and (self.config.private_server_adapter or wanted <= self.service.final.fetched)
+
+        while time.monotonic() < deadline and not done():
             time.sleep(0.1)
 
     def drain(self) -> None:
@@ -128,6 +139,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
                      gradient_checkpointing=cfg.gradient_checkpointing)
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
+    planned = options_json(cfg)
+    initial = load_initial_adapter(cfg.init_adapter, part, fingerprint, planned) if cfg.init_adapter else None
     max_positions = int(getattr(part.config, "max_position_embeddings", cfg.max_seq_len))
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
     optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
@@ -140,9 +153,14 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                             warmup_steps=cfg.warmup_steps, max_seq_len=min(cfg.max_seq_len, max_positions),
                             label_smoothing=cfg.label_smoothing, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm)
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
+    plan = spb.Plan(model_options_json=planned, schedule=schedule, family=part.family.name,
+                    initial_client_adapter=initial.client_bytes if initial else b"",
+                    send_final_adapter=not cfg.private_server_adapter)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
-                                   cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set())
-    resumed = _resume(cfg, engine, registry, run_identity(cfg, fingerprint))
+                                   cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
+                                   plan=plan)
+    identity = {**run_identity(cfg, fingerprint), **({"init_adapter": initial.sha256} if initial else {})}
+    resumed = _resume(cfg, engine, registry, identity)
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
     aggregator = None
@@ -161,7 +179,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the split server")
     server.start()
     return RunningServer(server, port, cfg, part, engine, registry, service, aggregator, stop_requested=stop,
-                         health=health_servicer, resumed_round=resumed)
+                         health=health_servicer, resumed_round=resumed,
+                         provenance=provenance("server", fingerprint, planned, str(model_dir)))
 
 
 def _resume(cfg: ServeConfig, engine: ServerEngine, registry: Registry, run: dict) -> int | None:

@@ -10,6 +10,7 @@ from common.config import ModelOptions, TransportOptions
 from common.configuration import ConfigError, option
 from common.tls import ServerTlsOptions
 from common.rounds import Quorum
+from common.optim import capped_warmup
 from common.wire import CODEC_NAMES
 
 
@@ -110,10 +111,17 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
     finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
                                                "final adapter before shutting down.")
     metrics_port: int = option(0, "Serve Prometheus metrics at http://HOST:PORT/metrics on this port; 0: off.")
+    init_adapter: str = option("", "Start both sides from this whole-model PEFT adapter directory (e.g. an earlier "
+                                   "run's export), checked against the model and the LoRA options.", metavar="DIR")
+    private_server_adapter: bool = option(False, "Keep the server adapter on the server: clients do not receive "
+                                                 "the whole-model adapter at the end.")
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
         self.validate_model()
+        if self.init_adapter and not Path(self.init_adapter, "adapter_model.safetensors").is_file():
+            raise ConfigError(f"init_adapter: {self.init_adapter} holds no adapter_model.safetensors (give a PEFT "
+                              "adapter directory, e.g. an earlier run's runs/server/adapter)")
         self.validate_transport()
         self.validate_tls()
         self.validate_auth()
@@ -132,6 +140,7 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
                 raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        self.warmup_steps = capped_warmup(self.warmup_steps, self.rounds * self.local_steps)
         unknown = [c for c in self.codecs if c not in CODEC_NAMES]
         if unknown or not self.codecs:
             raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")

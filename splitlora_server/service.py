@@ -19,7 +19,8 @@ from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine import ServerEngine, StepInputs
 from splitlora_server.frames import FrameLimits, decode_step
-from splitlora_server.registry import ClientRecord, Registry, RegistryError
+from splitlora_server.handout import PRIVATE, FinalAdapter
+from splitlora_server.registry import ClientRecord, Registry, RegistryError, invalid_client_id
 
 log = logging.getLogger(__name__)
 CLIENT_ID_KEY = "x-splitlora-client-id"
@@ -37,8 +38,10 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def __init__(self, engine: ServerEngine, registry: Registry, fingerprint: spb.Fingerprint,
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
-                 on_shutdown: Callable[[str], None] | None = None) -> None:
+                 on_shutdown: Callable[[str], None] | None = None, plan: spb.Plan | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
+        self.plan = plan if plan is not None else spb.Plan(schedule=schedule, send_final_adapter=True)
+        self.final = FinalAdapter(registry.finished, engine.server_adapter)
         self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
         self.schedule, self.limits = schedule, limits
         self.codecs = [codec_from_name(c) for c in codecs]
@@ -53,6 +56,15 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             registry.gate.on_due = self._deadline_passed
 
     # -- handshake -------------------------------------------------------------------------------------------
+    def GetPlan(self, request: spb.PlanRequest, context: grpc.ServicerContext) -> spb.Plan:
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
+        problem = invalid_client_id(request.client_id)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return self.plan
+
     def Join(self, request: spb.JoinRequest, context: grpc.ServicerContext) -> spb.JoinReply:
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
@@ -210,6 +222,19 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         elif rnd == self.registry.open_round:
             log.warning("round %d: deadline passed without a quorum; the round waits (%s)", rnd,
                         self.registry.round_status()[0])
+
+    def FetchServerAdapter(self, request: spb.ServerAdapterRequest, context: grpc.ServicerContext
+                           ) -> Iterator[spb.AdapterPiece]:
+        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
+        if not self.plan.send_final_adapter:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, PRIVATE)
+        if request.client_id not in self.registry.clients:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"client {request.client_id!r} did not train here")
+        chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
+        if chunk is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
+        if self.final.wait(context.is_active):
+            yield from self.final.pieces(request.client_id, chunk)
 
     # -- status ----------------------------------------------------------------------------------------------
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusReply:

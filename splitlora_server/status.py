@@ -47,17 +47,23 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def round_text(current: int, rounds: int) -> str:
+    """Rounds are numbered from 0 everywhere (logs, metrics, progress bar, status): 'round 1 of 0-4'."""
+    if current >= rounds:
+        return f"all {rounds} rounds done"
+    return f"round {current} of 0-{rounds - 1}"
+
+
 def format_status(reply: spb.StatusReply, server: str, rates: dict[str, float] | None = None) -> str:
     """The status as a header line and one aligned row per client; `rates`: per-client steps/s, if known."""
     state = "finished" if reply.finished else "training"
-    current = min(reply.round + 1, reply.rounds) if reply.rounds else 0
-    head = (f"server {server}: {state}, round {current}/{reply.rounds}, {reply.steps} steps, "
+    head = (f"server {server}: {state}, {round_text(reply.round, reply.rounds)}, {reply.steps} steps, "
             f"{reply.steps_per_second:.2f} steps/s, server adapter {reply.server_adapter_mode or '-'}, "
             f"{sum(c.connected for c in reply.clients)}/{len(reply.clients)} clients connected")
     rows = [_COLUMNS]
     for c in reply.clients:
         rate = (rates or {}).get(c.client_id)
-        rows.append((c.client_id, "yes" if c.connected else "no", str(min(c.round + 1, reply.rounds)), str(c.steps),
+        rows.append((c.client_id, "yes" if c.connected else "no", "done" if c.round >= reply.rounds else str(c.round), str(c.steps),
                      "-" if rate is None else f"{rate:.2f}",
                      "-" if math.isnan(c.last_loss) else f"{c.last_loss:.4f}",
                      human_bytes(c.bytes_in), human_bytes(c.bytes_out), c.last_error or "-"))
