@@ -37,20 +37,21 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def apply_plan(options: ModelOptions, text: str) -> list[str]:
+def apply_plan(options: ModelOptions, text: str, source: str = "the server's plan",
+               pinner: str = "this client's options") -> list[str]:
     """Take the server's planned options into `options` (whose planned fields are None where not pinned).
 
     Returns the names of the options that came from the server. ConfigError naming every pin that differs,
-    or an option this client does not know (a newer server)."""
+    or an option this version does not know (a newer server). `source`/`pinner` name the two in messages."""
     try:
         plan = json.loads(text or "{}")
     except json.JSONDecodeError as err:
-        raise ConfigError(f"the server's plan is not valid JSON: {err}") from None
+        raise ConfigError(f"{source} is not valid JSON: {err}") from None
     known = {f.name: f for f in planned_fields()}
     unknown = sorted(set(plan) - set(known))
     if unknown:
-        raise ConfigError(f"the server plans options this client does not know: {', '.join(unknown)}; "
-                          "install the server's version of splitlora on this client")
+        raise ConfigError(f"{source} has options this version does not know: {', '.join(unknown)}; "
+                          "install the server's version of splitlora here")
     conflicts, taken = [], []
     for name, field in known.items():
         pinned = getattr(options, name)
@@ -59,10 +60,10 @@ def apply_plan(options: ModelOptions, text: str) -> list[str]:
             setattr(options, name, list(value) if isinstance(value, list) else value)
             taken.append(name)
         elif _jsonable(pinned) != value:
-            conflicts.append(f"{_flag(name)}: the server's plan has {_show(value)}, this client pins {_show(pinned)}")
+            conflicts.append(f"{_flag(name)} is {_show(value)} in {source}, {_show(pinned)} in {pinner}")
     if conflicts:
-        raise ConfigError("this client's pinned options differ from the server's plan (leave them out to take the "
-                          "server's): " + "; ".join(conflicts))
+        raise ConfigError(f"options given here differ from {source} (leave them out to take its values): "
+                          + "; ".join(conflicts))
     return taken
 
 
@@ -76,19 +77,29 @@ def _show(value: Any) -> str:
     return ",".join(map(str, value)) or "(the family's default)" if isinstance(value, (list, tuple)) else str(value)
 
 
-def pinnable(cls: type) -> type:
-    """A copy of the dataclass `cls` (a `ModelOptions`) whose planned fields default to None: "the server's"."""
+def pinnable(cls: type, source: str = FROM_SERVER) -> type:
+    """A copy of the dataclass `cls` (a `ModelOptions`) whose planned fields default to None: `source`'s value."""
     hints = typing.get_type_hints(cls)
     fields = []
     for field in planned_fields():
-        metadata = {**field.metadata, "default_text": FROM_SERVER,
-                    "help": field.metadata.get("help", "") + " Pins the server's value: a different one is refused."}
+        metadata = {**field.metadata, "default_text": source,
+                    "help": field.metadata.get("help", "") + f" Given: pins {source} value (a different one is "
+                                                             "refused)."}
         fields.append((field.name, typing.Optional[hints[field.name]],
                        dataclasses.field(default=None, metadata=metadata)))
-    return dataclasses.make_dataclass(f"Planned{cls.__name__}", fields, bases=(cls,))
+    return dataclasses.make_dataclass(f"Pinnable{cls.__name__}", fields, bases=(cls,))
+
+
+def _defaults_of_unset(options: Any) -> dict[str, Any]:
+    return {f.name: _default(f) for f in planned_fields() if getattr(options, f.name) is None}
 
 
 def unpinned_copy(options: Any) -> ModelOptions:
     """`options` with every None (not yet planned) option at its `ModelOptions` default, e.g. to validate it."""
-    values = {f.name: _default(f) for f in planned_fields() if getattr(options, f.name) is None}
-    return dataclasses.replace(options, **values)
+    return dataclasses.replace(options, **_defaults_of_unset(options))
+
+
+def fill_defaults(options: Any) -> None:
+    """Set every option not given (None) to its `ModelOptions` default, in place (nothing was planned)."""
+    for name, value in _defaults_of_unset(options).items():
+        setattr(options, name, value)

@@ -11,6 +11,7 @@ from common.configuration import ConfigError, option
 from common.tls import ServerTlsOptions
 from common.rounds import Quorum
 from common.optim import capped_warmup
+from common.plan import pinnable, unpinned_copy
 from common.wire import CODEC_NAMES
 
 
@@ -178,16 +179,19 @@ class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, Aggregati
 
 
 @dataclass
-class ExportConfig(ModelOptions):
-    """`splitlora-server export`: merge a client global adapter and a server adapter into one PEFT adapter."""
+class ExportConfig(pinnable(ModelOptions, "the adapters'")):
+    """`splitlora-server export`: merge a client global adapter and a server adapter into one PEFT adapter. The
+    model, split layer and LoRA options come from the adapter files; options given are checked against them."""
 
     client_adapter: str = option("", "Client-side global adapter (.safetensors), e.g. <aggregator output>/global/"
-                                     "round-0004.safetensors. Empty: the newest under --aggregator-dir.")
+                                     "round-0004.safetensors. Empty: the newest under --aggregator-dir.",
+                                 metavar="FILE")
     aggregator_dir: str = option("runs/aggregator", "Aggregator output directory (used when --client-adapter "
-                                                    "is empty).")
-    server_adapter: str = option("runs/server/server_adapter.safetensors", "Server-side adapter (.safetensors).")
-    output: str = option("runs/export", "Directory to write the whole-model PEFT adapter to.")
+                                                    "is empty).", metavar="DIR")
+    server_adapter: str = option("runs/server/server_adapter.safetensors", "Server-side adapter (.safetensors).",
+                                 metavar="FILE")
+    output: str = option("runs/export", "Directory to write the whole-model PEFT adapter to.", metavar="DIR")
 
     def validate(self) -> None:
-        """Checks of the model options."""
-        self.validate_model()
+        """Checks of the options given (the rest come from the adapter files)."""
+        unpinned_copy(self).validate_model()
