@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from common.lora import from_bytes, load_adapter_state
 from common.plan import apply_plan
-from common.reach import describe_security
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.parts import SplitPart
 from splitlora_client.config import TrainConfig
@@ -35,7 +34,7 @@ class ClientPlan:
 def take_plan(cfg: TrainConfig, session: SplitSession) -> ClientPlan:
     """Ask the server for its plan (ConnectionError naming the likely causes when it cannot be reached) and
     fill this client's unpinned options with it (ConfigError naming a pin that differs)."""
-    plan = session.get_plan(cfg.join_timeout, describe_security(cfg))
+    plan = session.get_plan(cfg.join_timeout, cfg)
     taken = apply_plan(cfg, plan.model_options_json)
     cfg.validate_model()
     log.info("plan of %s: split layer %d, LoRA r=%d alpha=%g targets %s (taken from the server: %s)", cfg.server,

@@ -10,6 +10,7 @@ import torch
 
 from common.limits import raise_if_too_large
 from common.reach import unreachable
+from common.tls import ClientTlsOptions
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.wire import Reassembler, chunked, decode_tensor, encode_tensor
@@ -41,7 +42,7 @@ class SplitSession:
         self._responses: Iterator[spb.ServerFrame] | None = None
         self._call = None
 
-    def get_plan(self, timeout: float, security: str = "TLS") -> spb.Plan:
+    def get_plan(self, timeout: float, opts: ClientTlsOptions) -> spb.Plan:
         """The run's plan, waiting up to `timeout` s for the server to come up; ConnectionError saying what was
         tried and the likely causes when it never answers; other refusals raise grpc.RpcError."""
         backoff, last = Backoff(first=0.2, cap=2.0, budget=timeout), None
@@ -55,8 +56,7 @@ class SplitSession:
             try:
                 backoff.wait(f"plan of {self.address}: {last.code().name}: {last.details()}")
             except ConnectionError:
-                raise ConnectionError(unreachable("the split server", self.address, security, last,
-                                                  timeout)) from None
+                raise ConnectionError(unreachable("the split server", self.address, opts, last, timeout)) from None
 
     def join(self, fingerprint: spb.Fingerprint, codecs: list[int], timeout: float = 120.0,
              backoff: Backoff | None = None) -> spb.JoinReply:

@@ -8,6 +8,7 @@ import sys
 import grpc
 
 from common.cli import add_command, run_main
+from common.reach import explain_admin_error
 from splitlora_server import healthcheck, status
 from splitlora_server.admin import ShutdownConfig, shutdown
 from splitlora_server.certs import CertsConfig, make_certs
@@ -54,7 +55,8 @@ def _shutdown(cfg: ShutdownConfig) -> int:
     try:
         shutdown(cfg)
     except grpc.RpcError as err:
-        print(f"splitlora-server: the server refused: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"splitlora-server shutdown: {explain_admin_error(err, 'shutdown', cfg.server, cfg, cfg.timeout)}",
+              file=sys.stderr)
         return 1
     print("shutdown requested")
     return 0

@@ -48,8 +48,12 @@ class AggregationOptions:
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.aggregation == "trimmed-mean" and math.floor(self.trim_fraction * clients) == 0:
+            if clients < 3:  # trimming one client at each end needs a third to keep
+                raise ConfigError(f"trimmed-mean needs at least 3 clients (it drops one at each end of every "
+                                  f"coordinate); with {clients} use --aggregation median or fedavg")
+            least = math.ceil(1000 / clients) / 1000  # rounded up: the advised value must trim one client
             raise ConfigError(f"trimmed-mean with --trim-fraction {self.trim_fraction} and {clients} clients trims "
-                              f"no client; raise --trim-fraction to at least {1 / clients:.3g}")
+                              f"no client; raise --trim-fraction to at least {least:g}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ def expected_layout(model_dir: str | Path, config: LoraConfig) -> dict[str, torc
     """The whole model's adapter keys and shapes under `config` (as meta tensors: nothing is read or allocated)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft
         model = AutoModelForCausalLM.from_config(load_config(model_dir))
         peft = get_peft_model(model, LoraConfig(**config.to_dict()))
     return dict(get_peft_model_state_dict(peft))

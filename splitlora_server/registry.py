@@ -38,6 +38,7 @@ class ClientRecord:
     session: str
     next_step: int = 0
     connected: bool = False
+    streams: int = 0  # Train streams open (a reconnecting client may briefly have two)
     last_loss: float = float("nan")
     bytes_in: int = 0
     bytes_out: int = 0
@@ -84,6 +85,17 @@ class Registry:
                 record = self.clients[client_id] = ClientRecord(client_id, "")
             record.session = secrets.token_hex(16)
             return record
+
+    def release_if_idle(self, record: ClientRecord) -> bool:
+        """Free the slot of a client whose stream ended before its first step of the run (it failed on its own
+        side before training): another client may take it. True if it was freed."""
+        with self.lock:
+            idle = (self.open_round == 0 and record.next_step == 0 and record.streams == 0
+                    and self.clients.get(record.client_id) is record)
+            if idle:
+                del self.clients[record.client_id]
+                self.gate.leave(record.client_id)
+            return idle
 
     def authenticate(self, client_id: str, session: str) -> ClientRecord:
         """The record of a client whose session token is current."""

@@ -11,6 +11,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from common.configuration import ConfigError, option
+from common.reach import explain_admin_error
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from splitlora_server.admin import ConnectOptions, open_channel
@@ -88,7 +89,7 @@ def run(cfg: StatusConfig) -> int:
             try:
                 reply = fetch_status(channel, cfg.timeout)
             except grpc.RpcError as err:
-                print(f"splitlora-server status: {cfg.server}: {err.code().name}: {err.details()}",
+                print(f"splitlora-server status: {explain_admin_error(err, 'status', cfg.server, cfg, cfg.timeout)}",
                       file=sys.stderr, flush=True)
                 return 1
             now, steps = time.monotonic(), {c.client_id: c.steps for c in reply.clients}

@@ -8,6 +8,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from common.split.base import ModelFamily
+from common.split.masking import build_mask
 
 
 class GPT2Family(ModelFamily):
@@ -28,8 +29,8 @@ class GPT2Family(ModelFamily):
 
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
                       position_ids: torch.Tensor) -> dict[str, Any]:
-        mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=position_ids)
+        mask = build_mask(create_causal_mask, config=model.config, inputs_embeds=hidden,
+                          attention_mask=attention_mask, position_ids=position_ids)
         return {"attention_mask": mask, "position_ids": position_ids}
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:

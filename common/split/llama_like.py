@@ -12,6 +12,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from common.split.base import ModelFamily, UnsupportedModelError
+from common.split.masking import build_mask
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 _MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
@@ -40,8 +41,8 @@ class LlamaLikeFamily(ModelFamily):
         if unknown:
             raise UnsupportedModelError(f"{self.name}: layer types {unknown} are not supported")
         args = dict(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                    past_key_values=None, position_ids=position_ids)
-        masks = {kind: _MASKS[kind](**args) for kind in set(kinds)}
+                    position_ids=position_ids)
+        masks = {kind: build_mask(_MASKS[kind], **args) for kind in set(kinds)}
         return {"masks": [masks[k] for k in kinds], "position_ids": position_ids,
                 "position_embeddings": model.model.rotary_emb(hidden, position_ids)}
 
