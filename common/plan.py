@@ -87,7 +87,9 @@ def pinnable(cls: type, source: str = FROM_SERVER) -> type:
                                                              "refused)."}
         fields.append((field.name, typing.Optional[hints[field.name]],
                        dataclasses.field(default=None, metadata=metadata)))
-    return dataclasses.make_dataclass(f"Pinnable{cls.__name__}", fields, bases=(cls,))
+    pinned = dataclasses.make_dataclass(f"Pinnable{cls.__name__}", fields, bases=(cls,))
+    pinned.HELP_GROUPS = {f.name: f"split and LoRA ({source} unless given)" for f in planned_fields()}
+    return pinned
 
 
 def _defaults_of_unset(options: Any) -> dict[str, Any]:

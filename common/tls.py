@@ -63,6 +63,8 @@ def _warn_if_readable_by_others(key_path: str) -> None:
 class ServerTlsOptions:
     """TLS of a serving role (split server, aggregator)."""
 
+    HELP_GROUP = "transport security"
+
     tls_cert: str = option("", "PEM certificate (chain) this server presents.", metavar="FILE")
     tls_key: str = option("", "PEM private key of --tls-cert.", metavar="FILE")
     tls_ca: str = option("", "PEM CA certificate(s) that sign client certificates (with --require-client-cert).",
@@ -94,6 +96,8 @@ class ServerTlsOptions:
 @dataclass
 class ClientTlsOptions:
     """TLS of a connecting role (client, admin commands)."""
+
+    HELP_GROUP = "transport security"
 
     tls_ca: str = option("", "PEM CA certificate(s) that signed the server's certificate.", metavar="FILE")
     tls_cert: str = option("", "PEM client certificate for mutual TLS (its identity).", metavar="FILE")

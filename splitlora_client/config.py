@@ -17,7 +17,11 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
 
 @dataclass
 class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions):
-    """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server."""
+    """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server.
+    The split layer and LoRA options come from the server unless given here (then they must match it)."""
+
+    HELP_GROUPS = {n: "essentials" for n in ("server", "model", "data", "client_id", "output", "tokenizer",
+                                             "shard_index", "shard_count")}
 
     server: str = option("127.0.0.1:50051", "Split server address host:port.")
     aggregator: str = option("", "Aggregator address host:port; empty: the one the server names at Join, "

@@ -70,6 +70,7 @@ class SplitSession:
                                                             codecs=codecs, max_message_bytes=self.max_message_bytes),
                                             timeout=10.0, wait_for_ready=True)
                 backoff.reset()
+                self._open()  # at once: if this client dies before its first step, the server frees its slot
                 return self.reply
             except grpc.RpcError as err:
                 if err.code() not in TRANSIENT:

@@ -68,8 +68,8 @@ def run_identity(cfg: TrainConfig, sched, fingerprint) -> dict:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run every round of split training for this client; return the path of its final adapter (the whole-model
-    adapter when the server hands out its part, else the client adapter).
+    """Run every round of split training for this client; return the path of its client adapter (the whole-model
+    adapter, when the server hands out its part, is in `--output/adapter/`).
 
     Losing the server (or the aggregator) is not an error: the client backs off, joins again and resumes from
     its checkpoint of the round the server restarts it at; a restarted client does the same from its --output."""
@@ -122,8 +122,8 @@ def train(cfg: TrainConfig) -> Path:
     made = provenance("client", fingerprint, options_json(cfg), str(local.model_dir))
     write_adapter_file(path, adapter_state(part.peft), made.to_metadata())
     log.info("client adapter written to %s", path)
-    whole = receive_whole_adapter(session, plan.message, part, out_dir / "adapter", made, cfg.round_timeout)
-    return whole or path
+    receive_whole_adapter(session, plan.message, part, out_dir / "adapter", made, cfg.round_timeout)
+    return path
 
 
 @dataclass

@@ -19,6 +19,8 @@ from common.wire import CODEC_NAMES
 class AuthOptions:
     """Where client identities come from besides mTLS certificates."""
 
+    HELP_GROUP = "transport security"
+
     tokens_file: str = option("", "Bearer tokens file (identity -> sha256 of the token) made with `splitlora-server "
                                   "tokens add`; callers then need a token or a client certificate.", metavar="FILE")
 
@@ -32,6 +34,8 @@ class AuthOptions:
 @dataclass
 class AggregationOptions:
     """How the aggregator combines the clients' adapters each round."""
+
+    HELP_GROUP = "federation"
 
     aggregation: str = option("fedavg", "fedavg: sample-weighted mean; median / trimmed-mean: coordinate-wise, "
                                         "each client counted once, robust to a minority of bad clients.",
@@ -60,6 +64,8 @@ class AggregationOptions:
 class RoundOptions:
     """Dropouts and stragglers: when a round may close without every client."""
 
+    HELP_GROUP = "federation"
+
     min_clients: int = option(0, "Quorum: the fewest clients a round may close with once its deadline has passed "
                                  "(0: all of --clients). Without the quorum the round waits.")
     round_deadline: float = option(0.0, "Seconds the others wait for stragglers after the first client is done "
@@ -81,6 +87,13 @@ class RoundOptions:
 class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
                   RoundOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
+
+    HELP_GROUPS = {**{n: "essentials" for n in ("model", "split_layer", "host", "port", "clients", "output",
+                                                "init_adapter")},
+                   **{n: "schedule" for n in ("rounds", "local_steps", "batch_size", "learning_rate", "warmup_steps",
+                                              "weight_decay", "max_grad_norm", "label_smoothing", "max_seq_len",
+                                              "seed")},
+                   "aggregator": "federation", "private_server_adapter": "federation"}
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
     port: int = option(50051, "Port to listen on (0: pick a free one and print it).")
@@ -156,6 +169,9 @@ class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, Aggregati
     """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
     see client adapters."""
 
+    HELP_GROUPS = {"host": "essentials", "port": "essentials", "clients": "essentials", "output": "essentials",
+                   "rounds": "schedule"}
+
     host: str = option("127.0.0.1", "Address to listen on.")
     port: int = option(50052, "Port to listen on.")
     clients: int = option(3, "Clients expected in each round.")
@@ -186,6 +202,9 @@ class AggregateConfig(TransportOptions, ServerTlsOptions, AuthOptions, Aggregati
 class ExportConfig(pinnable(ModelOptions, "the adapters'")):
     """`splitlora-server export`: merge a client global adapter and a server adapter into one PEFT adapter. The
     model, split layer and LoRA options come from the adapter files; options given are checked against them."""
+
+    HELP_GROUPS = {n: "essentials" for n in ("client_adapter", "aggregator_dir", "server_adapter", "output",
+                                             "model")}
 
     client_adapter: str = option("", "Client-side global adapter (.safetensors), e.g. <aggregator output>/global/"
                                      "round-0004.safetensors. Empty: the newest under --aggregator-dir.",

@@ -88,9 +88,10 @@ class Registry:
 
     def release_if_idle(self, record: ClientRecord) -> bool:
         """Free the slot of a client whose stream ended before its first step of the run (it failed on its own
-        side before training): another client may take it. True if it was freed."""
+        side before training): another client may take it. One the server refused a frame of keeps its slot
+        (and its last error, for `status`). True if it was freed."""
         with self.lock:
-            idle = (self.open_round == 0 and record.next_step == 0 and record.streams == 0
+            idle = (self.open_round == 0 and record.next_step == 0 and record.streams == 0 and record.errors == 0
                     and self.clients.get(record.client_id) is record)
             if idle:
                 del self.clients[record.client_id]
