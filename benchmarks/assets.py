@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.config import BenchConfig
+from benchmarks.options import BenchConfig
 from benchmarks.pretrain import pretrain, pretraining_corpus
 from common.data import Encoded, Example, encode, load_examples, write_examples
 

@@ -14,7 +14,7 @@ from common.data import BatchStream, Encoded
 from common.lora import AdapterState, adapter_state, load_adapter_state
 from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
-from common.seeding import seed_step
+from common.seeding import seed_torch
 
 Evaluate = Callable[[AdapterState], float]
 
@@ -48,7 +48,7 @@ class WholeModelTrainer:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         """One training step; returns its loss."""
         self.model.train()
-        seed_step(self.seed, self.name, self.steps)
+        seed_torch(self.seed, self.name, self.steps)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             position_ids=batch["position_ids"]).logits
         loss, _ = causal_lm_loss(logits, batch["labels"], self.label_smoothing)

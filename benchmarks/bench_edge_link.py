@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 
 from benchmarks import assets, procs, report, split_run
-from benchmarks.config import BenchConfig
 from benchmarks.netns import Links, netns_unavailable
+from benchmarks.options import BenchConfig
 
 PORT = 50051  # inside the server's own namespace, so always free
 

@@ -12,8 +12,8 @@ import grpc
 
 from benchmarks import assets, procs, report
 from benchmarks.baselines import WholeModelTrainer
-from benchmarks.config import BenchConfig, parse_shape
 from benchmarks.evaluate import full_model
+from benchmarks.options import BenchConfig, parse_shape
 from common.data import BatchStream
 from common.fingerprint import compute_fingerprint
 from common.loss import causal_lm_loss

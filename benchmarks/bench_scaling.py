@@ -15,7 +15,7 @@ import grpc
 import torch
 
 from benchmarks import assets, procs, report
-from benchmarks.config import BenchConfig, parse_shape
+from benchmarks.options import BenchConfig, parse_shape
 from common.fingerprint import compute_fingerprint
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.split.parts import load_config

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from benchmarks import assets, baselines, costs, report, ttt_split
 from benchmarks.baselines import Curve
-from benchmarks.config import BenchConfig, parse_shape
 from benchmarks.evaluate import Evaluator, full_model, initial_adapter, perplexity
+from benchmarks.options import BenchConfig, parse_shape
 from benchmarks.profiles import load_profiles
 from common.data import BatchStream, shard
 from common.optim import OptimSettings

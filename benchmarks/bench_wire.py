@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks import assets, procs, report, split_run
-from benchmarks.config import BenchConfig
 from benchmarks.evaluate import Evaluator
+from benchmarks.options import BenchConfig
 from common.split.parts import load_config
 from common.wire import codec_from_name, decode_tensor, encode_tensor
 

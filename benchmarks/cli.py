@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.config import BenchConfig
+from benchmarks.options import BenchConfig
 from common.cli import add_command, run_main
 
 BENCHMARKS: dict[str, tuple[str, str]] = {

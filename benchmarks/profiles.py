@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from common.configuration import ConfigError
+from common.config.engine import ConfigError
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks import assets, procs
-from benchmarks.config import BenchConfig
+from benchmarks.options import BenchConfig
 
 
 def server_flags(cfg: BenchConfig, model: Path, clients: int, rounds: int, local_steps: int, codec: str,

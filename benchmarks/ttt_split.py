@@ -7,11 +7,11 @@ from pathlib import Path
 
 from benchmarks import procs, split_run
 from benchmarks.baselines import Curve, Evaluate
-from benchmarks.config import BenchConfig
+from benchmarks.options import BenchConfig
 from common.lora import AdapterState, adapter_state
 from splitlora_server.app import start_server
-from splitlora_server.config import ServeConfig
-from splitlora_server.engine import SHARED
+from splitlora_server.engine.core import SHARED
+from splitlora_server.options import ServeConfig
 
 
 def serve_config(cfg: BenchConfig, model: Path, out: Path) -> ServeConfig:

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Callable
 
-from common.configuration import ConfigError, add_arguments, format_config, resolve
+from common.config.engine import ConfigError, add_arguments, format_config, resolve
 from common.logs import LOG_FORMATS, setup_logging
 
 log = logging.getLogger("splitlora")

@@ -5,10 +5,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from common.checkpoint import CheckpointIndex
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split import family_for
 from common.split.parts import LoraSettings, load_config, side_tensor_names
+from common.weights import CheckpointIndex
 
 # Config keys that describe how a checkpoint was saved or loaded, not the function it computes.
 _VOLATILE_KEYS = {"transformers_version", "torch_dtype", "dtype", "_name_or_path", "architectures",

@@ -12,8 +12,8 @@ import json
 import typing
 from typing import Any
 
-from common.config import ModelOptions
-from common.configuration import ConfigError
+from common.config.engine import ConfigError
+from common.config.sections import ModelOptions
 
 LOCAL_OPTIONS = ("model", "dtype")  # chosen by each side for itself
 FROM_SERVER = "the server's"

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.checkpointing import read_safetensors_metadata
+from common.atomic import read_safetensors_metadata
 from common.rpc.splitlora.v1 import split_pb2 as spb
 
 PREFIX = "splitlora."

@@ -10,12 +10,12 @@ import hashlib
 import torch
 
 
-def step_seed(seed: int, *parts: object) -> int:
+def derive_seed(seed: int, *parts: object) -> int:
     """A 63-bit seed derived from a base seed and any identifying parts (client id, step number...)."""
     digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def seed_step(seed: int, *parts: object) -> None:
+def seed_torch(seed: int, *parts: object) -> None:
     """Seed torch's global generator for the step identified by `parts`."""
-    torch.manual_seed(step_seed(seed, *parts))
+    torch.manual_seed(derive_seed(seed, *parts))

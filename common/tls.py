@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import grpc
 
-from common.configuration import ConfigError, option
+from common.config.engine import ConfigError, option
 
 log = logging.getLogger("splitlora.tls")
 AUTHORIZATION_KEY = "authorization"

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-BIN = Path(sys.executable).parent
+from benchmarks.procs import BIN
+
 CLIENTS = ("alice", "bob", "carol")
 TRAINING = ["--rounds", "5", "--local-steps", "30", "--batch-size", "8", "--learning-rate", "3e-3",
             "--warmup-steps", "10", "--seed", "0"]

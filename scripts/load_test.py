@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.procs import BIN, free_port  # noqa: E402
 from common.rpc.splitlora.v1 import split_pb2 as spb  # noqa: E402
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc  # noqa: E402
 from splitlora_client import trainer  # noqa: E402
-from splitlora_client.config import TrainConfig  # noqa: E402
+from splitlora_client.options import TrainConfig  # noqa: E402
 
-BIN = Path(sys.executable).parent
 # plaintext on loopback (where TLS is the default, it must be turned off explicitly)
 PLAINTEXT = {"insecure": True} if "insecure" in TrainConfig.__dataclass_fields__ else {}
 
@@ -49,12 +48,6 @@ def _slope(xs: list[int], ys: list[float]) -> float:
     """Least-squares slope of ys over xs."""
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-9)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _serialize_model_building() -> None:
@@ -107,7 +100,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     _serialize_model_building()
-    out, port = Path(args.output).resolve(), _free_port()
+    out, port = Path(args.output).resolve(), free_port()
     address = f"127.0.0.1:{port}"
     (out / "logs").mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from common.cli import add_command, run_main
-from splitlora_client.config import TrainConfig
+from splitlora_client.options import TrainConfig
 
 
 def _train(cfg: TrainConfig) -> int:

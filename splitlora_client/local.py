@@ -11,7 +11,7 @@ from typing import Any
 from common.data import Encoded, Example, encode, load_examples, shard, synthetic_e2e
 from common.split.parts import load_config
 from common.tokenizer import load_tokenizer
-from splitlora_client.config import TrainConfig
+from splitlora_client.options import TrainConfig
 
 
 @dataclass

@@ -8,7 +8,7 @@ from common.lora import from_bytes, load_adapter_state
 from common.plan import apply_plan
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.parts import SplitPart
-from splitlora_client.config import TrainConfig
+from splitlora_client.options import TrainConfig
 from splitlora_client.session import SplitSession
 
 log = logging.getLogger("splitlora.client")

@@ -3,7 +3,7 @@
 Only what does not depend on the current step's update may be prepared early: the next batch (collation) and
 the random state its forward will start from. The next step's forward, embedding included, runs after this
 step's optimizer update. Preparing touches no global state: the step's random state comes from a private
-generator seeded exactly as `seed_step` seeds the global one and is installed right before the forward, so
+generator seeded exactly as `seed_torch` seeds the global one and is installed right before the forward, so
 overlap on or off trains the same adapters bit for bit, even with a server in the same process (which seeds
 torch's per-process generator for its own steps while the client prepares).
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from common.data import BatchStream
-from common.seeding import step_seed
+from common.seeding import derive_seed
 from common.split.parts import SplitPart
 
 
@@ -37,7 +37,7 @@ class StepPreparer:
 
     def prepare(self, step: int) -> Prepared:
         """Collate the step's batch and derive its random state; no global state is touched."""
-        generator = torch.Generator().manual_seed(step_seed(self.seed, "client", self.client_id, step))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "client", self.client_id, step))
         return Prepared(step, self.batches.next_batch(), generator.get_state())
 
     def forward(self, prepared: Prepared) -> torch.Tensor:

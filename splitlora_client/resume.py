@@ -1,8 +1,8 @@
 """Round boundaries on the client: checkpoint, submit, fetch the global adapter, and recover from lost connections.
 
-`Rounds.enter(r)` brings the client to the start of round r from its checkpoint of that boundary (submitting
+`RoundSync.enter(r)` brings the client to the start of round r from its checkpoint of that boundary (submitting
 that checkpoint's adapter again if the aggregator may not have it, then loading the global adapter of r-1);
-`Rounds.rejoin()` backs off, joins the server again and returns the round the server says to (re)start. The
+`RoundSync.rejoin()` backs off, joins the server again and returns the round the server says to (re)start. The
 server always answers with its open round and undoes the client's partial progress in it, so after any fault
 every side restarts from the same boundary and the run ends exactly as an uninterrupted one would.
 """
@@ -13,20 +13,20 @@ from typing import Callable
 
 import grpc
 
-from common.aggregator_client import fetch_global, submit_adapter
 from common.faults import fault_point
 from common.lora import load_adapter_state
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from splitlora_client.checkpoint import ClientCheckpoints, ClientState
+from splitlora_client.aggregator import fetch_global, submit_adapter
 from splitlora_client.retry import RESYNC, TRANSIENT, Backoff, Reconnect
 from splitlora_client.session import SplitSession, StepResult
+from splitlora_client.state import ClientCheckpoints, ClientState
 
 log = logging.getLogger("splitlora.client")
 MAX_RESYNCS = 10  # joins in a row that bring no progress before the client gives up
 
 
-class Rounds:
+class RoundSync:
     """The client's side of round boundaries and reconnection."""
 
     def __init__(self, session: SplitSession, join: tuple[spb.Fingerprint, list[int]], aggregator: agrpc.AggregatorStub,

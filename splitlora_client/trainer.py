@@ -23,16 +23,16 @@ from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
-from splitlora_client.checkpoint import ClientCheckpoints, ClientState
-from splitlora_client.config import TrainConfig
 from splitlora_client.final import receive_whole_adapter
 from splitlora_client.local import load_local
+from splitlora_client.options import TrainConfig
 from splitlora_client.plan import take_plan
 from splitlora_client.prefetch import StepPreparer
-from splitlora_client.resume import Rounds
+from splitlora_client.resume import RoundSync
 from splitlora_client.retry import Backoff, Reconnect, channel_options
 from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
+from splitlora_client.state import ClientCheckpoints, ClientState
 
 CLIENT_ADAPTER_FILE = "client_adapter.safetensors"
 
@@ -103,7 +103,7 @@ def train(cfg: TrainConfig) -> Path:
     out_dir = cfg.output_dir
     checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, fingerprint), state.capture())
     backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
-    rounds = Rounds(session, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel, state,
+    rounds = RoundSync(session, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel, state,
                     checkpoints, backoff, cfg.chunk_bytes, cfg.round_timeout)
     checkpoints.drop_after(reply.start_round)
     metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tensorboard" if cfg.tensorboard else None)
@@ -128,11 +128,11 @@ def train(cfg: TrainConfig) -> Path:
 
 @dataclass
 class _Loop:
-    """The rounds of one client: local steps through the server, then the round boundary (see resume.Rounds)."""
+    """The rounds of one client: local steps through the server, then the round boundary (see resume.RoundSync)."""
 
     cfg: TrainConfig
     sched: Any
-    rounds: Rounds
+    rounds: RoundSync
     prep: StepPreparer
     metrics: MetricsLog
     bar: Any

@@ -24,15 +24,15 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.split.parts import SplitPart
 from common.tls import add_port
-from splitlora_server.aggregator import AggregatorService
+from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
-from splitlora_server.checkpoint import ServerCheckpoints, ServerState, run_identity
-from splitlora_server.batching import BatchSettings
-from splitlora_server.config import AggregateConfig, ServeConfig
-from splitlora_server.engine import ServerEngine
+from splitlora_server.engine.batching import BatchSettings
+from splitlora_server.engine.core import ServerEngine
+from splitlora_server.engine.state import ServerCheckpoints, ServerState, run_identity
 from splitlora_server.frames import FrameLimits
 from splitlora_server.init_adapter import load_initial_adapter
-from splitlora_server.metrics import metrics_for
+from splitlora_server.ops.metrics import metrics_for
+from splitlora_server.options import AggregateConfig, ServeConfig
 from splitlora_server.registry import Registry
 from splitlora_server.service import SplitTrainingService
 

@@ -15,7 +15,7 @@ from typing import Callable
 import grpc
 
 from common.tls import AUTHORIZATION_KEY, BEARER
-from splitlora_server.tokens import TokenStore
+from splitlora_server.ops.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 ADMIN_ID = "admin"

@@ -9,11 +9,12 @@ import grpc
 
 from common.cli import add_command, run_main
 from common.reach import explain_admin_error
-from splitlora_server import healthcheck, status
-from splitlora_server.admin import ShutdownConfig, shutdown
-from splitlora_server.certs import CertsConfig, make_certs
-from splitlora_server.config import AggregateConfig, ExportConfig, ServeConfig
-from splitlora_server.tokens import TokenAddConfig, TokenRemoveConfig, add_token, remove_token
+from splitlora_server import healthcheck
+from splitlora_server.ops import status
+from splitlora_server.ops.admin import ShutdownConfig, shutdown
+from splitlora_server.ops.certs import CertsConfig, make_certs
+from splitlora_server.ops.tokens import TokenAddConfig, TokenRemoveConfig, add_token, remove_token
+from splitlora_server.options import AggregateConfig, ExportConfig, ServeConfig
 
 
 def _serve(cfg: ServeConfig) -> int:

@@ -16,8 +16,8 @@ from common.plan import apply_plan, fill_defaults
 from common.provenance import Provenance, model_of, read_provenance
 from common.split import family_for
 from common.split.parts import load_config
-from splitlora_server.config import ExportConfig
 from splitlora_server.layout import check_whole_model_layout
+from splitlora_server.options import ExportConfig
 
 SOURCE = "the adapters"
 

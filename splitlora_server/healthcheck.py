@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.configuration import ConfigError, add_arguments, option, resolve
-from splitlora_server.admin import ConnectOptions, open_channel
+from common.config.engine import ConfigError, add_arguments, option, resolve
+from splitlora_server.ops.admin import ConnectOptions, open_channel
 
 
 @dataclass

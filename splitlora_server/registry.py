@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
-from common.rounds import Quorum, RoundGate
+from splitlora_server.rounds.gate import Quorum, RoundGate
 
 T = TypeVar("T")
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -55,7 +55,7 @@ class Registry:
     """Enrolment (first N distinct ids), sessions, the open round and who finished it, under one lock.
 
     Rounds close one at a time for everybody. A self-closing registry closes its open round itself when every
-    expected client has finished it (or the deadline passed with a quorum: see common.rounds); next to an
+    expected client has finished it (or the deadline passed with a quorum: see splitlora_server.rounds.gate); next to an
     in-process aggregator the aggregator's round close drives `close_round` instead, so both agree."""
 
     def __init__(self, expected_clients: int, rounds: int, local_steps: int, quorum: Quorum | None = None,

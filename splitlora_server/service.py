@@ -9,15 +9,15 @@ from typing import Callable, Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from common.rpc.splitlora.v1 import split_pb2 as spb
-from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
-from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.faults import fault_point
 from common.fingerprint import differences
 from common.limits import negotiated_chunk, too_small
+from common.rpc.splitlora.v1 import split_pb2 as spb
+from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
+from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
-from splitlora_server.engine import ServerEngine, StepInputs
+from splitlora_server.engine.core import ServerEngine, StepInputs
 from splitlora_server.frames import FrameLimits, decode_step
 from splitlora_server.handout import PRIVATE, FinalAdapter
 from splitlora_server.registry import ClientRecord, Registry, RegistryError, invalid_client_id

@@ -37,7 +37,7 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def deployment_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Certificates made by the certs helper: CA, server (localhost, 127.0.0.1), alice, bob, carol and admin."""
-    from splitlora_server.certs import CertsConfig, make_certs
+    from splitlora_server.ops.certs import CertsConfig, make_certs
 
     path = tmp_path_factory.mktemp("certs")
     make_certs(CertsConfig(output=str(path), server_names=["localhost", "127.0.0.1"],
@@ -48,7 +48,7 @@ def deployment_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def rogue_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another CA's certificates with the same names: what an impostor could make for itself."""
-    from splitlora_server.certs import CertsConfig, make_certs
+    from splitlora_server.ops.certs import CertsConfig, make_certs
 
     path = tmp_path_factory.mktemp("rogue-certs")
     make_certs(CertsConfig(output=str(path), clients=["alice"], days=2))

@@ -11,33 +11,21 @@ import grpc
 import pytest
 import torch
 
-from common.aggregator_client import fetch_global, submit_adapter
-from common.rounds import Quorum
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
-from splitlora_server.aggregator import AggregatorService
-from splitlora_server.aggregator_store import AggregatorStore, RoundSummary
-from loopback import AggregatorServers, rpc_error
+from splitlora_client.aggregator import fetch_global, submit_adapter
+from splitlora_server.aggregator.service import AggregatorService
+from splitlora_server.aggregator.store import AggregatorStore, RoundSummary
+from splitlora_server.rounds.gate import Quorum
+from tests.support.loopback import adapter, aggregators, rpc_error
 
 Code = grpc.StatusCode
 Start = Callable[..., tuple[AggregatorService, agrpc.AggregatorStub]]
 
 
-def adapter(value: float) -> dict[str, torch.Tensor]:
-    return {"m.lora_A.weight": torch.full((2, 3), value), "m.lora_B.weight": torch.full((3, 2), 2 * value)}
-
-
 @pytest.fixture
 def start() -> Iterator[Start]:
     """Start an aggregator (restored from its output directory first); return (service, stub)."""
-    servers = AggregatorServers()
-
-    def _start(up_to: int | None = None, **kwargs: object) -> tuple[AggregatorService, agrpc.AggregatorStub]:
-        service = AggregatorService(**{"expected_clients": 2, "rounds": 3, "output_dir": None, **kwargs})
-        service.restore(up_to)
-        return service, servers.serve(service)
-
-    yield _start
-    servers.close()
+    yield from aggregators(restore=True)
 
 
 def test_a_restarted_aggregator_keeps_closed_rounds_and_stored_submissions(start: Start, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for splitlora_server.aggregator through real gRPC on loopback: rounds, fetch, errors, chunking."""
+"""Tests for splitlora_server.aggregator.service through real gRPC on loopback: rounds, fetch, errors, chunking."""
 from __future__ import annotations
 
 import threading
@@ -12,34 +12,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.aggregator_client import fetch_global, submit_adapter
 from common.lora import to_bytes
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
-from splitlora_server.aggregator import KEEP_IN_MEMORY, AggregatorService
-from loopback import AggregatorServers, rpc_error
+from splitlora_client.aggregator import fetch_global, submit_adapter
+from splitlora_server.aggregator.service import KEEP_IN_MEMORY, AggregatorService
+from tests.support.loopback import adapter, aggregators, rpc_error
 
 Code = grpc.StatusCode
 Start = Callable[..., tuple[AggregatorService, agrpc.AggregatorStub]]
 
 
-def adapter(value: float) -> dict[str, torch.Tensor]:
-    """A tiny two-tensor adapter filled with `value` (B holds twice the value)."""
-    return {"m.lora_A.weight": torch.full((2, 3), value), "m.lora_B.weight": torch.full((3, 2), 2 * value)}
-
-
 @pytest.fixture
 def start() -> Iterator[Start]:
     """Start an aggregator on a loopback port; return (service, stub). Everything is stopped afterwards."""
-    servers = AggregatorServers()
-
-    def _start(workers: int = 16, **kwargs: object) -> tuple[AggregatorService, agrpc.AggregatorStub]:
-        kwargs = {"expected_clients": 2, "rounds": 3, "output_dir": None, **kwargs}
-        service = AggregatorService(**kwargs)  # type: ignore[arg-type]
-        return service, servers.serve(service, workers)
-
-    yield _start
-    servers.close()
+    yield from aggregators(restore=False, workers=16)
 
 
 def raw_submit(stub: agrpc.AggregatorStub, *messages: apb.AdapterUpload) -> apb.SubmitReply:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,7 +19,7 @@ import grpc
 import pytest
 import torch
 
-from common.aggregator_client import submit_adapter
+from benchmarks.procs import BIN
 from common.lora import adapter_state, to_bytes
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
@@ -28,15 +27,15 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.tls import ClientTlsOptions, bearer_metadata, open_channel
+from splitlora_client.aggregator import submit_adapter
 from splitlora_client.session import SplitSession
 from splitlora_server.cli import main as server_main
-from splitlora_server.tokens import TokenAddConfig, add_token
-from tests.servers import (RPC_TIMEOUT, ClientSide, Harness, metadata, running_server, server_fingerprint,
-                           train_steps)
+from splitlora_server.ops.tokens import TokenAddConfig, add_token
+from tests.support.servers import (RPC_TIMEOUT, ClientSide, Harness, metadata, running_server, server_fingerprint,
+                                   train_steps)
 
 Code = grpc.StatusCode
 OK = "OK"
-BIN = Path(sys.executable).parent
 CALLS = ("Join", "Train", "Submit", "FetchGlobal", "Status", "Shutdown")
 ADAPTER = to_bytes({"m.lora_A.weight": torch.zeros(2, 3)})
 

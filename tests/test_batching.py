@@ -3,6 +3,7 @@ one optimizer step on the sum of the per-client mean losses; failures and queue 
 from __future__ import annotations
 
 import threading
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,26 +12,16 @@ from common.lora import adapter_state
 from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.split.parts import LoraSettings, SplitPart
-from helpers_split import lora_params, randomize_lora_b
-from servers import ClientSide, join, running_server, train_ok, valid_forward
-from splitlora_server.batching import BatchSettings, stack, split_rows
-from splitlora_server.engine import ServerEngine, StepInputs
+from splitlora_server.engine.batching import BatchSettings, stack, split_rows
+from splitlora_server.engine.core import ServerEngine, StepInputs
+from tests.support.servers import ClientSide, join, running_server, train_ok, valid_forward
+from tests.support.split_reference import lora_params, randomize_lora_b
+from tests.support.steps import random_step
 
 LORA = LoraSettings(dropout=0.0)  # and the tiny model has no dropout: batched == one by one, exactly
 OPTIM = OptimSettings(learning_rate=1e-2, warmup_steps=2, total_steps=10)
 BATCHING = BatchSettings(window_ms=0.0, max_clients=8)
-
-
-def _inputs(client: str, seed: int, batch: int, seq: int, pad_from: int | None = None) -> StepInputs:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    if pad_from is not None:
-        mask[-1, pad_from:] = 0
-    labels = torch.randint(0, 96, (batch, seq), generator=g)
-    labels[:, :2] = -100
-    labels[mask == 0] = -100
-    return StepInputs(client, 0, torch.randn(batch, seq, 32, generator=g), mask,
-                      (mask.cumsum(-1) - 1).clamp(min=0), labels)
+_step = partial(random_step, step=0, ignore_first=2)
 
 
 def _part(model_dir: Path) -> SplitPart:
@@ -49,7 +40,7 @@ def _run_together(engine: ServerEngine, steps: list[StepInputs]) -> list:
 
 
 def test_stack_pads_and_split_rows_undoes_it():
-    a, b = _inputs("a", 0, 2, 5), _inputs("b", 1, 1, 9, pad_from=6)
+    a, b = _step("a", 0, 2, 5), _step("b", 1, 1, 9, pad_from=6)
     stacked = stack([a, b])
     assert stacked.hidden.shape == (3, 9, 32) and stacked.spans == [(0, 2, 5), (2, 3, 9)]
     assert (stacked.attention_mask[:2, 5:] == 0).all() and (stacked.labels[:2, 5:] == -100).all()
@@ -59,7 +50,7 @@ def test_stack_pads_and_split_rows_undoes_it():
 
 
 def test_batched_steps_equal_one_by_one_with_the_same_weights(tiny_gpt2_dir: Path):
-    steps = [_inputs("a", 0, 2, 5), _inputs("b", 1, 3, 9, pad_from=4), _inputs("c", 2, 1, 7)]
+    steps = [_step("a", 0, 2, 5), _step("b", 1, 3, 9, pad_from=4), _step("c", 2, 1, 7)]
     engine = ServerEngine(_part(tiny_gpt2_dir), "shared", OPTIM, label_smoothing=0.1, batching=BATCHING).start()
     try:
         outcomes = _run_together(engine, steps)
@@ -87,7 +78,7 @@ def test_batched_steps_equal_one_by_one_with_the_same_weights(tiny_gpt2_dir: Pat
 def test_the_schedule_counts_client_steps(tiny_gpt2_dir: Path):
     engine = ServerEngine(_part(tiny_gpt2_dir), "shared", OPTIM, batching=BATCHING).start()
     try:
-        _run_together(engine, [_inputs(c, i, 2, 5) for i, c in enumerate("abc")])
+        _run_together(engine, [_step(c, i, 2, 5) for i, c in enumerate("abc")])
         lr = engine.call(lambda: engine.slots["default"].sched.get_last_lr()[0]).result()
     finally:
         engine.stop()
@@ -96,8 +87,8 @@ def test_the_schedule_counts_client_steps(tiny_gpt2_dir: Path):
 
 
 def test_a_bad_step_in_a_batch_fails_alone(tiny_gpt2_dir: Path):
-    good = _inputs("b", 1, 2, 5)
-    bad = _inputs("a", 0, 2, 5)
+    good = _step("b", 1, 2, 5)
+    bad = _step("a", 0, 2, 5)
     bad.hidden = torch.randn(2, 5, 7)  # wrong width: cannot be stacked, and fails on its own
     engine = ServerEngine(_part(tiny_gpt2_dir), "shared", OPTIM, batching=BATCHING).start()
     gate = threading.Event()
@@ -122,9 +113,9 @@ def test_a_job_queued_between_steps_keeps_its_place(tiny_gpt2_dir: Path):
     gate = threading.Event()
     try:
         engine.call(gate.wait)
-        first = engine.submit_step(_inputs("a", 0, 2, 5))
+        first = engine.submit_step(_step("a", 0, 2, 5))
         seen = engine.call(lambda: engine.steps_done)
-        second = engine.submit_step(_inputs("b", 1, 2, 5))
+        second = engine.submit_step(_step("b", 1, 2, 5))
         gate.set()
         first.result(timeout=60), second.result(timeout=60)
         assert seen.result(timeout=60) == 1  # the job ran between the two steps: they were not stacked
@@ -138,7 +129,7 @@ def test_the_window_waits_only_for_clients_with_a_stream_open(tiny_gpt2_dir: Pat
     try:
         for client in ("a", "b", "c"):
             engine.stream_opened(client)
-            engine.submit_step(_inputs(client, 0, 1, 4)).result(timeout=60)
+            engine.submit_step(_step(client, 0, 1, 4)).result(timeout=60)
         assert engine.awaited({"a"}) == {"b", "c"}
         engine.stream_opened("b")  # b reconnects before its old stream ends
         engine.stream_closed("b")

@@ -13,8 +13,8 @@ import pytest
 
 from benchmarks import assets
 from benchmarks.cli import build_parser, run_benchmarks
-from benchmarks.config import BenchConfig
 from benchmarks.netns import PREFIX, namespaces, netns_unavailable
+from benchmarks.options import BenchConfig
 from common.data import load_examples, synthetic_e2e, write_examples
 
 

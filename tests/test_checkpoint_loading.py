@@ -11,12 +11,12 @@ import huggingface_hub
 import pytest
 import torch
 
-import common.checkpoint as checkpoint
-from common.checkpoint import CheckpointError, CheckpointIndex, resolve_model_dir
+import common.weights as checkpoint
 from common.fingerprint import compute_fingerprint
 from common.split.parts import SplitPart, side_tensor_names
-from family_checkpoints import FAMILIES, VOCAB, checkpoint_dir
-from helpers_split import EXACT, padded_batch, split_loss
+from common.weights import CheckpointError, CheckpointIndex, resolve_model_dir
+from tests.support.families import FAMILIES, VOCAB, checkpoint_dir
+from tests.support.split_reference import EXACT, padded_batch, split_loss
 
 SPLIT = 2
 BATCH = padded_batch(VOCAB)

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpointing import (MANIFEST, TENSORS, CheckpointDir, CheckpointFormatError, check_same_run,
-                                  load_optimizer_state, load_scheduler_state, optimizer_state, scheduler_state)
 from common.data import BatchStream
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.split.parts import LoraSettings, SplitPart
-from splitlora_server.checkpoint import ServerCheckpoints
-from splitlora_server.engine import SHARED, ServerEngine, StepInputs
+from common.state.optimizer import load_optimizer_state, load_scheduler_state, optimizer_state, scheduler_state
+from common.state.snapshots import MANIFEST, TENSORS, CheckpointDir, CheckpointFormatError, check_same_run
+from splitlora_server.engine.core import SHARED, ServerEngine
+from splitlora_server.engine.state import ServerCheckpoints
+from tests.support.steps import random_step
 
 OPTIM = OptimSettings(learning_rate=1e-2, warmup_steps=2, total_steps=20)
 
@@ -82,7 +83,7 @@ def test_a_kill_in_the_middle_of_a_write_leaves_the_previous_checkpoint(tmp_path
     CheckpointDir(tmp_path, "test").save(1, {"x": torch.ones(3)}, {"r": 1})
     script = ("import os, signal, torch\n"
               "from pathlib import Path\n"
-              "from common.checkpointing import CheckpointDir\n"
+              "from common.state.snapshots import CheckpointDir\n"
               f"CheckpointDir(Path({str(tmp_path)!r}), 'test').save(2, {{'x': torch.zeros(3)}}, {{'r': 2}},\n"
               "    fault=lambda: os.kill(os.getpid(), signal.SIGKILL))\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent,
@@ -118,13 +119,6 @@ def test_refuses_other_versions_corruption_and_other_runs(tmp_path: Path) -> Non
 LORA = LoraSettings(r=2, alpha=4, dropout=0.0)
 
 
-def _inputs(client: str, step: int) -> StepInputs:
-    gen = torch.Generator().manual_seed(step)
-    labels = torch.randint(0, 96, (2, 5), generator=gen)
-    return StepInputs(client, step, torch.randn(2, 5, 32, generator=gen), torch.ones(2, 5, dtype=torch.long),
-                      torch.arange(5).expand(2, 5).clone(), labels)
-
-
 def _engine(model: Path, mode: str) -> ServerEngine:
     return ServerEngine(SplitPart(model, "server", 2, LORA), mode, OPTIM).start()
 
@@ -142,16 +136,16 @@ def test_rollback_and_resume_retrace_the_same_steps(tiny_gpt2_dir: Path, tmp_pat
             engine.add_client(c).result()
         for step in (0, 1):
             for c in ("a", "b"):
-                engine.submit_step(_inputs(c, step)).result()
+                engine.submit_step(random_step(c, step)).result()
         engine.close_round(0, {"a": 2.0, "b": 2.0}, ["a", "b"]).result()
         boundary = {c: engine.adapter_of(c) for c in ("a", "b")}
-        engine.submit_step(_inputs("a", 2)).result()
-        engine.submit_step(_inputs("b", 2)).result()
+        engine.submit_step(random_step("a", 2)).result()
+        engine.submit_step(random_step("b", 2)).result()
         after_b = engine.adapter_of("b")
         assert engine.rollback("a", 1).result()  # a redoes round 1: its slot is back at the boundary...
         assert _equal(engine.adapter_of("a"), boundary["a"]) and _equal(engine.adapter_of("b"), after_b)  # ...b's not
         assert not engine.rollback("a", 0).result()  # not the open round: nothing to undo
-        engine.submit_step(_inputs("a", 2)).result()
+        engine.submit_step(random_step("a", 2)).result()
         redone = engine.adapter_of("a")
     finally:
         engine.stop()
@@ -163,7 +157,7 @@ def test_rollback_and_resume_retrace_the_same_steps(tiny_gpt2_dir: Path, tmp_pat
     try:
         restored.restore(ServerCheckpoints(tmp_path, {"seed": 0}).latest()).result()
         assert _equal(restored.adapter_of("a"), boundary["a"])
-        restored.submit_step(_inputs("a", 2)).result()
+        restored.submit_step(random_step("a", 2)).result()
         assert _equal(restored.adapter_of("a"), redone)  # the optimizer state came back too
     finally:
         restored.stop()
@@ -173,10 +167,10 @@ def test_shared_mode_rolls_back_only_while_nobody_else_stepped(tiny_gpt2_dir: Pa
     engine = _engine(tiny_gpt2_dir, "shared")
     try:
         start = engine.server_adapter()
-        engine.submit_step(_inputs("a", 0)).result()
+        engine.submit_step(random_step("a", 0)).result()
         assert engine.rollback("a", 0).result() and _equal(engine.server_adapter(), start)
-        engine.submit_step(_inputs("a", 0)).result()
-        engine.submit_step(_inputs("b", 0)).result()
+        engine.submit_step(random_step("a", 0)).result()
+        engine.submit_step(random_step("b", 0)).result()
         assert not engine.rollback("a", 0).result()  # b's step is in the shared adapter too: keep both
     finally:
         engine.stop()

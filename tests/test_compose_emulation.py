@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from compose_emulator import ComposeRun, load_project, netns_unavailable_reason
-from compose_support import certs_command_available
 from common.data import synthetic_e2e, write_examples
+from compose_emulator import ComposeRun, load_project, netns_unavailable_reason
+from tests.support.compose import certs_command_available
 
 ROOT = Path(__file__).resolve().parent.parent
 _NO_NETNS = netns_unavailable_reason()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from compose_emulator import load_project
-from compose_support import certs_command_available, parse_errors, uses_tls_flags, without_tls_flags
+from tests.support.compose import certs_command_available, parse_errors, uses_tls_flags, without_tls_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

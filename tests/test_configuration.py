@@ -1,4 +1,4 @@
-"""Tests for common.configuration: flags, YAML merging, errors, help, masking."""
+"""Tests for common.config.engine: flags, YAML merging, errors, help, masking."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from common.configuration import (
+from common.config.engine import (
     ConfigError,
     add_arguments,
     format_config,

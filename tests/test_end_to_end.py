@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -14,7 +13,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-BIN = Path(sys.executable).parent
+from benchmarks.procs import BIN
+
 TRAINING = ["--rounds", "2", "--local-steps", "6", "--batch-size", "4", "--learning-rate", "1e-2",
             "--warmup-steps", "1", "--seed", "0", "--lora-targets", "c_attn,c_fc"]
 

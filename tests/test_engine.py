@@ -8,27 +8,18 @@ from common.lora import adapter_state
 from common.loss import causal_lm_loss
 from common.optim import OptimSettings
 from common.split.parts import LoraSettings, SplitPart
-from splitlora_server.engine import SHARED, ServerEngine, StepInputs
+from splitlora_server.engine.core import SHARED, ServerEngine
+from tests.support.steps import random_step
 
 LORA = LoraSettings(dropout=0.0)
 OPTIM = OptimSettings(learning_rate=1e-2, warmup_steps=0, total_steps=10)
-
-
-def _inputs(client: str, seed: int, hidden_size: int, vocab: int) -> StepInputs:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(2, 5, dtype=torch.long)
-    mask[1, 3:] = 0
-    labels = torch.randint(0, vocab, (2, 5), generator=g)
-    labels[mask == 0] = -100
-    return StepInputs(client, seed, torch.randn(2, 5, hidden_size, generator=g), mask,
-                      (mask.cumsum(-1) - 1).clamp(min=0), labels)
 
 
 def test_step_matches_direct_computation(tiny_gpt2_dir):
     engine = ServerEngine(SplitPart(tiny_gpt2_dir, "server", 2, LORA, lora_seed=3), "shared", OPTIM,
                           label_smoothing=0.1).start()
     reference = SplitPart(tiny_gpt2_dir, "server", 2, LORA, lora_seed=3)
-    step = _inputs("a", 0, reference.hidden_size, reference.vocab_size)
+    step = random_step("a", 0, hidden=reference.hidden_size, vocab=reference.vocab_size, pad_from=3)
     try:
         outcome = engine.submit_step(step).result()
     finally:
@@ -47,7 +38,7 @@ def test_shared_mode_updates_one_adapter_for_every_client(tiny_gpt2_dir):
     try:
         for i, client in enumerate(("a", "b")):
             engine.add_client(client).result()
-            engine.submit_step(_inputs(client, i, 32, 96)).result()
+            engine.submit_step(random_step(client, i, pad_from=3)).result()
         after = engine.server_adapter()
     finally:
         engine.stop()
@@ -62,7 +53,7 @@ def test_per_client_mode_keeps_copies_and_averages_them_at_round_end(tiny_gpt2_d
             engine.add_client(client).result()
         assert [s.name for s in engine.slots.values()] == [SHARED, "client1", "client2"]
         for i, client in enumerate(("a", "b", "a")):
-            engine.submit_step(_inputs(client, i, 32, 96)).result()
+            engine.submit_step(random_step(client, i, pad_from=3)).result()
         states = {c: engine.adapter_of(c) for c in ("a", "b")}
         assert any(not torch.equal(states["a"][k], states["b"][k]) for k in states["a"])
         engine.end_round({"a": 2.0, "b": 1.0}).result()
@@ -78,10 +69,10 @@ def test_per_client_mode_keeps_copies_and_averages_them_at_round_end(tiny_gpt2_d
 def test_a_failing_job_does_not_kill_the_worker(tiny_gpt2_dir):
     engine = ServerEngine(SplitPart(tiny_gpt2_dir, "server", 2, LORA), "shared", OPTIM).start()
     try:
-        bad = _inputs("a", 0, 32, 96)
+        bad = random_step("a", 0, pad_from=3)
         bad.hidden = torch.randn(2, 5, 7)  # wrong width: the model raises inside the worker
         error = engine.submit_step(bad).exception(timeout=30)
         assert isinstance(error, RuntimeError)
-        assert engine.submit_step(_inputs("a", 1, 32, 96)).result(timeout=30).tokens > 0
+        assert engine.submit_step(random_step("a", 1, pad_from=3)).result(timeout=30).tokens > 0
     finally:
         engine.stop()

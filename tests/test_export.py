@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from common.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, adapter_state, check_adapter, export_adapter
-from helpers_split import EXACT, build_parts, lora_params, model_loss, padded_batch, split_forward_backward, split_loss
+from tests.support.split_reference import (EXACT, build_parts, lora_params, model_loss, padded_batch,
+                                           split_forward_backward, split_loss)
 
 SPLIT_LAYER = 2
 STEPS = 4

@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from common.config import ModelOptions
+from common.config.sections import ModelOptions
 from common.fingerprint import compute_fingerprint
 from common.lora import adapter_state, write_adapter_file
 from common.plan import options_json

@@ -10,13 +10,14 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from common.checkpoint import CheckpointError
 from common.lora import adapter_state, export_adapter
 from common.loss import causal_lm_loss
 from common.split import UnsupportedModelError, family_for, supported_model_types
 from common.split.parts import LoraSettings, SplitPart, side_tensor_names
-from family_checkpoints import FAMILIES, NUM_LAYERS, VOCAB, checkpoint_dir, copy_adapter, reference
-from helpers_split import EXACT, build_parts, lora_params, model_loss, padded_batch, split_forward_backward, split_loss
+from common.weights import CheckpointError
+from tests.support.families import FAMILIES, NUM_LAYERS, VOCAB, checkpoint_dir, copy_adapter, reference
+from tests.support.split_reference import (EXACT, build_parts, lora_params, model_loss, padded_batch,
+                                           split_forward_backward, split_loss)
 
 BATCH = padded_batch(VOCAB, lengths=(11, 6, 9))  # right padding; longer than the 4-token sliding windows
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import procs
-from tests.procs import CLIENTS, assert_identical, free_port, results, run_all
+from tests.support import procs
+from tests.support.procs import CLIENTS, assert_identical, free_port, results, run_all
 
 
 @pytest.fixture(scope="module")

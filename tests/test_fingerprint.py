@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from common.fingerprint import compute_fingerprint, differences
 from common.split.parts import LoraSettings
-from splitlora_client.config import TrainConfig
-from splitlora_server.config import ServeConfig
+from splitlora_client.options import TrainConfig
+from splitlora_server.options import ServeConfig
 
 SPLIT_LAYER = 2
 WEIGHTS = "model.safetensors"

@@ -2,26 +2,20 @@
 leaves before its first step frees its slot, and failures to connect say what was tried and why."""
 from __future__ import annotations
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 
+from benchmarks.procs import free_port
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.tls import ClientTlsOptions
-from servers import RPC_TIMEOUT, exchange, join, running_server
+from tests.support.servers import RPC_TIMEOUT, exchange, join, running_server
 from splitlora_client.cli import main as client_main
-from splitlora_server.aggregator import AggregatorService
+from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.cli import main as server_main
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tls(certs: Path, name: str = "") -> list[str]:
@@ -94,7 +88,7 @@ def test_plaintext_client_against_a_tls_server_says_why(builtin_model_dir: Path,
 
 
 def test_nothing_listening_says_so(tmp_path: Path, capsys) -> None:
-    port = _free_port()
+    port = free_port()
     rc = client_main(["train", "--server", f"127.0.0.1:{port}", "--insecure", "--client-id", "alice", "--output",
                       str(tmp_path / "alice"), "--join-timeout", "1", "--no-progress"])
     assert rc == 1 and f"nothing listens at 127.0.0.1:{port}" in capsys.readouterr().err

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from test_first_contact import _free_port
+from benchmarks.procs import BIN, free_port
 
-BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SHARED = Path("/work/shared/data")
 GPT2_EOS = 50256
@@ -58,7 +56,7 @@ def _client(certs: Path, port: int, model: Path, data: Path, name: str, out: Pat
 
 
 def test_a_second_server_on_a_taken_port_is_refused(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     first, _ = _start_server(tmp_path, "first", ["serve", "--insecure", "--port", str(port), "--output",
                                                  str(tmp_path / "first")])
     try:

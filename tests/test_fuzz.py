@@ -27,7 +27,7 @@ from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import chunked
-from tests.servers import ClientSide, Harness, join, metadata, running_server, train_ok, valid_forward
+from tests.support.servers import ClientSide, Harness, join, metadata, running_server, train_ok, valid_forward
 
 # The number of generated cases of each kind (the test checks that exactly these many were sent).
 FUZZ_CASES = {"raw": 600, "join": 600, "train": 1500, "submit": 400}

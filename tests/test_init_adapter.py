@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.config import ModelOptions
+from common.config.sections import ModelOptions
 from common.lora import AdapterError, adapter_state, export_adapter, from_bytes
 from common.provenance import read_provenance
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split import family_for
 from common.split.parts import LoraSettings, SplitPart, load_config
-from servers import RPC_TIMEOUT, join, running_server
+from tests.support.servers import RPC_TIMEOUT, join, running_server
 from splitlora_client.plan import ClientPlan
-from test_export_provenance import _write_part
+from tests.test_export_provenance import _write_part
 
 
 def _lora(r: int = 4) -> LoraSettings:

@@ -11,15 +11,15 @@ import grpc
 import pytest
 import torch
 
-from common.aggregator_client import fetch_global, submit_adapter
 from common.limits import ENVELOPE_BYTES, MessageTooLarge
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import WireError, decode_tensor, encode_tensor
+from splitlora_client.aggregator import fetch_global, submit_adapter
 from splitlora_client.session import SplitSession
-from splitlora_server.aggregator import AggregatorService
-from tests.servers import ClientSide, exchange, join, running_server, server_fingerprint, step_forward
+from splitlora_server.aggregator.service import AggregatorService
+from tests.support.servers import ClientSide, exchange, join, running_server, server_fingerprint, step_forward
 
 SERVER_LIMIT, SERVER_CHUNK = 256 << 10, 64 << 10
 CLIENT_LIMIT = 32 << 10

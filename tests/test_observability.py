@@ -10,11 +10,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from servers import ClientSide, Harness, exchange, join, running_server, train_ok, valid_forward
 from splitlora_server import healthcheck
 from splitlora_server.cli import main as server_main
-from splitlora_server.metrics import AggregatorCollector, SplitServerCollector, metrics_for, start_metrics_server
-from splitlora_server.status import format_status, human_bytes
+from splitlora_server.ops.metrics import AggregatorCollector, SplitServerCollector, metrics_for, start_metrics_server
+from splitlora_server.ops.status import format_status, human_bytes
+from tests.support.servers import ClientSide, Harness, exchange, join, running_server, train_ok, valid_forward
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_client_healthcheck_follows_the_metrics_file(tmp_path: Path, capsys) -> 
 def test_device_auto_picks_the_gpu_only_when_one_is_visible(builtin_model_dir: Path, tmp_path: Path) -> None:
     import torch
 
-    from splitlora_server.config import ServeConfig
+    from splitlora_server.options import ServeConfig
 
     cfg = ServeConfig(model=str(builtin_model_dir), device="auto", output=str(tmp_path), insecure=True)
     cfg.validate()

@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 
-from family_checkpoints import FAMILIES, checkpoint_dir
-from helpers_split import build_parts, padded_batch, split_loss
+from tests.support.families import FAMILIES, checkpoint_dir
+from tests.support.split_reference import build_parts, padded_batch, split_loss
 
 
 @pytest.mark.parametrize("family", FAMILIES)

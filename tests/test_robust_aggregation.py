@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from common.aggregation import clip_updates, update_norm
-from common.aggregator_client import fetch_global, submit_adapter
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
-from splitlora_server.aggregator import AggregatorService
-from loopback import AggregatorServers
+from splitlora_client.aggregator import fetch_global, submit_adapter
+from splitlora_server.aggregator.service import AggregatorService
+from tests.support.loopback import AggregatorServers
 
 HONEST = ("h0", "h1", "h2")
 SHAPES = {"x.lora_A.weight": (4, 16), "x.lora_B.weight": (16, 4)}

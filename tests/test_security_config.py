@@ -11,12 +11,12 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.configuration import ConfigError
+from common.config.engine import ConfigError
 from common.tls import ClientTlsOptions, ServerTlsOptions, add_port, open_channel, server_credentials
 from splitlora_client.cli import main as client_main
 from splitlora_server.cli import main as server_main
-from splitlora_server.tokens import TokenStore, hash_token
-from tests.servers import running_server
+from splitlora_server.ops.tokens import TokenStore, hash_token
+from tests.support.servers import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,8 +61,8 @@ def test_incomplete_or_contradictory_security_settings_are_named(argv, phrase, c
 
 @pytest.mark.parametrize("clients", [3, 4, 5, 6, 7, 9, 11])
 def test_the_advised_trim_fraction_is_accepted(clients: int) -> None:
-    from splitlora_server.config import AggregationOptions
-    from common.configuration import ConfigError
+    from common.config.engine import ConfigError
+    from splitlora_server.options import AggregationOptions
 
     options = AggregationOptions(aggregation="trimmed-mean", trim_fraction=0.0)
     with pytest.raises(ConfigError, match="raise --trim-fraction to at least") as refused:

@@ -23,8 +23,8 @@ from common.split.parts import LoraSettings
 from common.wire import chunked, decode_tensor, encode_tensor
 from splitlora_client.session import SplitSession
 from splitlora_server.service import CLIENT_ID_KEY, SESSION_KEY
-from tests.servers import (ClientSide, Harness, exchange, fingerprint_for, grad_of, join, metadata, running_server,
-                           server_fingerprint, train_ok, train_steps, valid_forward)
+from tests.support.servers import (ClientSide, Harness, exchange, fingerprint_for, grad_of, join, metadata, running_server,
+                                   server_fingerprint, train_ok, train_steps, valid_forward)
 
 Code = grpc.StatusCode
 LOCAL_STEPS = 3   # the small schedule: 2 rounds x 3 local steps, batch 4

@@ -10,11 +10,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.aggregator_client import fetch_global, submit_adapter
 from common.lora import adapter_state
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from tests.servers import ClientSide, join, running_server, valid_forward
+from splitlora_client.aggregator import fetch_global, submit_adapter
+from tests.support.servers import ClientSide, join, running_server, valid_forward
 
 Code = grpc.StatusCode
 

@@ -12,12 +12,12 @@ import torch
 from peft import get_peft_model, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from common.checkpoint import CheckpointError
 from common.lora import adapter_state
 from common.split import UnsupportedModelError, family_for, supported_model_types
 from common.split.parts import SplitError, SplitPart
-from helpers_split import (EXACT, build_parts, lora_params, model_loss, padded_batch, randomize_lora_b,
-                           split_forward_backward)
+from common.weights import CheckpointError
+from tests.support.split_reference import (EXACT, build_parts, lora_params, model_loss, padded_batch, randomize_lora_b,
+                                           split_forward_backward)
 
 NUM_LAYERS = 4  # the tiny_gpt2_dir fixture
 ATOL = 1e-5

@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.aggregator_client import fetch_global, submit_adapter
 from common.lora import adapter_state
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from tests.servers import ClientSide, exchange, join, running_server, train_ok, valid_forward
+from splitlora_client.aggregator import fetch_global, submit_adapter
+from tests.support.servers import ClientSide, exchange, join, running_server, train_ok, valid_forward
 
 DEADLINE = 1.0
 STEPS = 2
@@ -79,7 +79,7 @@ def test_the_real_client_left_behind_rejoins_by_itself(builtin_model_dir: Path, 
     import json
     import threading
 
-    from splitlora_client.config import TrainConfig
+    from splitlora_client.options import TrainConfig
     from splitlora_client.session import SplitSession
     from splitlora_client.trainer import train
 

@@ -9,7 +9,7 @@ import torch
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import Reassembler, WireError, chunked, decode_tensor, encode_tensor
-from servers import ClientSide, grad_of, join, running_server, train_ok, valid_forward
+from tests.support.servers import ClientSide, grad_of, join, running_server, train_ok, valid_forward
 
 CODECS = {"float32": tpb.CODEC_RAW, "float16": tpb.CODEC_FLOAT16, "bfloat16": tpb.CODEC_BFLOAT16,
           "int8": tpb.CODEC_INT8}
@@ -97,7 +97,7 @@ def test_codec_is_negotiated_and_used_for_both_directions(builtin_model_dir: Pat
 
 
 def test_the_client_sends_integer_tensors_compactly(builtin_model_dir: Path, tmp_path: Path):
-    from servers import server_fingerprint, step_forward
+    from tests.support.servers import server_fingerprint, step_forward
     from splitlora_client.session import SplitSession
 
     side = ClientSide(builtin_model_dir)

@@ -11,8 +11,8 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from common.checkpoint import CheckpointError, CheckpointIndex, resolve_model_dir
 from common.split import ModelFamily, family_for
+from common.weights import CheckpointError, CheckpointIndex, resolve_model_dir
 
 Side = Literal["client", "server"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -12,10 +12,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from common.checkpoint import resolve_model_dir
 from common.split import ModelFamily, family_for
 from common.split.loading import (DTYPES, Side, SplitError, check_split_layer, load_config, load_side,
                                   side_tensor_names)
+from common.weights import resolve_model_dir
 
 __all__ = ["DTYPES", "LoraSettings", "Side", "SplitError", "SplitPart", "check_split_layer", "load_config",
            "resolve_model_dir", "side_tensor_names"]

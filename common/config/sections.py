@@ -5,9 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.builtin import ensure_builtin_model
-from common.checkpoint import looks_local, resolve_model_dir
-from common.configuration import ConfigError, option
+from common.config.engine import ConfigError, option
 from common.split.parts import DTYPES, LoraSettings
+from common.weights import looks_local, resolve_model_dir
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """The Aggregator gRPC service: collects client adapters round by round and serves their average.
 
 Rounds run 0..rounds-1, one open at a time. A round closes once `expected_clients` distinct
-clients have submitted to it, or once its deadline has passed with a quorum (common.rounds): their
+clients have submitted to it, or once its deadline has passed with a quorum (splitlora_server.rounds.gate): their
 adapters are combined (sample-weighted FedAvg, or a robust mode, with optional update-norm clipping against
 the previous global adapter; see common.aggregation), the result is kept (and written to
 `output_dir/global/round-NNNN.safetensors` when an output directory is set), and clients waiting in
 FetchGlobal receive it. Only enrolled clients submit and fetch: those the split server enrolled
 (`is_enrolled`), or else the first `expected_clients` ids whose submissions were accepted. With an output
 directory every accepted submission is stored too, so a restarted aggregator (`restore`) loses nothing
-(splitlora_server.aggregator_store). All state sits behind one Condition, so the servicer is safe under
+(splitlora_server.aggregator.store). All state sits behind one Condition, so the servicer is safe under
 grpc's thread pool; a refused submission never changes that state.
 """
 from __future__ import annotations
@@ -28,13 +28,13 @@ from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, aggregate
 from common.faults import fault_point
 from common.limits import negotiated_chunk, too_small
 from common.lora import AdapterState, from_bytes, to_bytes
-from common.rounds import Quorum, RoundGate
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
-from splitlora_server.aggregator_requests import (Header, Refusal, check_client_id, check_layout,
+from splitlora_server.aggregator.requests import (Header, Refusal, check_client_id, check_layout,
                                                   check_repeated_header, parse_adapter)
-from splitlora_server.aggregator_store import AggregatorStore, RoundSummary
+from splitlora_server.aggregator.store import AggregatorStore, RoundSummary
 from splitlora_server.auth import AccessDenied, Authenticator
+from splitlora_server.rounds.gate import Quorum, RoundGate
 
 log = logging.getLogger(__name__)
 KEEP_IN_MEMORY = 3  # latest global adapters kept as bytes; older ones are read back from output_dir

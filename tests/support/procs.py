@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.procs import BIN, free_port  # noqa: F401 (free_port: for the fault tests)
 
-BIN = Path(sys.executable).parent
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # a tiny schedule: 2 clients x 3 rounds x 2 local steps; per-client server adapters so that the result does not
 # depend on how the two clients' steps interleave (see the README on determinism)
@@ -67,12 +66,6 @@ class Role:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server(tmp: Path, port: int, *extra: str, faults: list[str] | None = None) -> Role:

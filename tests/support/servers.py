@@ -29,7 +29,7 @@ from common.split.parts import LoraSettings, SplitPart
 from common.tls import ClientTlsOptions, open_channel
 from common.wire import Reassembler, decode_tensor, encode_tensor
 from splitlora_server.app import RunningServer, start_server
-from splitlora_server.config import ServeConfig
+from splitlora_server.options import ServeConfig
 from splitlora_server.service import CLIENT_ID_KEY, SESSION_KEY
 
 # A small schedule that trains in well under a second per round on the built-in model.

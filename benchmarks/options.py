@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.configuration import ConfigError, option
+from common.config.engine import ConfigError, option
 from common.split.parts import LoraSettings
 
 PROFILES = Path(__file__).with_name("profiles.yaml")

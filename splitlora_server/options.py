@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.aggregation import DEFAULT_TRIM_FRACTION, MODES
-from common.config import ModelOptions, TransportOptions
-from common.configuration import ConfigError, option
+from common.config.engine import ConfigError, option
+from common.config.sections import ModelOptions, TransportOptions
 from common.tls import ServerTlsOptions
-from common.rounds import Quorum
 from common.optim import capped_warmup
 from common.plan import pinnable, unpinned_copy
 from common.wire import CODEC_NAMES
+from splitlora_server.rounds.gate import Quorum
 
 
 @dataclass

@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.checkpointing import read_safetensors_metadata, save_tensors_atomic
+from common.atomic import read_safetensors_metadata, save_tensors_atomic
 from common.lora import AdapterState, from_bytes
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, Llama
 
 from common.split import family_for
 from common.split.parts import LoraSettings, load_config
-from helpers_split import randomize_lora_b
+from tests.support.split_reference import randomize_lora_b
 
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox")
 NUM_LAYERS = 4

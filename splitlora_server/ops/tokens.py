@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from common.configuration import ConfigError, option
+from common.config.engine import ConfigError, option
 from splitlora_server.registry import CLIENT_ID_PATTERN
 
 PREFIX = "sha256:"

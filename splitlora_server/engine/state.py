@@ -2,7 +2,7 @@
 
 Written when a round closes, by the engine thread, before any client can see the round's result: a restarted
 server (same --output) resumes from the newest complete one, and every client redoes the open round from its own
-checkpoint of the same boundary. Layout: `<output>/checkpoints/round-NNNN/` (see common.checkpointing).
+checkpoint of the same boundary. Layout: `<output>/checkpoints/round-NNNN/` (see common.state.snapshots).
 RNG state needs no saving: every step's randomness is derived from (seed, role, client, step).
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Callable
 import torch
 from peft import PeftModel
 
-from common.checkpointing import (CheckpointDir, Tensors, check_same_run, load_optimizer_state, load_scheduler_state,
-                                  optimizer_state, scheduler_state)
+from common.atomic import Tensors
 from common.lora import adapter_state, load_adapter_state
+from common.state.optimizer import load_optimizer_state, load_scheduler_state, optimizer_state, scheduler_state
+from common.state.snapshots import CheckpointDir, check_same_run
 
 ROLE = "server"
 

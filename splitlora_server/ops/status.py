@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from common.configuration import ConfigError, option
+from common.config.engine import ConfigError, option
 from common.reach import explain_admin_error
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
-from splitlora_server.admin import ConnectOptions, open_channel
+from splitlora_server.ops.admin import ConnectOptions, open_channel
 
 _COLUMNS = ("client", "connected", "round", "steps", "steps/s", "last loss", "bytes in", "bytes out", "last error")
 

@@ -2,7 +2,7 @@
 
 Request handlers put jobs on a queue and wait on futures; keeping the accelerator in one thread makes
 the order of optimizer updates explicit. With batching on (shared adapter mode), steps of several clients
-that wait together run as one stacked forward/backward; see `splitlora_server.batching` for the semantics.
+that wait together run as one stacked forward/backward; see `splitlora_server.engine.batching` for the semantics.
 """
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ from typing import Any, Callable, Literal, Union
 
 import torch
 
-from common.lora import AdapterState, adapter_state, load_adapter_state
 from common.aggregation import aggregate
 from common.faults import fault_point
+from common.lora import AdapterState, adapter_state, load_adapter_state
 from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
-from common.seeding import seed_step
+from common.seeding import seed_torch
 from common.split.parts import SplitPart
-from splitlora_server.batching import BatchSettings, forward_backward, split_rows, stack
-from splitlora_server.checkpoint import ServerState, SlotState, capture_slot, restore_slot
+from splitlora_server.engine.batching import BatchSettings, forward_backward, split_rows, stack
+from splitlora_server.engine.state import ServerState, SlotState, capture_slot, restore_slot
 
 log = logging.getLogger(__name__)
 AdapterMode = Literal["shared", "per-client"]
@@ -242,7 +242,7 @@ class ServerEngine:
         slot = self.slots[step.client_id if self.mode == "per-client" else SHARED]
         self.part.peft.set_adapter(slot.name)
         self.part.train()
-        seed_step(self.seed, "server", step.client_id, step.step)
+        seed_torch(self.seed, "server", step.client_id, step.step)
         device = self.part.device
         hidden = step.hidden.detach().to(device).requires_grad_(True)
         logits = self.part(hidden, step.attention_mask.to(device), step.position_ids.to(device))
@@ -268,7 +268,7 @@ class ServerEngine:
         slot = self.slots[SHARED]
         self.part.peft.set_adapter(slot.name)
         self.part.train()
-        seed_step(self.seed, "server-batch", *(f"{s.client_id}@{s.step}" for s in steps))
+        seed_torch(self.seed, "server-batch", *(f"{s.client_id}@{s.step}" for s in steps))
         stacked = stack(steps)
         try:
             losses, grad, counted = forward_backward(self.part, stacked, self.label_smoothing)

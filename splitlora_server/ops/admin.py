@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from common.configuration import ConfigError, option
+from common.config.engine import ConfigError, option
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.tls import ClientTlsOptions

@@ -5,9 +5,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ModelOptions, TransportOptions
+from common.config.engine import ConfigError, option
+from common.config.sections import ModelOptions, TransportOptions
 from common.plan import pinnable, unpinned_copy
-from common.configuration import ConfigError, option
 from common.tls import ClientTlsOptions
 from common.wire import CODEC_NAMES
 from splitlora_client.scalars import TENSORBOARD_HINT, tensorboard_available

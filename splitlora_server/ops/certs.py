@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.configuration import ConfigError, option
+from common.config.engine import ConfigError, option
 from splitlora_server.auth import ADMIN_ID, identity_uri
 from splitlora_server.registry import CLIENT_ID_PATTERN
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from common.checkpointing import (CheckpointDir, Tensors, check_same_run, load_optimizer_state, load_scheduler_state,
-                                  optimizer_state, scheduler_state)
+from common.atomic import Tensors
 from common.data import BatchStream
 from common.lora import adapter_state, load_adapter_state
+from common.state.optimizer import load_optimizer_state, load_scheduler_state, optimizer_state, scheduler_state
+from common.state.snapshots import CheckpointDir, check_same_run
 
 ROLE = "client"
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from splitlora_server.aggregator import AggregatorService
+from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.registry import Registry
 
 log = logging.getLogger(__name__)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
+import torch
 
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
+from splitlora_server.aggregator.service import AggregatorService
 
 
 class AggregatorServers:
@@ -38,3 +40,24 @@ def rpc_error(fn: Callable[..., object], *args: object, **kwargs: object) -> grp
     with pytest.raises(grpc.RpcError) as info:
         fn(*args, **kwargs)
     return info.value
+
+
+def adapter(value: float) -> dict[str, torch.Tensor]:
+    """A tiny two-tensor adapter filled with `value` (B holds twice the value)."""
+    return {"m.lora_A.weight": torch.full((2, 3), value), "m.lora_B.weight": torch.full((3, 2), 2 * value)}
+
+
+def aggregators(restore: bool, workers: int = 8) -> Iterator[Callable[..., tuple[AggregatorService, Any]]]:
+    """The body of an aggregator fixture: a `start(**kwargs)` that builds an AggregatorService (2 clients,
+    3 rounds, no output directory unless given; restored from its directory first when `restore`, up to
+    `up_to`), serves it on loopback and returns (service, stub). Everything is stopped afterwards."""
+    servers = AggregatorServers()
+
+    def start(up_to: int | None = None, workers: int = workers, **kwargs: Any) -> tuple[AggregatorService, Any]:
+        service = AggregatorService(**{"expected_clients": 2, "rounds": 3, "output_dir": None, **kwargs})
+        if restore:
+            service.restore(up_to)
+        return service, servers.serve(service, workers)
+
+    yield start
+    servers.close()

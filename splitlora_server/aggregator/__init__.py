@@ -1,0 +1,1 @@
+"""The aggregator: its gRPC service, request checks and durable round store."""

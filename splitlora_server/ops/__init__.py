@@ -1,0 +1,1 @@
+"""Operating the server: certificates, tokens, status, metrics and admin commands."""

@@ -1,0 +1,1 @@
+"""Rounds on the server: when a round may close (`gate`)."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: processes, servers, loopback gRPC, reference computations."""
