@@ -17,12 +17,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.procs import BIN
+from splitlora_bench.procs import BIN
 
 CLIENTS = ("alice", "bob", "carol")
 TRAINING = ["--rounds", "5", "--local-steps", "30", "--batch-size", "8", "--learning-rate", "3e-3",
             "--warmup-steps", "10", "--seed", "0"]
-LORA = ["--lora-targets", "c_attn,c_proj,c_fc", "--lora-r", "8"]  # same on every role: part of the fingerprint
+LORA = ["--lora-targets", "c_attn,c_proj,c_fc", "--lora-r", "8"]  # the server's: clients take them with its plan
 
 
 def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -77,7 +77,7 @@ def main() -> int:
     }
     for i, name in enumerate(CLIENTS):
         procs[name] = _spawn([str(BIN / "splitlora-client"), "train", "--server", server, "--client-id", name,
-                              "--seed", str(i), "--output", str(out / name), "--no-progress", *LORA,
+                              "--seed", str(i), "--output", str(out / name), "--no-progress",
                               *_client_tls(certs, name)], out / "logs" / f"{name}.log", env)
     total = rounds * local_steps * len(CLIENTS)
     first_loss: float | None = None
@@ -88,7 +88,7 @@ def main() -> int:
                 latest = sorted(records, key=lambda r: r["time"])[-len(CLIENTS):]
                 loss = sum(r["loss"] for r in latest) / len(latest)
                 first_loss = first_loss if first_loss is not None else loss
-                bar.set_postfix(round=f"{max(r['round'] for r in records) + 1}/{rounds}", loss=f"{loss:.3f}")
+                bar.set_postfix(round=f"{max(r['round'] for r in records)} of 0-{rounds - 1}", loss=f"{loss:.3f}")
                 bar.update(len(records) - bar.n)
             failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
             if failed:
@@ -99,7 +99,7 @@ def main() -> int:
             time.sleep(0.5)
     export = subprocess.run([str(BIN / "splitlora-server"), "export", "--aggregator-dir", str(out / "aggregator"),
                              "--server-adapter", str(out / "server" / "server_adapter.safetensors"),
-                             "--output", str(out / "adapter"), "--log-level", "WARNING", *LORA], env=env,
+                             "--output", str(out / "adapter"), "--log-level", "WARNING"], env=env,
                             stdout=subprocess.DEVNULL)
     if export.returncode:
         return export.returncode
@@ -107,7 +107,7 @@ def main() -> int:
     for name in CLIENTS:
         for r in _steps(out / name / "metrics.jsonl"):
             per_round.setdefault(r["round"], []).append(r["loss"])
-    print("mean training loss per round: " + ", ".join(f"round {r + 1}: {sum(v) / len(v):.3f}"
+    print("mean training loss per round: " + ", ".join(f"round {r}: {sum(v) / len(v):.3f}"
                                                       for r, v in sorted(per_round.items())))
     print(f"exported adapter: {out / 'adapter'} (load it with peft.PeftModel.from_pretrained on the base model)")
     return 0

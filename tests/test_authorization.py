@@ -19,7 +19,7 @@ import grpc
 import pytest
 import torch
 
-from benchmarks.procs import BIN
+from splitlora_bench.procs import BIN
 from common.lora import adapter_state, to_bytes
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from benchmarks.procs import free_port
+from splitlora_bench.procs import free_port
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.tls import ClientTlsOptions

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks import assets, procs, report
-from benchmarks.baselines import WholeModelTrainer
-from benchmarks.evaluate import full_model
-from benchmarks.options import BenchConfig, parse_shape
+from splitlora_bench import assets, procs, report
+from splitlora_bench.baselines import WholeModelTrainer
+from splitlora_bench.evaluate import full_model
+from splitlora_bench.options import BenchConfig, parse_shape
 from common.data import BatchStream
 from common.fingerprint import compute_fingerprint
 from common.loss import causal_lm_loss
