@@ -55,6 +55,9 @@ def export(cfg: ExportConfig) -> Path:
     if made is not None:
         apply_plan(cfg, made.model_options_json, source=SOURCE, pinner="the command line")
         if not cfg.model and made.base_model:
+            if not Path(made.base_model).is_dir():
+                raise FileNotFoundError(f"the adapters were trained on {made.base_model}, which is not on this "
+                                        "machine: give its copy here with --model DIR")
             cfg.model = made.base_model
     else:  # files written before adapters carried their provenance: the flags (or defaults) say it all
         fill_defaults(cfg)

@@ -1,6 +1,7 @@
 """Who the server's clients are, their sessions, and how far each got: the service's bookkeeping."""
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import threading
@@ -11,6 +12,7 @@ from typing import Callable, TypeVar
 from splitlora_server.rounds.gate import Quorum, RoundGate
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -39,6 +41,7 @@ class ClientRecord:
     next_step: int = 0
     connected: bool = False
     streams: int = 0  # Train streams open (a reconnecting client may briefly have two)
+    opened: int = 0  # Train streams ever opened (a client opens one at Join)
     last_loss: float = float("nan")
     bytes_in: int = 0
     bytes_out: int = 0
@@ -78,6 +81,8 @@ class Registry:
         with self.lock:
             record = self.clients.get(client_id)
             if record is None:
+                if len(self.clients) >= self.expected and (freed := self._free_idle_slot()) is not None:
+                    log.info("client %s left before its first step: its slot goes to %s", freed, client_id)
                 if len(self.clients) >= self.expected:
                     raise RegistryError("full", f"all {self.expected} client slots are taken by "
                                                 f"{', '.join(sorted(self.clients))}; start the server with "
@@ -86,17 +91,17 @@ class Registry:
             record.session = secrets.token_hex(16)
             return record
 
-    def release_if_idle(self, record: ClientRecord) -> bool:
-        """Free the slot of a client whose stream ended before its first step of the run (it failed on its own
-        side before training): another client may take it. One the server refused a frame of keeps its slot
-        (and its last error, for `status`). True if it was freed."""
-        with self.lock:
-            idle = (self.open_round == 0 and record.next_step == 0 and record.streams == 0 and record.errors == 0
-                    and self.clients.get(record.client_id) is record)
-            if idle:
-                del self.clients[record.client_id]
-                self.gate.leave(record.client_id)
-            return idle
+    def _free_idle_slot(self) -> str | None:
+        """Under the lock, with every slot taken: free the slot of a client that left before its first step of the
+        run (its stream closed, nothing trained, no frame refused: it failed on its own side), if there is one."""
+        if self.open_round != 0:
+            return None
+        for client_id, record in sorted(self.clients.items()):
+            if record.next_step == 0 and record.opened and record.streams == 0 and record.errors == 0:
+                del self.clients[client_id]
+                self.gate.leave(client_id)
+                return client_id
+        return None
 
     def authenticate(self, client_id: str, session: str) -> ClientRecord:
         """The record of a client whose session token is current."""

@@ -127,7 +127,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         record = self._authenticate(context)
         with self.registry.lock:
-            record.streams += 1
+            record.streams, record.opened = record.streams + 1, record.opened + 1
         record.connected = True
         self.engine.stream_opened(record.client_id)
         parts = Reassembler(max_bytes=self.max_message_bytes * 64)
@@ -162,9 +162,6 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 record.streams -= 1
             record.connected = record.streams > 0
             self.engine.stream_closed(record.client_id)
-            if self.registry.release_if_idle(record):
-                log.info("client %s left before its first step: its slot is free again", record.client_id,
-                         extra={"client": record.client_id})
 
     def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext) -> spb.StepBackward:
         with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams

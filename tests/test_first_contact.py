@@ -2,6 +2,8 @@
 leaves before its first step frees its slot, and failures to connect say what was tried and why."""
 from __future__ import annotations
 
+import queue
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,15 +54,20 @@ def test_a_pinned_option_that_differs_is_refused_naming_it(builtin_model_dir: Pa
         assert h.status().clients == []  # refused before joining: no slot taken
 
 
-def test_a_stream_that_ends_before_the_first_step_frees_the_slot(builtin_model_dir: Path, tmp_path: Path) -> None:
+def test_a_client_that_left_before_its_first_step_gives_its_slot_away(builtin_model_dir: Path,
+                                                                      tmp_path: Path) -> None:
     with running_server(builtin_model_dir, tmp_path, clients=1) as h:
         alice = join(h, "alice")
-        with pytest.raises(grpc.RpcError) as full:
+        requests: queue.Queue = queue.Queue()
+        stream = h.stub.Train(iter(requests.get, None), metadata=alice.metadata)  # as a client opens it at Join
+        while not h.client_status("alice").connected:
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as full:  # alice may still train: her slot is hers
             join(h, "bob")
         assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        replies, err = exchange(h, alice.metadata, [])  # alice's stream ends without a step (it failed locally)
-        assert replies == [] and err is None
-        bob = join(h, "bob")  # the slot is free again
+        requests.put(None)  # alice's stream ends without a step: she failed on her own side
+        assert list(stream) == []
+        bob = join(h, "bob")  # her slot goes to the next client
         assert bob.reply.session and [c.client_id for c in h.status().clients] == ["bob"]
 
 
