@@ -108,6 +108,10 @@ class RunningServer:
 
         while time.monotonic() < deadline and not done():
             time.sleep(0.1)
+        missing = sorted(wanted - self.service.final.fetched) if not self.config.private_server_adapter else []
+        if missing:
+            log.warning("clients %s did not fetch the final server adapter within --finish-grace-seconds %g",
+                        ", ".join(missing), grace_seconds)
 
     def drain(self) -> None:
         """Graceful shutdown, first half: health NOT_SERVING, new calls and open streams answered UNAVAILABLE
