@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
+
+from common.atomic import atomic_write_bytes
 
 IGNORE_INDEX = -100
 E2E_SEPARATOR = "||"
@@ -102,19 +102,7 @@ def write_examples(path: str | Path, examples: Sequence[Example]) -> None:
         if ex.context is None or E2E_SEPARATOR in ex.context or "\n" in ex.context + ex.completion:
             raise ValueError(f"example {i} cannot be written as an E2E line: {ex!r}")
         lines.append(f"{ex.context}{E2E_SEPARATOR}{ex.completion}\n")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), "".join(lines).encode("utf-8"))
 
 
 def shard(examples: Sequence[T], index: int, count: int) -> list[T]:

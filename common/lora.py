@@ -1,8 +1,6 @@
 """LoRA adapter state in and out: extraction, validated loading, safetensors bytes and whole-model export."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -10,7 +8,8 @@ from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from safetensors.torch import save_file
+
+from common.atomic import save_tensors_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -27,16 +26,20 @@ def adapter_state(model: PeftModel, adapter_name: str = "default") -> AdapterSta
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
-def check_adapter(state: AdapterState, reference: AdapterState, what: str = "adapter") -> None:
-    """Refuse an adapter whose keys, shapes or values do not fit `reference`."""
+def check_adapter(state: AdapterState, reference: AdapterState, what: str = "adapter", against: str = "the model's",
+                  values: bool = True) -> None:
+    """Refuse an adapter whose keys or shapes do not fit `reference` (`against` names it in the message), or,
+    with `values`, whose tensors are not float or not finite. The one adapter-layout check of the tree."""
     missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
     if missing or extra:
-        raise AdapterError(f"{what} keys differ from the model's: missing {missing[:3]}"
+        raise AdapterError(f"{what} keys differ from {against}: missing {missing[:3]}"
                            f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
     for key, ref in reference.items():
         value = state[key]
         if tuple(value.shape) != tuple(ref.shape):
             raise AdapterError(f"{what} tensor {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if not values:
+            continue
         if not value.is_floating_point():
             raise AdapterError(f"{what} tensor {key} has dtype {value.dtype}, expected a float dtype")
         if not torch.isfinite(value).all():
@@ -69,11 +72,7 @@ def from_bytes(data: bytes) -> AdapterState:
 
 def write_adapter_file(path: Path, state: AdapterState, metadata: dict[str, str] | None = None) -> None:
     """Write an adapter state to a safetensors file atomically (`metadata`: extra header entries)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
-    os.replace(tmp, path)
+    save_tensors_atomic(path, state, {"format": "pt", **(metadata or {})})
 
 
 def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,

@@ -86,7 +86,7 @@ def _sample_memory(address: str, pid: int, samples: list[dict], done: threading.
             time.sleep(0.05)
 
 
-def main() -> int:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=8)
@@ -97,7 +97,40 @@ def main() -> int:
                         help="largest allowed RSS growth of the server from the end of the warm-up to the last round")
     parser.add_argument("--output", default="runs/load", help="directory for the server's and clients' files")
     parser.add_argument("--json", default="", help="write the summary here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _report(args: argparse.Namespace, samples: list[dict], errors: list[str], server_rc: int,
+            seconds: float) -> bool:
+    """Print (and write with --json) the summary; True if the run passed."""
+    rss = {s["round_closed"]: s["rss_mb"] for s in samples if s["round_closed"] >= 0}
+    after_warmup = [r for r in sorted(rss) if r >= max(1, args.rounds // 4)]
+    growth = rss[after_warmup[-1]] - rss[after_warmup[0]] if len(after_warmup) >= 2 else float("nan")
+    half = after_warmup[len(after_warmup) // 2:]
+    slope = _slope(half, [rss[r] for r in half]) if len(half) >= 2 else float("nan")
+    summary = {"clients": args.clients, "rounds": args.rounds, "local_steps": args.local_steps,
+               "batch_size": args.batch_size, "server_adapter_mode": args.server_adapter_mode,
+               "errors": errors, "server_exit_code": server_rc, "seconds": round(seconds, 1),
+               "client_steps": args.clients * args.rounds * args.local_steps,
+               "steps_per_second": round(args.clients * args.rounds * args.local_steps / seconds, 1),
+               "rss_mb_after_round": {str(r): v for r, v in sorted(rss.items())},
+               "warmup_rounds": max(1, args.rounds // 4), "rss_growth_mb_after_warmup": round(growth, 1),
+               "rss_slope_mb_per_round_second_half": round(slope, 2), "samples": samples}
+    print(f"{args.clients} clients x {args.rounds} rounds x {args.local_steps} steps: {len(errors)} errors, "
+          f"server exit {server_rc}, {seconds:.1f}s, {summary['steps_per_second']} client steps/s")
+    print("server RSS (MiB) after round: " + ", ".join(f"{r}: {v:.0f}" for r, v in sorted(rss.items())))
+    print(f"growth from round {max(1, args.rounds // 4)} to the last: {growth:+.1f} MiB "
+          f"(limit {args.max_growth_mb:g}); "
+          f"trend over the second half: {slope:+.2f} MiB/round")
+    for error in errors[:5]:
+        print("  error:", error)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    return not errors and server_rc == 0 and args.rounds - 1 in rss and growth <= args.max_growth_mb
+
+
+def main() -> int:
+    args = _arguments()
     torch.set_num_threads(1)
     _serialize_model_building()
     out, port = Path(args.output).resolve(), free_port()
@@ -135,30 +168,7 @@ def main() -> int:
         server_rc = -9
     done.set()
     sampler.join(timeout=10)
-    rss = {s["round_closed"]: s["rss_mb"] for s in samples if s["round_closed"] >= 0}
-    after_warmup = [r for r in sorted(rss) if r >= max(1, args.rounds // 4)]
-    growth = rss[after_warmup[-1]] - rss[after_warmup[0]] if len(after_warmup) >= 2 else float("nan")
-    half = after_warmup[len(after_warmup) // 2:]
-    slope = _slope(half, [rss[r] for r in half]) if len(half) >= 2 else float("nan")
-    summary = {"clients": args.clients, "rounds": args.rounds, "local_steps": args.local_steps,
-               "batch_size": args.batch_size, "server_adapter_mode": args.server_adapter_mode,
-               "errors": errors, "server_exit_code": server_rc, "seconds": round(seconds, 1),
-               "client_steps": args.clients * args.rounds * args.local_steps,
-               "steps_per_second": round(args.clients * args.rounds * args.local_steps / seconds, 1),
-               "rss_mb_after_round": {str(r): v for r, v in sorted(rss.items())},
-               "warmup_rounds": max(1, args.rounds // 4), "rss_growth_mb_after_warmup": round(growth, 1),
-               "rss_slope_mb_per_round_second_half": round(slope, 2), "samples": samples}
-    print(f"{args.clients} clients x {args.rounds} rounds x {args.local_steps} steps: {len(errors)} errors, "
-          f"server exit {server_rc}, {seconds:.1f}s, {summary['steps_per_second']} client steps/s")
-    print("server RSS (MiB) after round: " + ", ".join(f"{r}: {v:.0f}" for r, v in sorted(rss.items())))
-    print(f"growth from round {max(1, args.rounds // 4)} to the last: {growth:+.1f} MiB "
-          f"(limit {args.max_growth_mb:g}); "
-          f"trend over the second half: {slope:+.2f} MiB/round")
-    for error in errors[:5]:
-        print("  error:", error)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
-    ok = not errors and server_rc == 0 and args.rounds - 1 in rss and growth <= args.max_growth_mb
+    ok = _report(args, samples, errors, server_rc, seconds)
     return 0 if ok else 1
 
 

@@ -1,33 +1,20 @@
 """Rate-limited links for real: one network namespace for the server, one per client, a veth pair between each
 client and the server, and a `tc tbf` rate limit on both ends (each direction). Nothing outside the namespaces
-created here is touched; deleting the namespaces removes the veth pairs with them."""
+created here is touched; deleting the namespaces removes the veth pairs with them. Built with the namespace
+primitives of `compose_emulator.netns`."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from typing import Sequence
+
+from compose_emulator.netns import delete, exec_prefix, ip, netns_unavailable_reason, run
 
 PREFIX = "slb"
 
 
-def _run(*args: str) -> None:
-    subprocess.run(list(args), check=True, capture_output=True, text=True)
-
-
 def netns_unavailable() -> str:
     """Why namespaces with rate limits cannot be made here ("" if they can)."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "network namespaces need root"
-    if not shutil.which("ip") or not shutil.which("tc"):
-        return "needs the `ip` and `tc` commands (iproute2)"
-    probe = f"{PREFIX}{os.getpid() % 100000}p"
-    try:
-        _run("ip", "netns", "add", probe)
-    except subprocess.CalledProcessError as err:
-        return f"cannot create a network namespace: {err.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return ""
+    return netns_unavailable_reason(("ip", "tc")) or ""
 
 
 def own_tag() -> str:
@@ -50,18 +37,18 @@ class Links:
 
     def prefix(self, ns: str) -> list[str]:
         """Command prefix that runs a program inside namespace `ns`."""
-        return ["ip", "netns", "exec", ns]
+        return exec_prefix(ns)
 
     def __enter__(self) -> "Links":
         try:
             for ns in (self.server_ns, *self.client_ns):
-                _run("ip", "netns", "add", ns)
-                _run("ip", "-n", ns, "link", "set", "lo", "up")
+                ip("netns", "add", ns)
+                ip("-n", ns, "link", "set", "lo", "up")
             for i, (ns, (a, b)) in enumerate(zip(self.client_ns, self._veth)):
-                _run("ip", "-n", self.server_ns, "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns)
+                ip("-n", self.server_ns, "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns)
                 for where, dev, host in ((self.server_ns, a, 1), (ns, b, 2)):
-                    _run("ip", "-n", where, "addr", "add", f"10.234.{i}.{host}/24", "dev", dev)
-                    _run("ip", "-n", where, "link", "set", dev, "up")
+                    ip("-n", where, "addr", "add", f"10.234.{i}.{host}/24", "dev", dev)
+                    ip("-n", where, "link", "set", dev, "up")
                     if self.rate_mbit:
                         self._limit(where, dev)
         except BaseException:
@@ -71,15 +58,14 @@ class Links:
 
     def _limit(self, ns: str, dev: str) -> None:
         burst = max(32 * 1024, int(self.rate_mbit * 1e6 / 8 / 100))  # at least 10 ms of traffic
-        _run(*self.prefix(ns), "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{self.rate_mbit}mbit",
-             "burst", str(burst), "latency", "50ms")
+        run([*self.prefix(ns), "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{self.rate_mbit}mbit",
+             "burst", str(burst), "latency", "50ms"])
 
     def __exit__(self, *exc: object) -> None:
-        for ns in (self.server_ns, *self.client_ns):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        delete([self.server_ns, *self.client_ns])
 
 
 def namespaces() -> Sequence[str]:
     """Namespaces this process created that exist now (for checks)."""
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    out = ip("netns", "list", check=False).stdout.split()
     return [ns for ns in out if ns.startswith(own_tag())]

@@ -2,7 +2,6 @@
 read at every round end) and real client processes, each on an IID shard of the training data."""
 from __future__ import annotations
 
-from concurrent.futures import Future
 from pathlib import Path
 
 from splitlora_bench import procs, split_run
@@ -10,8 +9,9 @@ from splitlora_bench.baselines import Curve, Evaluate
 from splitlora_bench.options import BenchConfig
 from common.lora import AdapterState, adapter_state
 from splitlora_server.app import start_server
-from splitlora_server.engine.core import SHARED
+from splitlora_server.engine.core import SHARED, ServerEngine
 from splitlora_server.options import ServeConfig
+from splitlora_server.rounds.coordinator import RoundListener
 
 
 def serve_config(cfg: BenchConfig, model: Path, out: Path) -> ServeConfig:
@@ -25,28 +25,26 @@ def serve_config(cfg: BenchConfig, model: Path, out: Path) -> ServeConfig:
     return s
 
 
-def snapshot_round_ends(engine) -> dict[int, Future]:
-    """Have the engine copy the shared server adapter whenever the service closes a round (round number -> copy).
+class RoundEndSnapshots(RoundListener):
+    """Copies of the shared server adapter at every round end (round number -> future of the copy).
 
-    The service closes a round when the last step of it is done, before it answers that step: no step of the
-    next round can be queued yet, so the copy, queued first, is exactly the adapter at the round's end."""
-    snapshots: dict[int, Future] = {}
-    close_round = engine.close_round
+    Subscribed after the engine's round end: while a round closes, no step of the next round can be queued (the
+    coordinator holds the round), so the copy, queued right behind the engine's round end, is exactly the adapter
+    at the round's end."""
 
-    def hooked(rnd: int, *args, **kwargs):
-        if rnd not in snapshots:
-            snapshots[rnd] = engine.call(lambda: adapter_state(engine.part.peft, SHARED))
-        return close_round(rnd, *args, **kwargs)
+    def __init__(self, engine: ServerEngine) -> None:
+        self.engine, self.snapshots = engine, {}
 
-    engine.close_round = hooked
-    return snapshots
+    def round_closing(self, rnd: int, included: list[str]) -> None:
+        self.snapshots[rnd] = self.engine.call(lambda: adapter_state(self.engine.part.peft, SHARED))
 
 
 def splitlora(cfg: BenchConfig, model: Path, work: Path, init: AdapterState, evaluate: Evaluate) -> Curve:
     """Train with --clients client processes; evaluate the whole-model adapter after every round."""
     procs.fresh(work)
     running = start_server(serve_config(cfg, model, work / "server"))
-    snapshots = snapshot_round_ends(running.engine)
+    round_ends = RoundEndSnapshots(running.engine)
+    running.rounds.subscribe(round_ends)
     address = f"127.0.0.1:{running.port}"
     logs = [work / f"client-{i}.log" for i in range(cfg.clients)]
     clients = [procs.start_client(split_run.client_flags(cfg, model, address, i, cfg.clients, "float32",
@@ -57,7 +55,7 @@ def splitlora(cfg: BenchConfig, model: Path, work: Path, init: AdapterState, eva
         if not running.wait_finished():
             raise RuntimeError("the split server did not finish its rounds")
         globals_ = [running.aggregator.global_adapter(r) for r in range(cfg.rounds)]
-        server_states = [snapshots[r].result() for r in range(cfg.rounds)]
+        server_states = [round_ends.snapshots[r].result() for r in range(cfg.rounds)]
     finally:
         procs.stop(clients)
         running.stop(grace=0)

@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +28,13 @@ from splitlora_server.aggregator.service import AggregatorService
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
 from splitlora_server.engine.batching import BatchSettings
 from splitlora_server.engine.core import ServerEngine
-from splitlora_server.engine.state import ServerCheckpoints, ServerState, run_identity
+from splitlora_server.engine.state import ServerCheckpoints, run_identity
 from splitlora_server.frames import FrameLimits
-from splitlora_server.init_adapter import load_initial_adapter
+from splitlora_server.init_adapter import InitialAdapter, load_initial_adapter
 from splitlora_server.ops.metrics import metrics_for
 from splitlora_server.options import AggregateConfig, ServeConfig
 from splitlora_server.registry import Registry
+from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator, RoundListener
 from splitlora_server.service import SplitTrainingService
 
 log = logging.getLogger("splitlora.server")
@@ -64,6 +65,7 @@ class RunningServer:
     part: SplitPart
     engine: ServerEngine
     registry: Registry
+    rounds: RoundCoordinator
     service: SplitTrainingService
     aggregator: AggregatorService | None
     stop_requested: threading.Event = field(default_factory=threading.Event)  # set by the admin Shutdown call
@@ -75,7 +77,7 @@ class RunningServer:
         """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
         stop = stop or threading.Event()
         while not stop.is_set():
-            if self.registry.finished.is_set() and (self.aggregator is None or self.aggregator.finished):
+            if self.rounds.finished.is_set():
                 return True
             stop.wait(0.2)
         return False
@@ -124,7 +126,7 @@ class RunningServer:
             self.aggregator.stopping.set()
         self.engine.call(lambda: None).result(timeout=60)  # steps already queued finish
         log.info("shutting down; a restart with --output %s resumes at round %d", self.config.output,
-                 self.registry.current_round())
+                 self.rounds.current_round())
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving and stop the engine."""
@@ -132,69 +134,97 @@ class RunningServer:
         self.engine.stop()
 
 
+class EngineRoundEnd(RoundListener):
+    """The engine's part of a round close: average the per-client server adapters (with the samples each client
+    trained on) and checkpoint the boundary, before the next round opens."""
+
+    def __init__(self, engine: ServerEngine, registry: Registry) -> None:
+        self.engine, self.registry = engine, registry
+
+    def round_closing(self, rnd: int, included: list[str]) -> Future:
+        weights = self.registry.round_weights(rnd, included)
+        log.info("round %d closed on the server with %d of %d clients", rnd, len(weights), self.registry.expected)
+        return self.engine.close_round(rnd, weights, self.registry.roster())
+
+
+def _engine(cfg: ServeConfig, part: SplitPart, checkpoints: ServerCheckpoints) -> ServerEngine:
+    """The started engine of the server part, with its optimizer schedule and round-end checkpoint."""
+    steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
+    optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
+    return ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed,
+                        BatchSettings(cfg.batch_window_ms, cfg.max_batch_clients),
+                        on_boundary=lambda state: checkpoints.save(
+                            state, fault=lambda: fault_point("server", "checkpoint", state.round - 1))).start()
+
+
+def _schedule(cfg: ServeConfig, max_positions: int) -> spb.Schedule:
+    return spb.Schedule(rounds=cfg.rounds, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
+                        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                        warmup_steps=cfg.warmup_steps, max_seq_len=min(cfg.max_seq_len, max_positions),
+                        label_smoothing=cfg.label_smoothing, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm)
+
+
+def _plan(cfg: ServeConfig, planned: str, schedule: spb.Schedule, part: SplitPart,
+          initial: InitialAdapter | None) -> spb.Plan:
+    """What every client is handed before it joins (GetPlan)."""
+    return spb.Plan(model_options_json=planned, schedule=schedule, family=part.family.name,
+                    initial_client_adapter=initial.client_bytes if initial else b"",
+                    send_final_adapter=not cfg.private_server_adapter)
+
+
 def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> RunningServer:
     """Load the server part, start the engine and serve SplitTraining (+ Aggregator, + health); the admin
-    Shutdown call sets `stop`."""
+    Shutdown call sets `stop`. One round coordinator drives the rounds of every part: with the aggregator in
+    this process a round closes when the clients' adapters are in (the aggregator averages first, then the
+    engine's round end), else when the clients have finished their steps."""
     cfg.validate_tls()  # secure by default: no certificates and no --insecure is refused before anything starts
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the split server")
     stop = stop if stop is not None else threading.Event()
-    model_dir = cfg.model_dir()
-    lora = cfg.lora_settings()
+    model_dir, lora = cfg.model_dir(), cfg.lora_settings()
     part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
                      gradient_checkpointing=cfg.gradient_checkpointing)
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
     planned = options_json(cfg)
     initial = load_initial_adapter(cfg.init_adapter, part, fingerprint, planned) if cfg.init_adapter else None
+    identity = {**run_identity(cfg, fingerprint), **({"init_adapter": initial.sha256} if initial else {})}
+    checkpoints = ServerCheckpoints(Path(cfg.output), identity)
+    engine = _engine(cfg, part, checkpoints)
+    in_process = not cfg.aggregator
+    coordinator = RoundCoordinator(cfg.rounds, cfg.quorum(cfg.clients), SUBMITTED if in_process else FINISHED)
+    registry = Registry(cfg.clients, cfg.local_steps, coordinator)
     max_positions = int(getattr(part.config, "max_position_embeddings", cfg.max_seq_len))
-    steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
-    optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
-    batching = BatchSettings(cfg.batch_window_ms, cfg.max_batch_clients)
-    engine = ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed, batching).start()
-    quorum, in_process = cfg.quorum(cfg.clients), not cfg.aggregator
-    registry = Registry(cfg.clients, cfg.rounds, cfg.local_steps, quorum, self_closing=not in_process)
-    schedule = spb.Schedule(rounds=cfg.rounds, local_steps=cfg.local_steps, batch_size=cfg.batch_size,
-                            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                            warmup_steps=cfg.warmup_steps, max_seq_len=min(cfg.max_seq_len, max_positions),
-                            label_smoothing=cfg.label_smoothing, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm)
+    schedule = _schedule(cfg, max_positions)
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
-    plan = spb.Plan(model_options_json=planned, schedule=schedule, family=part.family.name,
-                    initial_client_adapter=initial.client_bytes if initial else b"",
-                    send_final_adapter=not cfg.private_server_adapter)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
-                                   plan=plan)
-    identity = {**run_identity(cfg, fingerprint), **({"init_adapter": initial.sha256} if initial else {})}
-    resumed = _resume(cfg, engine, registry, identity)
+                                   plan=_plan(cfg, planned, schedule, part, initial))
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
     aggregator = None
-    if in_process:  # its round close drives the server's (average + checkpoint) before anyone sees the result
+    if in_process:
         aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",
-                                       max_adapter_bytes=cfg.max_adapter_bytes,
-                                       is_enrolled=lambda cid: cid in registry.clients, chunk_bytes=cfg.chunk_bytes,
-                                       mode=cfg.aggregation, clip_norm=cfg.clip_norm, trim_fraction=cfg.trim_fraction,
-                                       auth=auth, verify_claim=registry.verify_claim,
-                                       on_round_closed=lambda r, _: service.close_round(r, aggregator.included(r)),
-                                       quorum=quorum, store_submissions=False)
-        aggregator.restore(up_to=resumed if resumed is not None else 0)
-        service.submitted, service.round_status = aggregator.has_submitted, aggregator.round_status
+                                       max_adapter_bytes=cfg.max_adapter_bytes, is_enrolled=registry.is_enrolled,
+                                       chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
+                                       verify_claim=registry.verify_claim, store_submissions=False,
+                                       coordinator=coordinator)
+        coordinator.subscribe(aggregator.ledger)  # first: the global adapter is computed and stored, or refused
         agrpc.add_AggregatorServicer_to_server(aggregator, server)
+    coordinator.subscribe(EngineRoundEnd(engine, registry))
+    resumed = _resume(checkpoints, engine, registry)
+    if aggregator is not None:
+        aggregator.restore(up_to=resumed if resumed is not None else 0)
+    else:
+        coordinator.restore(resumed or 0)
     health_servicer = _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator")
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the split server")
     server.start()
-    return RunningServer(server, port, cfg, part, engine, registry, service, aggregator, stop_requested=stop,
-                         health=health_servicer, resumed_round=resumed,
+    return RunningServer(server, port, cfg, part, engine, registry, coordinator, service, aggregator,
+                         stop_requested=stop, health=health_servicer, resumed_round=resumed,
                          provenance=provenance("server", fingerprint, planned, str(model_dir)))
 
 
-def _resume(cfg: ServeConfig, engine: ServerEngine, registry: Registry, run: dict) -> int | None:
-    """Checkpoint every round boundary from now on; resume from the newest checkpoint in --output, if any."""
-    checkpoints = ServerCheckpoints(Path(cfg.output), run)
-
-    def on_boundary(state: ServerState) -> None:
-        checkpoints.save(state, fault=lambda: fault_point("server", "checkpoint", state.round - 1))
-
-    engine.on_boundary = on_boundary
+def _resume(checkpoints: ServerCheckpoints, engine: ServerEngine, registry: Registry) -> int | None:
+    """Resume the engine and the roster from the newest checkpoint in --output, if any; return its round."""
     state = checkpoints.latest()
     if state is None:
         return None
@@ -239,8 +269,8 @@ def aggregate(cfg: AggregateConfig) -> int:
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the aggregator")
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
-                                   chunk_bytes=cfg.chunk_bytes, mode=cfg.aggregation, clip_norm=cfg.clip_norm,
-                                   trim_fraction=cfg.trim_fraction, auth=auth, quorum=cfg.quorum(cfg.clients))
+                                   chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
+                                   quorum=cfg.quorum(cfg.clients))
     aggregator.restore()
     agrpc.add_AggregatorServicer_to_server(aggregator, server)
     health_servicer = _add_health(server, "splitlora.v1.Aggregator")

@@ -15,6 +15,7 @@ from typing import Callable
 import grpc
 
 from common.tls import AUTHORIZATION_KEY, BEARER
+from splitlora_server.errors import Refused, abort
 from splitlora_server.ops.tokens import TokenStore
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,8 @@ class Identity:
         return self.name == ADMIN_ID
 
 
-class AccessDenied(Exception):
+class AccessDenied(Refused):
     """A call the caller may not make; `code` is UNAUTHENTICATED or PERMISSION_DENIED."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def _text(values: list[bytes]) -> list[str]:
@@ -178,4 +175,4 @@ def abort_if_denied(context: grpc.ServicerContext, check: Callable[[], None], ca
         check()
     except AccessDenied as denied:
         log.warning("refused %s from %s: %s", call, context.peer(), denied.message)
-        context.abort(denied.code, denied.message)
+        abort(context, denied)

@@ -9,6 +9,7 @@ from common.loss import IGNORE_INDEX
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import WireError, codec_name, decode_tensor
+from splitlora_server.engine.jobs import Step
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 
@@ -24,16 +25,6 @@ class FrameLimits:
     max_positions: int
 
 
-@dataclass
-class DecodedStep:
-    """The tensors of one valid step frame."""
-
-    hidden: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor
-
-
 def _int_tensor(msg, name: str, shape: tuple[int, int], limits: FrameLimits) -> torch.Tensor:
     if not msg.ByteSize():
         raise WireError(f"{name} is missing")
@@ -45,9 +36,9 @@ def _int_tensor(msg, name: str, shape: tuple[int, int], limits: FrameLimits) -> 
     return t.to(torch.int64)
 
 
-def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None = None) -> DecodedStep:
-    """Decode a StepForward (hidden in `codec`, the one negotiated at Join, when given); raise WireError naming
-    the first problem found."""
+def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None = None, client_id: str = "") -> Step:
+    """Decode a StepForward of `client_id` (hidden in `codec`, the one negotiated at Join, when given) into the
+    engine's step; raise WireError naming the first problem found."""
     if not frame.hidden.ByteSize():
         raise WireError("hidden is missing")
     hidden = decode_tensor(frame.hidden, name="hidden",
@@ -77,4 +68,4 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if bad.any():
         raise WireError(f"labels must be {IGNORE_INDEX} or in [0, {limits.vocab_size}); "
                         f"got {int(labels[bad][0])}")
-    return DecodedStep(hidden.float(), mask, positions, labels)
+    return Step(client_id, frame.step, hidden.float(), mask, positions, labels)

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.aggregation import DEFAULT_TRIM_FRACTION, MODES
+from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, Strategy, StrategyOptions, build_strategy
 from common.config.engine import ConfigError, option
 from common.config.sections import ModelOptions, TransportOptions
 from common.tls import ServerTlsOptions
@@ -44,6 +44,10 @@ class AggregationOptions:
                                    "this L2 norm before combining (0: off).")
     trim_fraction: float = option(DEFAULT_TRIM_FRACTION, "trimmed-mean: fraction of clients dropped at each end "
                                                          "of every coordinate.")
+
+    def strategy(self) -> Strategy:
+        """The aggregation strategy these options name."""
+        return build_strategy(self.aggregation, self.clip_norm, StrategyOptions(self.trim_fraction))
 
     def validate_aggregation(self, clients: int) -> None:
         """Settings that protect something with `clients` clients per round."""

@@ -7,11 +7,12 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
 
-from splitlora_server.rounds.gate import Quorum, RoundGate
+import grpc
 
-T = TypeVar("T")
+from splitlora_server.errors import Refused
+from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator
+
 log = logging.getLogger(__name__)
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -22,14 +23,6 @@ def invalid_client_id(client_id: str) -> str | None:
         return None
     return (f"client id {client_id[:80]!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit")
-
-
-class RegistryError(Exception):
-    """A client may not do what it asked; `kind` picks the gRPC status."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass
@@ -55,21 +48,14 @@ class ClientRecord:
 
 
 class Registry:
-    """Enrolment (first N distinct ids), sessions, the open round and who finished it, under one lock.
+    """Enrolment (first N distinct ids), sessions and how far each client got, under one lock. Rounds are the
+    coordinator's (`coordinator`); the registry knows what each client trained in them."""
 
-    Rounds close one at a time for everybody. A self-closing registry closes its open round itself when every
-    expected client has finished it (or the deadline passed with a quorum: see splitlora_server.rounds.gate); next to an
-    in-process aggregator the aggregator's round close drives `close_round` instead, so both agree."""
-
-    def __init__(self, expected_clients: int, rounds: int, local_steps: int, quorum: Quorum | None = None,
-                 self_closing: bool = True) -> None:
-        self.expected, self.rounds, self.local_steps = expected_clients, rounds, local_steps
+    def __init__(self, expected_clients: int, local_steps: int, coordinator: RoundCoordinator) -> None:
+        self.expected, self.local_steps, self.coordinator = expected_clients, local_steps, coordinator
+        self.rounds = coordinator.rounds
         self.clients: dict[str, ClientRecord] = {}
         self.lock = threading.Lock()
-        self.open_round = 0
-        self.self_closing = self_closing
-        self.gate = RoundGate(quorum or Quorum(expected_clients), what="finished their steps")
-        self.finished = threading.Event()
         self.started_at = time.monotonic()
         self.total_steps = 0
 
@@ -77,16 +63,16 @@ class Registry:
         """Enrol a new client or renew a known one's session."""
         problem = invalid_client_id(client_id)
         if problem:
-            raise RegistryError("invalid", problem)
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
         with self.lock:
             record = self.clients.get(client_id)
             if record is None:
                 if len(self.clients) >= self.expected and (freed := self._free_idle_slot()) is not None:
                     log.info("client %s left before its first step: its slot goes to %s", freed, client_id)
                 if len(self.clients) >= self.expected:
-                    raise RegistryError("full", f"all {self.expected} client slots are taken by "
-                                                f"{', '.join(sorted(self.clients))}; start the server with "
-                                                "--clients N for more")
+                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"all {self.expected} client slots are taken by {', '.join(sorted(self.clients))}; "
+                                  "start the server with --clients N for more")
                 record = self.clients[client_id] = ClientRecord(client_id, "")
             record.session = secrets.token_hex(16)
             return record
@@ -94,12 +80,11 @@ class Registry:
     def _free_idle_slot(self) -> str | None:
         """Under the lock, with every slot taken: free the slot of a client that left before its first step of the
         run (its stream closed, nothing trained, no frame refused: it failed on its own side), if there is one."""
-        if self.open_round != 0:
+        if self.coordinator.open_round != 0:  # an int read: no coordinator lock under this one
             return None
         for client_id, record in sorted(self.clients.items()):
             if record.next_step == 0 and record.opened and record.streams == 0 and record.errors == 0:
-                del self.clients[client_id]
-                self.gate.leave(client_id)
+                del self.clients[client_id]  # it never finished a round: the coordinator has no arrival of it
                 return client_id
         return None
 
@@ -108,11 +93,16 @@ class Registry:
         with self.lock:
             record = self.clients.get(client_id)
         if record is None:
-            raise RegistryError("unknown", f"unknown client {client_id!r}: it has not joined this server "
-                                           "(call Join first)")
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"unknown client {client_id!r}: it has not joined "
+                                                               "this server (call Join first)")
         if not secrets.compare_digest(record.session, session):
-            raise RegistryError("session", f"session of client {client_id!r} is not current; join again")
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED,
+                          f"session of client {client_id!r} is not current; join again")
         return record
+
+    def is_enrolled(self, client_id: str) -> bool:
+        """Whether `client_id` has joined this server."""
+        return client_id in self.clients
 
     def verify_claim(self, client_id: str, rnd: int, num_samples: int) -> str | None:
         """Why a client's adapter submission for round `rnd` cannot be true, or None if it can."""
@@ -131,98 +121,53 @@ class Registry:
         """The round a client step belongs to."""
         return step // self.local_steps
 
-    def resume(self, record: ClientRecord, submitted: Callable[[str, int], bool] | None = None) -> tuple[int, bool]:
+    def resume(self, record: ClientRecord) -> tuple[int, bool]:
         """Where a (re)joining client starts, and whether it had partial progress in that round to undo.
 
         A client always (re)starts at the open round, from its own checkpoint of that round's start: its partial
         progress in the round is dropped (it redoes the round), so a resumed run retraces an uninterrupted one.
-        The exception: a client that finished the round and whose submission the aggregator holds
-        (`submitted(client_id, round)`) goes on to the next round."""
-        rnd = self.open_round
-        kept = submitted is not None and submitted(record.client_id, rnd)  # outside the lock: the aggregator's
-        with self.lock:
-            start = self.open_round * self.local_steps
-            if kept and rnd == self.open_round and record.next_step >= start + self.local_steps:
-                return rnd + 1, False
-            partial = record.next_step > start
-            record.next_step = start
-            record.samples_by_round.pop(self.open_round, None)
-            self.gate.leave(record.client_id)
-            return self.open_round, partial
-
-    def admit(self, record: ClientRecord, step: int, enqueue: Callable[[], T]) -> T:
-        """Queue a step of the open round (`enqueue`, under the lock: no step overtakes a round close)."""
-        with self.lock:
-            rnd = self.round_of(step)
-            if rnd < self.open_round:
-                raise RegistryError("closed", f"round {rnd} was closed without client {record.client_id!r} (its "
-                                              f"deadline passed); join again to continue from round {self.open_round}")
-            if rnd > self.open_round:
-                raise RegistryError("closed", f"round {rnd} has not started: round {self.open_round} is still open; "
-                                              "wait for its global adapter (or join again)")
-            return enqueue()
+        The exception: a client that finished the round and whose adapter the aggregator holds goes on to the
+        next round."""
+        rounds = self.coordinator
+        with rounds.lock:  # no round closes meanwhile
+            rnd = rounds.open_round
+            kept = rounds.has_arrived(record.client_id, rnd, SUBMITTED)
+            with self.lock:
+                start = rnd * self.local_steps
+                if kept and record.next_step >= start + self.local_steps:
+                    return rnd + 1, False
+                partial = record.next_step > start
+                record.next_step = start
+                record.samples_by_round.pop(rnd, None)
+            rounds.leave(record.client_id, FINISHED)
+            return rnd, partial
 
     def step_done(self, record: ClientRecord, step: int, loss: float, tokens: int, samples: int) -> bool:
-        """Account a finished step; True if it lets a self-closing registry close the open round now."""
+        """Account a finished step; True if it was the client's last step of its round."""
         with self.lock:
             record.next_step = step + 1
             record.last_loss, record.tokens = loss, record.tokens + tokens
             rnd = self.round_of(step)
             record.samples_by_round[rnd] = record.samples_by_round.get(rnd, 0) + samples
             self.total_steps += 1
-            if (step + 1) % self.local_steps or rnd != self.open_round:
-                return False
-            self.gate.arrive(record.client_id)
-            return self.self_closing and self.gate.ready()
-
-    def ready(self, rnd: int) -> bool:
-        """True if round `rnd` is open and may close now."""
-        with self.lock:
-            return rnd == self.open_round and self.gate.ready()
-
-    def close_round(self, rnd: int, included: set[str] | None,
-                    enqueue: Callable[[dict[str, float], list[str]], T]) -> T | None:
-        """Close round `rnd` (None if it is not the open one): weights of the clients that finished it (of
-        `included` when given), in id order; `enqueue(weights, roster)` runs under the lock."""
-        with self.lock:
-            if rnd != self.open_round:
-                return None
-            ids = sorted(self.gate.arrived if included is None else included)
-            weights = {c: float(self.clients[c].samples_by_round.get(rnd, 0)) for c in ids
-                       if c in self.clients and self.clients[c].samples_by_round.get(rnd)}
-            self.open_round = rnd + 1
-            self.gate.open(rnd + 1)
-            if self.open_round >= self.rounds:
-                self.finished.set()
-            return enqueue(weights, list(self.clients))
+            return (step + 1) % self.local_steps == 0
 
     def restore(self, open_round: int, roster: list[str]) -> None:
         """Resume at the start of `open_round` with the clients enrolled then (each must join again)."""
         with self.lock:
-            self.open_round = open_round
             for client_id in roster:
                 self.clients.setdefault(client_id, ClientRecord(client_id, "", next_step=open_round * self.local_steps))
-            self.gate.open(open_round)
-            if open_round >= self.rounds:
-                self.finished.set()
 
-    def round_weights(self, rnd: int) -> dict[str, float]:
-        """Samples each client trained on in a round (the per-client server adapters' averaging weights)."""
+    def round_weights(self, rnd: int, included: list[str]) -> dict[str, float]:
+        """Samples each of `included` trained on in round `rnd` (the per-client server adapters' weights)."""
         with self.lock:
-            return {c: float(self.clients[c].samples_by_round[rnd]) for c in sorted(self.clients)
-                    if self.clients[c].samples_by_round.get(rnd)}
+            return {c: float(self.clients[c].samples_by_round[rnd]) for c in sorted(included)
+                    if c in self.clients and self.clients[c].samples_by_round.get(rnd)}
 
-    def current_round(self) -> int:
-        """The open round (equals `rounds` once every round is closed)."""
+    def roster(self) -> list[str]:
+        """Enrolled client ids, in enrolment order."""
         with self.lock:
-            return min(self.open_round, self.rounds)
-
-    def round_status(self) -> tuple[str, bool]:
-        """A line on the open round for logs and status, and whether it is waiting for a quorum."""
-        with self.lock:
-            if self.open_round >= self.rounds:
-                return "every round is closed", False
-            return self.gate.describe(), self.gate.waiting_for_quorum()
+            return list(self.clients)
 
     def steps_per_second(self) -> float:
         """Server steps per second since the server started."""

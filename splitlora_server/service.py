@@ -17,43 +17,39 @@ from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
-from splitlora_server.engine.core import ServerEngine, StepInputs
+from splitlora_server.engine.core import ServerEngine
+from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits, decode_step
 from splitlora_server.handout import PRIVATE, FinalAdapter
-from splitlora_server.registry import ClientRecord, Registry, RegistryError, invalid_client_id
+from splitlora_server.registry import ClientRecord, Registry, invalid_client_id
+from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
 
 log = logging.getLogger(__name__)
 CLIENT_ID_KEY = "x-splitlora-client-id"
 SESSION_KEY = "x-splitlora-session"
 VERSION = "0.1.0"
-_STATUS_BY_KIND = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "full": grpc.StatusCode.RESOURCE_EXHAUSTED,
-                   "unknown": grpc.StatusCode.FAILED_PRECONDITION, "session": grpc.StatusCode.UNAUTHENTICATED,
-                   "closed": grpc.StatusCode.FAILED_PRECONDITION}
 SHUTTING_DOWN = "server shutting down, retry"
 
 
 class SplitTrainingService(sgrpc.SplitTrainingServicer):
-    """Serves many clients at once; every computation goes through the one engine."""
+    """Serves many clients at once; every computation goes through the one engine, every round through the one
+    coordinator (the registry's)."""
 
     def __init__(self, engine: ServerEngine, registry: Registry, fingerprint: spb.Fingerprint,
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
                  on_shutdown: Callable[[str], None] | None = None, plan: spb.Plan | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
+        self.rounds: RoundCoordinator = registry.coordinator
         self.plan = plan if plan is not None else spb.Plan(schedule=schedule, send_final_adapter=True)
-        self.final = FinalAdapter(registry.finished, engine.server_adapter)
+        self.final = FinalAdapter(self.rounds.finished, engine.server_adapter)
         self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
         self.schedule, self.limits = schedule, limits
         self.codecs = [codec_from_name(c) for c in codecs]
         self.aggregator_address = aggregator_address
         self.max_message_bytes, self.chunk_bytes = max_message_bytes, chunk_bytes
         self.stopping = threading.Event()  # set on shutdown: calls are refused with UNAVAILABLE (retry)
-        # with an in-process aggregator: does it hold this client's submission for a round? / its round status
-        self.submitted: Callable[[str, int], bool] | None = None
-        self.round_status: Callable[[], tuple[str, bool]] = registry.round_status
         self._replies = 0
-        if registry.self_closing:
-            registry.gate.on_due = self._deadline_passed
 
     # -- handshake -------------------------------------------------------------------------------------------
     def GetPlan(self, request: spb.PlanRequest, context: grpc.ServicerContext) -> spb.Plan:
@@ -78,12 +74,12 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                           "the client's model does not match the server's: " + "; ".join(diff))
         try:
             record = self.registry.join(request.client_id)
-        except RegistryError as err:
-            context.abort(_STATUS_BY_KIND[err.kind], str(err))
+        except Refused as refused:
+            abort(context, refused)
         record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
         self.engine.add_client(record.client_id).result()
         with record.step_lock:  # after any step of its old stream still in flight
-            start, partial = self.registry.resume(record, self.submitted)
+            start, partial = self.registry.resume(record)
             if partial:
                 self.engine.rollback(record.client_id, start).result()
         log.info("client %s joined (codec %s): starts round %d%s", record.client_id, codec_name(record.codec),
@@ -93,7 +89,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
                              start_round=start,
-                             num_clients=self.registry.expected, server_version=VERSION)
+                             num_clients=self.rounds.expected, server_version=VERSION)
 
     def _negotiate(self, offered: list[int]) -> int:
         for codec in offered or [tpb.CODEC_RAW]:
@@ -111,8 +107,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         abort_if_denied(context, lambda: self.auth.check_client(context, client_id))
         try:
             return self.registry.authenticate(client_id, session)
-        except RegistryError as err:
-            context.abort(_STATUS_BY_KIND[err.kind], str(err))
+        except Refused as refused:
+            abort(context, refused)
 
     def _fail(self, context: grpc.ServicerContext, record: ClientRecord, code: grpc.StatusCode, message: str):
         record.last_error = f"{code.name}: {message}"
@@ -181,15 +177,15 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} belongs to round {self.registry.round_of(fwd.step)}, frame says {fwd.round}")
         try:
-            step = decode_step(fwd, self.limits, record.codec)
+            step = decode_step(fwd, self.limits, record.codec, record.client_id)
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
-        inputs = StepInputs(record.client_id, fwd.step, step.hidden, step.attention_mask, step.position_ids,
-                            step.labels)
+        rnd = fwd.round
         try:
-            future = self.registry.admit(record, fwd.step, lambda: self.engine.submit_step(inputs))
-        except RegistryError as err:
-            self._fail(context, record, _STATUS_BY_KIND[err.kind], str(err))
+            with self.rounds.open_for(record.client_id, rnd):  # no step overtakes a round close
+                future = self.engine.submit_step(step)
+        except Refused as refused:
+            self._fail(context, record, refused.code, refused.message)
         try:
             outcome = future.result()
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
@@ -197,42 +193,20 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} produced a non-finite loss; the update was skipped")
-        if self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens, samples=int(step.hidden.shape[0])):
-            self.close_round(self.registry.round_of(fwd.step))  # before the reply: no client sees round r+1 early
+        if self.registry.step_done(record, fwd.step, outcome.loss, outcome.tokens, samples=step.rows):
+            try:  # the round may close here, before the reply: no client sees round r+1 early
+                self.rounds.arrive(record.client_id, rnd, FINISHED)
+            except Refused as refused:
+                self._fail(context, record, refused.code, refused.message)
         return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
                                 tokens=outcome.tokens, bytes_received=fwd.ByteSize())
-
-    # -- rounds ----------------------------------------------------------------------------------------------
-    def close_round(self, rnd: int, included: set[str] | None = None) -> bool:
-        """Close round `rnd` on the server: average (per-client mode) and checkpoint, and wait for both.
-        `included`: the clients the aggregator closed it with (default: those that finished their steps)."""
-        closing: list[int] = []
-
-        def enqueue(weights: dict[str, float], roster: list[str]):
-            closing.append(len(weights))
-            return self.engine.close_round(rnd, weights, roster)
-
-        future = self.registry.close_round(rnd, included, enqueue)
-        if future is None:
-            return False
-        future.result()
-        log.info("round %d closed on the server with %d of %d clients", rnd, closing[0], self.registry.expected)
-        return True
-
-    def _deadline_passed(self, rnd: int) -> None:
-        """The deadline timer of a self-closing registry: close with the quorum, or say that the round waits."""
-        if self.registry.ready(rnd):
-            self.close_round(rnd)
-        elif rnd == self.registry.open_round:
-            log.warning("round %d: deadline passed without a quorum; the round waits (%s)", rnd,
-                        self.registry.round_status()[0])
 
     def FetchServerAdapter(self, request: spb.ServerAdapterRequest, context: grpc.ServicerContext
                            ) -> Iterator[spb.AdapterPiece]:
         abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
         if not self.plan.send_final_adapter:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, PRIVATE)
-        if request.client_id not in self.registry.clients:
+        if not self.registry.is_enrolled(request.client_id):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"client {request.client_id!r} did not train here")
         chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
         if chunk is None:
@@ -242,16 +216,16 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
 
     # -- status ----------------------------------------------------------------------------------------------
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusReply:
-        reg = self.registry
+        reg, rounds = self.registry, self.rounds
         with reg.lock:
             clients = [spb.ClientStatus(client_id=r.client_id, connected=r.connected, round=reg.round_of(r.next_step),
                                         steps=r.next_step, last_loss=r.last_loss, bytes_in=r.bytes_in,
                                         bytes_out=r.bytes_out, last_error=r.last_error)
                        for r in sorted(reg.clients.values(), key=lambda r: r.client_id)]
-        text, waiting = self.round_status()
-        return spb.StatusReply(round=reg.current_round(), rounds=reg.rounds, steps=reg.total_steps,
+        text, waiting = rounds.status()
+        return spb.StatusReply(round=rounds.current_round(), rounds=rounds.rounds, steps=reg.total_steps,
                                steps_per_second=reg.steps_per_second(), clients=clients,
-                               server_adapter_mode=self.engine.mode, finished=reg.finished.is_set(),
+                               server_adapter_mode=self.engine.mode, finished=rounds.finished.is_set(),
                                round_status=text, waiting_for_quorum=waiting)
 
     # -- shutdown (the interceptor lets only the admin credential through) ------------------------------------

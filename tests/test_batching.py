@@ -12,8 +12,10 @@ from common.lora import adapter_state
 from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.split.parts import LoraSettings, SplitPart
-from splitlora_server.engine.batching import BatchSettings, stack, split_rows
-from splitlora_server.engine.core import ServerEngine, StepInputs
+from splitlora_server.engine.batching import BatchSettings
+from splitlora_server.engine.compute import split_rows, stack
+from splitlora_server.engine.core import ServerEngine
+from splitlora_server.engine.jobs import Step
 from tests.support.servers import ClientSide, join, running_server, train_ok, valid_forward
 from tests.support.split_reference import lora_params, randomize_lora_b
 from tests.support.steps import random_step
@@ -30,7 +32,7 @@ def _part(model_dir: Path) -> SplitPart:
     return part
 
 
-def _run_together(engine: ServerEngine, steps: list[StepInputs]) -> list:
+def _run_together(engine: ServerEngine, steps: list[Step]) -> list:
     """Queue the steps behind a blocked job so the worker finds all of them waiting at once."""
     gate = threading.Event()
     engine.call(gate.wait)
@@ -41,11 +43,11 @@ def _run_together(engine: ServerEngine, steps: list[StepInputs]) -> list:
 
 def test_stack_pads_and_split_rows_undoes_it():
     a, b = _step("a", 0, 2, 5), _step("b", 1, 1, 9, pad_from=6)
-    stacked = stack([a, b])
-    assert stacked.hidden.shape == (3, 9, 32) and stacked.spans == [(0, 2, 5), (2, 3, 9)]
+    stacked, spans = stack([a, b])
+    assert stacked.hidden.shape == (3, 9, 32) and spans == [(0, 2, 5), (2, 3, 9)]
     assert (stacked.attention_mask[:2, 5:] == 0).all() and (stacked.labels[:2, 5:] == -100).all()
     assert (stacked.hidden[:2, 5:] == 0).all()
-    back = split_rows(stacked.hidden, stacked.spans)
+    back = split_rows(stacked.hidden, spans)
     assert torch.equal(back[0], a.hidden) and torch.equal(back[1], b.hidden)
 
 

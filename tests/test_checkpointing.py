@@ -119,8 +119,8 @@ def test_refuses_other_versions_corruption_and_other_runs(tmp_path: Path) -> Non
 LORA = LoraSettings(r=2, alpha=4, dropout=0.0)
 
 
-def _engine(model: Path, mode: str) -> ServerEngine:
-    return ServerEngine(SplitPart(model, "server", 2, LORA), mode, OPTIM).start()
+def _engine(model: Path, mode: str, on_boundary=None) -> ServerEngine:
+    return ServerEngine(SplitPart(model, "server", 2, LORA), mode, OPTIM, on_boundary=on_boundary).start()
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -128,9 +128,8 @@ def _equal(a: dict, b: dict) -> bool:
 
 
 def test_rollback_and_resume_retrace_the_same_steps(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
-    engine = _engine(tiny_gpt2_dir, "per-client")
     saved = []
-    engine.on_boundary = saved.append
+    engine = _engine(tiny_gpt2_dir, "per-client", on_boundary=saved.append)
     try:
         for c in ("a", "b"):
             engine.add_client(c).result()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from common.aggregation import fedavg
+from common.aggregation import build_strategy, fedavg, median
 from common.lora import adapter_state
 from common.loss import causal_lm_loss
 from common.optim import OptimSettings
@@ -56,7 +56,7 @@ def test_per_client_mode_keeps_copies_and_averages_them_at_round_end(tiny_gpt2_d
             engine.submit_step(random_step(client, i, pad_from=3)).result()
         states = {c: engine.adapter_of(c) for c in ("a", "b")}
         assert any(not torch.equal(states["a"][k], states["b"][k]) for k in states["a"])
-        engine.end_round({"a": 2.0, "b": 1.0}).result()
+        engine.end_round(0, {"a": 2.0, "b": 1.0}).result()
         expected = fedavg([states["a"], states["b"]], [2.0, 1.0])
         for name in ("a", "b", SHARED):
             merged = engine.adapter_of(name)
@@ -74,5 +74,24 @@ def test_a_failing_job_does_not_kill_the_worker(tiny_gpt2_dir):
         error = engine.submit_step(bad).exception(timeout=30)
         assert isinstance(error, RuntimeError)
         assert engine.submit_step(random_step("a", 1, pad_from=3)).result(timeout=30).tokens > 0
+    finally:
+        engine.stop()
+
+
+def test_per_client_copies_are_averaged_by_the_given_strategy(tiny_gpt2_dir):
+    """The engine takes any aggregation strategy for its round-end average (here: the median of three)."""
+    engine = ServerEngine(SplitPart(tiny_gpt2_dir, "server", 2, LORA), "per-client", OPTIM,
+                          strategy=build_strategy("median")).start()
+    try:
+        clients = ("a", "b", "c")
+        for i, client in enumerate(clients):
+            engine.add_client(client).result()
+            engine.submit_step(random_step(client, i, pad_from=3)).result()
+        states = [engine.adapter_of(c) for c in clients]
+        engine.end_round(0, {"a": 1.0, "b": 1.0, "c": 100.0}).result()  # the median ignores sample counts
+        expected = median(states, [1.0, 1.0, 1.0])
+        for name in (*clients, SHARED):
+            merged = engine.adapter_of(name)
+            assert all(torch.equal(merged[k], expected[k]) for k in expected)
     finally:
         engine.stop()

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 
-from common.aggregation import clip_updates, update_norm
+from common.aggregation import DEFAULT_TRIM_FRACTION, StrategyOptions, build_strategy, clip_updates, update_norm
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from splitlora_client.aggregator import fetch_global, submit_adapter
 from splitlora_server.aggregator.service import AggregatorService
@@ -36,8 +36,10 @@ def adapter(seed: int, scale: float, base: dict[str, torch.Tensor] | None = None
 def serve() -> Iterator:
     servers = AggregatorServers()
 
-    def _serve(**kwargs: object) -> tuple[AggregatorService, agrpc.AggregatorStub]:
-        service = AggregatorService(4, 2, None, **kwargs)  # type: ignore[arg-type]
+    def _serve(mode: str, clip_norm: float = 0.0, trim_fraction: float = DEFAULT_TRIM_FRACTION
+               ) -> tuple[AggregatorService, agrpc.AggregatorStub]:
+        service = AggregatorService(4, 2, None, strategy=build_strategy(mode, clip_norm,
+                                                                        StrategyOptions(trim_fraction)))
         return service, servers.serve(service)
 
     yield _serve

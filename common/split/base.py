@@ -36,13 +36,17 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> dict[str, Any]:
+                      position_ids: torch.Tensor, cache: Any = None, first_layer: int = 0) -> dict[str, Any]:
         """Keyword arguments every block needs (causal+padding mask, positions, rotary tables), rebuilt on
-        each side from the attention mask and position ids alone."""
+        each side from the attention mask and position ids alone.
+
+        With a KV `cache` (transformers' `DynamicCache`, layers indexed as in the whole model; `first_layer`:
+        the first block this part runs), `hidden` and `position_ids` cover only the new tokens and
+        `attention_mask` the cached and new ones; the context carries the cache to `run_block`."""
 
     @abstractmethod
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
-        """Run one block."""
+        """Run one block (appending its keys and values to `context["cache"]` when there is one)."""
 
     @abstractmethod
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,14 @@ class GPT2Family(ModelFamily):
         return t.drop(t.wte(input_ids) + t.wpe(position_ids))
 
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> dict[str, Any]:
-        mask = build_mask(create_causal_mask, config=model.config, inputs_embeds=hidden,
-                          attention_mask=attention_mask, position_ids=position_ids)
-        return {"attention_mask": mask, "position_ids": position_ids}
+                      position_ids: torch.Tensor, cache: Any = None, first_layer: int = 0) -> dict[str, Any]:
+        mask = build_mask(create_causal_mask, cache, config=model.config, inputs_embeds=hidden,
+                          attention_mask=attention_mask, position_ids=position_ids,
+                          **({"layer_idx": first_layer} if cache is not None else {}))
+        return {"attention_mask": mask, "position_ids": position_ids, "cache": cache}
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
-        return block(hidden, None, context["attention_mask"], position_ids=context["position_ids"])
+        return block(hidden, context["cache"], context["attention_mask"], position_ids=context["position_ids"])
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.transformer.ln_f(hidden))

@@ -28,15 +28,16 @@ class GPTNeoXFamily(ModelFamily):
         return body.emb_dropout(body.embed_in(input_ids))
 
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> dict[str, Any]:
-        mask = build_mask(create_causal_mask, config=model.config, inputs_embeds=hidden,
-                          attention_mask=attention_mask, position_ids=position_ids)
-        return {"attention_mask": mask, "position_ids": position_ids,
+                      position_ids: torch.Tensor, cache: Any = None, first_layer: int = 0) -> dict[str, Any]:
+        mask = build_mask(create_causal_mask, cache, config=model.config, inputs_embeds=hidden,
+                          attention_mask=attention_mask, position_ids=position_ids,
+                          **({"layer_idx": first_layer} if cache is not None else {}))
+        return {"attention_mask": mask, "position_ids": position_ids, "cache": cache,
                 "position_embeddings": model.gpt_neox.rotary_emb(hidden, position_ids=position_ids)}
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
         return block(hidden, attention_mask=context["attention_mask"], position_ids=context["position_ids"],
-                     position_embeddings=context["position_embeddings"])
+                     layer_past=context["cache"], position_embeddings=context["position_embeddings"])
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.gpt_neox.final_layer_norm(hidden))

@@ -35,20 +35,25 @@ class LlamaLikeFamily(ModelFamily):
         return model.model.embed_tokens(input_ids)
 
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> dict[str, Any]:
+                      position_ids: torch.Tensor, cache: Any = None, first_layer: int = 0) -> dict[str, Any]:
         kinds = self.layer_kinds(model.config)
         unknown = sorted(set(kinds) - set(_MASKS))
         if unknown:
             raise UnsupportedModelError(f"{self.name}: layer types {unknown} are not supported")
         args = dict(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
                     position_ids=position_ids)
-        masks = {kind: build_mask(_MASKS[kind], **args) for kind in set(kinds)}
-        return {"masks": [masks[k] for k in kinds], "position_ids": position_ids,
+        # the first layer of each kind this part runs: where the cache holds this part's keys of that kind
+        first = {kind: kinds.index(kind, first_layer) for kind in set(kinds[first_layer:])}
+        masks = {kind: build_mask(_MASKS[kind], cache, **args, **({"layer_idx": first[kind]}
+                                                                   if kind in first and cache is not None else {}))
+                 for kind in set(kinds)}
+        return {"masks": [masks[k] for k in kinds], "position_ids": position_ids, "cache": cache,
                 "position_embeddings": model.model.rotary_emb(hidden, position_ids)}
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
-        return block(hidden, attention_mask=context["masks"][block.self_attn.layer_idx],
-                     position_ids=context["position_ids"], position_embeddings=context["position_embeddings"])
+        # the cache positionally: its keyword is `past_key_values` or `cache`, depending on the transformers version
+        return block(hidden, context["masks"][block.self_attn.layer_idx], context["position_ids"], context["cache"],
+                     position_embeddings=context["position_embeddings"])
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.model.norm(hidden))

@@ -1,10 +1,10 @@
-"""Build one side's skeleton on the meta device and fill it with that side's checkpoint tensors only."""
+"""Build one segment's skeleton on the meta device and fill it with that segment's checkpoint tensors only."""
 from __future__ import annotations
 
 import copy
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -12,21 +12,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.split import ModelFamily, family_for
+from common.split.segment import Segment, Side, SplitError, as_segment, check_split_layer  # noqa: F401 (re-exported)
 from common.weights import CheckpointError, CheckpointIndex, resolve_model_dir
 
-Side = Literal["client", "server"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class SplitError(ValueError):
-    """The requested split cannot be built; the message says why."""
-
-
-def check_split_layer(split_layer: int, num_layers: int) -> None:
-    """Refuse split layers outside [1, L-1]."""
-    if not 1 <= split_layer <= num_layers - 1:
-        raise SplitError(f"split layer {split_layer} is outside [1, {num_layers - 1}]: the model has {num_layers} "
-                         "blocks and each side needs at least one")
 
 
 def load_config(model: str | Path) -> Any:
@@ -48,27 +37,25 @@ def _drop(model: nn.Module, path: str) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, None)
 
 
-def prune(model: nn.Module, family: ModelFamily, side: Side, split_layer: int) -> None:
-    """Remove every module the given side does not own; kept modules keep their full-model names."""
+def prune(model: nn.Module, family: ModelFamily, segment: Segment) -> None:
+    """Remove every module the segment does not own; kept modules keep their full-model names."""
     layers = model.get_submodule(family.layers_path)
-    if side == "client":
-        for path in family.final_modules:
-            _drop(model, path)
-        del layers[split_layer:]
-    else:
-        for path in family.embedding_modules:
-            _drop(model, path)
-        for i in range(split_layer):
-            layers[i] = nn.Module()
+    for path in () if segment.head else family.final_modules:
+        _drop(model, path)
+    for path in () if segment.embeds else family.embedding_modules:
+        _drop(model, path)
+    del layers[segment.end:]
+    for i in range(segment.start):
+        layers[i] = nn.Module()
 
 
-def skeleton(config: Any, family: ModelFamily, side: Side, split_layer: int) -> nn.Module:
-    """One side of the model with its parameters on the meta device (buffers such as rotary tables are real)."""
+def skeleton(config: Any, family: ModelFamily, segment: Segment) -> nn.Module:
+    """One segment of the model with its parameters on the meta device (buffers such as rotary tables are real)."""
     config = copy.deepcopy(config)
     config.tie_word_embeddings = False  # each part holds one end of a tie at most; the head is loaded explicitly
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    prune(model, family, side, split_layer)
+    prune(model, family, segment)
     return model
 
 
@@ -92,23 +79,22 @@ def _side_names(config: Any, family: ModelFamily, index: CheckpointIndex, model:
     return {n: checkpoint_name(n, model, family, index, tied) for n, _ in model.named_parameters()}
 
 
-def side_tensor_names(model_dir: str | Path, side: Side, split_layer: int) -> list[str]:
-    """Checkpoint names of the tensors one side loads (computed without loading anything)."""
+def side_tensor_names(model_dir: str | Path, part: Side | Segment, split_layer: int | None = None) -> list[str]:
+    """Checkpoint names of the tensors one side (or segment) loads (computed without loading anything)."""
     config = load_config(model_dir)
     family = family_for(config.model_type)
-    check_split_layer(split_layer, family.num_layers(config))
-    model = skeleton(config, family, side, split_layer)
+    model = skeleton(config, family, as_segment(part, split_layer, family.num_layers(config)))
     return sorted(set(_side_names(config, family, CheckpointIndex(model_dir), model).values()))
 
 
-def load_side(model_dir: str | Path, config: Any, family: ModelFamily, side: Side, split_layer: int,
-              dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The pruned model of one side with its base weights read from the checkpoint straight onto `device`."""
+def load_segment(model_dir: str | Path, config: Any, family: ModelFamily, segment: Segment, dtype: torch.dtype,
+                 device: torch.device) -> nn.Module:
+    """The pruned model of one segment with its base weights read from the checkpoint straight onto `device`."""
     index = CheckpointIndex(model_dir)
-    model = skeleton(config, family, side, split_layer)
+    model = skeleton(config, family, segment)
     names = _side_names(config, family, index, model)
     loaded = index.load(sorted(set(names.values())), dtype, device)
     model.load_state_dict({n: loaded[c] for n, c in names.items()}, strict=False, assign=True)
     if any(p.is_meta for p in model.parameters()):
-        raise CheckpointError(f"{model_dir}: some {side} weights were not in the checkpoint")
+        raise CheckpointError(f"{model_dir}: some weights of {segment} were not in the checkpoint")
     return model.to(device).requires_grad_(False)  # buffers (rotary tables) follow the weights

@@ -13,6 +13,6 @@ def _cache_argument(builder: Callable) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def build_mask(builder: Callable, **kwargs: Any) -> Any:
-    """`builder(**kwargs)` (e.g. create_causal_mask) without a KV cache, under the cache argument's current name."""
-    return builder(**kwargs, **{_cache_argument(builder): None})
+def build_mask(builder: Callable, cache: Any = None, **kwargs: Any) -> Any:
+    """`builder(**kwargs)` (e.g. create_causal_mask) with `cache` (None: none) under the argument's current name."""
+    return builder(**kwargs, **{_cache_argument(builder): cache})

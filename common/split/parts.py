@@ -1,4 +1,4 @@
-"""One side of the split model (`SplitPart`) and the LoRA settings both sides share."""
+"""One part of the split model (`SplitPart`, a `Segment` of blocks) and the LoRA settings every part shares."""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +6,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -13,11 +14,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from common.split import ModelFamily, family_for
-from common.split.loading import (DTYPES, Side, SplitError, check_split_layer, load_config, load_side,
-                                  side_tensor_names)
+from common.split.loading import DTYPES, load_config, load_segment, side_tensor_names
+from common.split.segment import Segment, Side, SplitError, as_segment, check_split_layer
 from common.weights import resolve_model_dir
 
-__all__ = ["DTYPES", "LoraSettings", "Side", "SplitError", "SplitPart", "check_split_layer", "load_config",
+__all__ = ["DTYPES", "LoraSettings", "Segment", "Side", "SplitError", "SplitPart", "check_split_layer", "load_config",
            "resolve_model_dir", "side_tensor_names"]
 
 
@@ -47,29 +48,30 @@ class LoraSettings:
 
 
 class SplitPart(nn.Module):
-    """One side of the split model: its own blocks with LoRA adapters, nothing of the other side.
+    """One part of the split model: a `Segment` of blocks with LoRA adapters, nothing of the other parts.
 
-    `model_dir` is a local directory or a hub id. Base weights are frozen in `dtype`; LoRA weights are
-    float32. With `gradient_checkpointing`, each block's activations are recomputed in the backward pass.
+    `part` is a Segment, or a side ("client": `Segment(0, K, embeds=True)`, "server": `Segment(K, L, head=True)`)
+    with `split_layer` K. `model_dir` is a local directory or a hub id. Base weights are frozen in `dtype`; LoRA
+    weights are float32. With `gradient_checkpointing`, each block's activations are recomputed in the backward.
     """
 
-    def __init__(self, model_dir: str | Path, side: Side, split_layer: int, lora: LoraSettings = LoraSettings(),
-                 dtype: str = "float32", device: str = "cpu", lora_seed: int = 0,
+    def __init__(self, model_dir: str | Path, part: Side | Segment, split_layer: int | None = None,
+                 lora: LoraSettings = LoraSettings(), dtype: str = "float32", device: str = "cpu", lora_seed: int = 0,
                  gradient_checkpointing: bool = False) -> None:
         super().__init__()
         if dtype not in DTYPES:
             raise SplitError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-        if side not in ("client", "server"):
-            raise SplitError(f"side {side!r} is not 'client' or 'server'")
-        self.model_dir, self.side, self.split_layer = resolve_model_dir(model_dir), side, split_layer
+        if not isinstance(part, Segment) and part not in ("client", "server"):
+            raise SplitError(f"side {part!r} is not 'client' or 'server'")
+        self.model_dir = resolve_model_dir(model_dir)
         self.config = load_config(self.model_dir)
         self.family = family_for(self.config.model_type)
         self.num_layers = self.family.num_layers(self.config)
-        check_split_layer(split_layer, self.num_layers)
+        self.segment = as_segment(part, split_layer, self.num_layers)
         self.lora = lora.resolved(self.family)
         self.device = torch.device(device)
         self.gradient_checkpointing = gradient_checkpointing
-        base = load_side(self.model_dir, self.config, self.family, side, split_layer, DTYPES[dtype], self.device)
+        base = load_segment(self.model_dir, self.config, self.family, self.segment, DTYPES[dtype], self.device)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft
             torch.manual_seed(lora_seed)
@@ -79,18 +81,33 @@ class SplitPart(nn.Module):
                 param.data = param.data.float()  # adapters train in float32 whatever the base dtype
 
     @property
+    def side(self) -> Side:
+        """"client" for a part that starts with the embeddings, else "server"."""
+        return "client" if self.segment.embeds else "server"
+
+    @property
+    def split_layer(self) -> int:
+        """The cut this part sits at: its end when it holds the embeddings, else its start."""
+        return self.segment.end if self.segment.embeds else self.segment.start
+
+    @property
     def base(self) -> nn.Module:
         """The underlying (pruned) transformers model with LoRA layers injected."""
         return self.peft.base_model.model
 
     def layer_range(self) -> range:
-        """Indices of the blocks this side runs."""
-        return range(0, self.split_layer) if self.side == "client" else range(self.split_layer, self.num_layers)
+        """Indices of the blocks this part runs."""
+        return self.segment.layers
 
-    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                   position_ids: torch.Tensor) -> torch.Tensor:
-        """Run this side's blocks on `hidden` (mask and rotary tables rebuilt here from mask and positions)."""
-        context = self.family.block_context(self.base, hidden, attention_mask, position_ids)
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                   cache: Any = None) -> torch.Tensor:
+        """Run this part's blocks on `hidden` (mask and rotary tables rebuilt here from mask and positions).
+
+        With a `cache` (a transformers `DynamicCache`, layers indexed as in the whole model), `hidden` holds only
+        the new tokens, `attention_mask` covers the cached and the new tokens, and the blocks append their keys and
+        values to it."""
+        extra = {} if cache is None else {"cache": cache, "first_layer": self.segment.start}
+        context = self.family.block_context(self.base, hidden, attention_mask, position_ids, **extra)
         layers = self.base.get_submodule(self.family.layers_path)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i in self.layer_range():
@@ -100,13 +117,16 @@ class SplitPart(nn.Module):
                 hidden = self.family.run_block(layers[i], hidden, context)
         return hidden
 
-    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Client: token ids -> cut activations. Server: cut activations -> logits."""
-        if self.side == "client":
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: Any = None) -> torch.Tensor:
+        """Token ids (with the embeddings) or hidden states -> this part's blocks -> hidden states, or logits
+        (with the head). `cache`: see `run_blocks`."""
+        if self.segment.embeds:
             hidden = self.family.embed(self.base, inputs, position_ids)
-            return self.run_blocks(hidden, attention_mask, position_ids)
-        hidden = self.run_blocks(inputs.to(self.base_dtype), attention_mask, position_ids)
-        return self.family.head(self.base, hidden)
+        else:
+            hidden = inputs.to(self.base_dtype)
+        hidden = self.run_blocks(hidden, attention_mask, position_ids, cache)
+        return self.family.head(self.base, hidden) if self.segment.head else hidden
 
     @property
     def base_dtype(self) -> torch.dtype:

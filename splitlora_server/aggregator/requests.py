@@ -8,17 +8,10 @@ import grpc
 
 from common.lora import AdapterError, AdapterState, check_adapter, from_bytes
 from common.rpc.splitlora.v1 import aggregator_pb2 as apb
+from splitlora_server.errors import Refused
 from splitlora_server.registry import invalid_client_id
 
 _Code = grpc.StatusCode
-
-
-class Refusal(Exception):
-    """A request the service refuses; it becomes the call's gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)
@@ -33,10 +26,10 @@ class Header:
 def check_client_id(client_id: str) -> None:
     """An id the registry would accept: 1-64 letters, digits, '.', '_' or '-'."""
     if not client_id:
-        raise Refusal(_Code.INVALID_ARGUMENT, "client_id is empty; set it to this client's id")
+        raise Refused(_Code.INVALID_ARGUMENT, "client_id is empty; set it to this client's id")
     problem = invalid_client_id(client_id)
     if problem:
-        raise Refusal(_Code.INVALID_ARGUMENT, problem)
+        raise Refused(_Code.INVALID_ARGUMENT, problem)
 
 
 def parse_adapter(header: Header, data: bytes, reference: AdapterState | None) -> AdapterState:
@@ -46,9 +39,9 @@ def parse_adapter(header: Header, data: bytes, reference: AdapterState | None) -
     try:
         state = from_bytes(data)
     except AdapterError as err:
-        raise Refusal(_Code.INVALID_ARGUMENT, f"{what}: {err}") from err
+        raise Refused(_Code.INVALID_ARGUMENT, f"{what}: {err}") from err
     if not state:
-        raise Refusal(_Code.INVALID_ARGUMENT, f"{what} has no tensors")
+        raise Refused(_Code.INVALID_ARGUMENT, f"{what} has no tensors")
     check_layout(state, state, what, suffix="")  # float dtypes, finite values
     if reference is not None:
         check_layout(state, reference, what)
@@ -59,7 +52,7 @@ def check_repeated_header(header: Header, msg: apb.AdapterUpload) -> None:
     """Later messages may repeat the header fields (unset = not repeated) but must not change them."""
     for name, value in (("client_id", msg.client_id), ("round", msg.round), ("num_samples", msg.num_samples)):
         if value and value != getattr(header, name):
-            raise Refusal(_Code.INVALID_ARGUMENT, f"a later Submit message has {name}={value!r} but the first "
+            raise Refused(_Code.INVALID_ARGUMENT, f"a later Submit message has {name}={value!r} but the first "
                                                    f"had {getattr(header, name)!r}; keep the header the same")
 
 
@@ -68,8 +61,8 @@ _SAME_LAYOUT = ("; every client must use the same model, split and LoRA config a
 
 
 def check_layout(state: AdapterState, reference: AdapterState, what: str, suffix: str = _SAME_LAYOUT) -> None:
-    """check_adapter as a gRPC refusal: keys, shapes, float dtypes, finite values."""
+    """check_adapter as a gRPC refusal (Refused): keys, shapes, float dtypes, finite values."""
     try:
         check_adapter(state, reference, what=what)
     except AdapterError as err:
-        raise Refusal(_Code.INVALID_ARGUMENT, f"{err}{suffix}") from err
+        raise Refused(_Code.INVALID_ARGUMENT, f"{err}{suffix}") from err

@@ -1,38 +1,17 @@
-"""Cross-client batching: stack several clients' steps into one forward/backward and split the results back.
-
-Semantics (shared server adapter only):
-
-- Every client in a batch sees the same server adapter weights. The combined objective is the *sum of the
-  per-client mean losses*, so each client's loss and its gradient at the cut are exactly what it would get
-  alone with those weights (rows of a transformer batch do not interact; padding is masked and labelled -100).
-- The blocks run once over the stacked batch; the head and loss run client by client on the blocks' output, so
-  only one client's logits (vocabulary-sized) are alive at a time, and one backward pass goes through the blocks.
-- One optimizer step is taken on the combined gradient (clipped as a whole), and the learning-rate schedule
-  advances once per client step in the batch, so it follows the configured number of client steps.
-- Processed one by one, client 2 would instead see the adapter already updated by client 1. That update order
-  is the only difference, and it is inherent to batching.
-- Dropout masks of a batched step are drawn for the batch as a whole (seeded by its members), so with dropout
-  on, a batched run is reproducible only if the same steps meet in the same batches.
+"""Cross-client batching as a policy over queued forward jobs: which waiting steps of other clients join a
+forward, and how long to wait for them. What a batched group computes is in `splitlora_server.engine.compute`.
 
 Per-client adapter mode is never batched: every client has its own adapter, so no two waiting steps share one.
 """
 from __future__ import annotations
 
+import collections
+import queue
+import threading
+import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
 
-import torch
-import torch.nn.functional as F
-
-from common.loss import IGNORE_INDEX, causal_lm_loss
-from common.split.parts import SplitPart
-
-
-class _Step(Protocol):
-    hidden: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor
+from splitlora_server.engine.jobs import Forward, Job
 
 
 @dataclass(frozen=True)
@@ -48,62 +27,62 @@ class BatchSettings:
         return self.max_clients > 1
 
 
-@dataclass
-class Stacked:
-    """Several steps padded to one length and concatenated along the batch dimension."""
+class BatchPolicy:
+    """Collects the forward jobs of other clients queued behind a first one, knowing which clients may still
+    send a step (those with a Train stream open)."""
 
-    hidden: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor
-    spans: list[tuple[int, int, int]]  # per step: first row, end row, its own sequence length
+    def __init__(self, settings: BatchSettings) -> None:
+        self.settings = settings
+        self._clients: set[str] = set()  # every client seen (engine thread only)
+        self._streams: collections.Counter[str] = collections.Counter()  # open Train streams per client
+        self._departed: set[str] = set()  # clients whose last stream closed: the batch window does not wait
+        self._lock = threading.Lock()
 
+    def seen(self, client_id: str) -> None:
+        """A client the window may wait for (engine thread)."""
+        self._clients.add(client_id)
 
-def _pad_seq(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
-    extra = width - t.shape[1]
-    if extra == 0:
-        return t
-    pad = (0, 0, 0, extra) if t.dim() == 3 else (0, extra)
-    return F.pad(t, pad, value=value)
+    def stream_opened(self, client_id: str) -> None:
+        """The service opened a Train stream of `client_id` (any thread)."""
+        with self._lock:
+            self._streams[client_id] += 1
+            self._departed.discard(client_id)
 
+    def stream_closed(self, client_id: str) -> None:
+        """A Train stream of `client_id` ended; with none left, the batch window stops waiting for it."""
+        with self._lock:
+            self._streams[client_id] -= 1
+            if self._streams[client_id] <= 0:
+                del self._streams[client_id]
+                self._departed.add(client_id)
 
-def stack(steps: Sequence[_Step]) -> Stacked:
-    """Right-pad every step to the longest sequence (hidden 0, mask 0, position 0, label -100) and concatenate."""
-    width = max(int(s.hidden.shape[1]) for s in steps)
-    spans, row = [], 0
-    for s in steps:
-        spans.append((row, row + int(s.hidden.shape[0]), int(s.hidden.shape[1])))
-        row += int(s.hidden.shape[0])
-    return Stacked(
-        hidden=torch.cat([_pad_seq(s.hidden, width, 0.0) for s in steps]),
-        attention_mask=torch.cat([_pad_seq(s.attention_mask, width, 0) for s in steps]),
-        position_ids=torch.cat([_pad_seq(s.position_ids, width, 0) for s in steps]),
-        labels=torch.cat([_pad_seq(s.labels, width, IGNORE_INDEX) for s in steps]),
-        spans=spans)
+    def awaited(self, members: set[str]) -> set[str]:
+        """The clients a batch of `members` would wait for: seen before, not in it, and not departed."""
+        with self._lock:
+            return self._clients - members - self._departed
 
+    def collect(self, first: Forward, jobs: queue.Queue[Job], carry: collections.deque[Job]) -> list[Forward]:
+        """`first` and the forward jobs of other clients queued right behind it, up to `max_clients`.
 
-def forward_backward(part: SplitPart, stacked: Stacked, label_smoothing: float
-                     ) -> tuple[list[tuple[float, int]], torch.Tensor, int]:
-    """Blocks over the whole stack, head and loss per step, backward of the sum of the counted per-step mean
-    losses (those with target tokens and a finite value). Returns each step's (loss, tokens), the gradient at the
-    cut of the stack, and how many losses were counted."""
-    device = part.device
-    hidden = stacked.hidden.to(device).requires_grad_(True)
-    out = part.run_blocks(hidden.to(part.base_dtype), stacked.attention_mask.to(device),
-                          stacked.position_ids.to(device))
-    top = out.detach().requires_grad_(True)
-    labels, results, counted = stacked.labels.to(device), [], 0
-    for a, b, t in stacked.spans:
-        loss, tokens = causal_lm_loss(part.family.head(part.base, top[a:b, :t]), labels[a:b, :t], label_smoothing)
-        if tokens and torch.isfinite(loss):
-            loss.backward()  # frees this step's logits before the next step's are made
-            counted += 1
-        results.append((float(loss.detach()), tokens))
-    if counted:
-        out.backward(top.grad)
-    return results, hidden.grad if hidden.grad is not None else torch.zeros_like(hidden), counted
-
-
-def split_rows(stacked_grad: torch.Tensor, spans: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
-    """Each step's part of a stacked tensor, without the padding added by `stack`."""
-    return [stacked_grad[a:b, :t].contiguous() for a, b, t in spans]
+        Jobs already waiting are always taken; the policy waits (up to the batch window) for more only while
+        some client it knows of, with a stream open, is missing from the group. Collection stops at the first
+        job that is not another client's forward: that job goes to `carry` and runs after the group, so the
+        queue order is kept."""
+        group, members = [first], {first.step.client_id}
+        self.seen(first.step.client_id)
+        if not self.settings.enabled or first.alone:
+            return group
+        deadline = time.monotonic() + self.settings.window_ms / 1000.0
+        while len(group) < self.settings.max_clients:
+            left = deadline - time.monotonic() if self.awaited(members) else 0.0
+            try:
+                job = jobs.get(timeout=left) if left > 0 else jobs.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(job, Forward) or job.alone or job.step.client_id in members:
+                carry.append(job)
+                break
+            group.append(job)
+            members.add(job.step.client_id)
+            self.seen(job.step.client_id)
+        return group

@@ -45,9 +45,9 @@ class SplitServerCollector(Collector):
             total_steps = reg.total_steps
         yield _gauge("splitlora_rounds", "Federated rounds of this run.", reg.rounds)
         yield _gauge("splitlora_round_current", "Round in progress (0-based; equals splitlora_rounds when done).",
-                     reg.current_round())
+                     reg.coordinator.current_round())
         yield _gauge("splitlora_training_finished", "1 once every client finished the last round.",
-                     float(reg.finished.is_set()))
+                     float(reg.coordinator.finished.is_set()))
         yield _gauge("splitlora_clients_expected", "Clients expected in each round.", reg.expected)
         yield _gauge("splitlora_clients_joined", "Clients that have joined.", len(rows))
         yield _gauge("splitlora_clients_connected", "Clients with an open training stream.",

@@ -8,15 +8,14 @@ holds the admin credential.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from common.atomic import atomic_write_bytes
 from common.config.engine import ConfigError, option
 from splitlora_server.registry import CLIENT_ID_PATTERN
 
@@ -84,14 +83,9 @@ class TokenStore:
 
 
 def _save(path: Path, entries: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tokens-")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write("# splitlora bearer tokens: identity -> sha256 of the token (the tokens themselves are not "
-                     "stored)\n")
-        yaml.safe_dump(entries, handle, sort_keys=True)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    text = ("# splitlora bearer tokens: identity -> sha256 of the token (the tokens themselves are not stored)\n"
+            + yaml.safe_dump(entries, sort_keys=True))
+    atomic_write_bytes(path, text.encode("utf-8"), mode=0o600)
 
 
 @dataclass

@@ -1,0 +1,75 @@
+"""What the engine works on: the one step type (from the decoded frame to the compute path) and the jobs of its
+queue. A training step is a `Forward` job whose backward and update follow at once (`Backward`, `Update`);
+generation would be forward jobs with a KV cache, and a U-shaped step a forward and, one exchange later, a
+backward sent by the client (see docs/architecture.md)."""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Step:
+    """One client step as it arrives at the server (validated by `splitlora_server.frames`), or several
+    clients' steps stacked into one batch (`compute.stack`)."""
+
+    client_id: str
+    step: int
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        """Sequences in the batch (the samples a step trains on)."""
+        return int(self.hidden.shape[0])
+
+
+@dataclass
+class StepOutcome:
+    """The server's answer to one step."""
+
+    grad: torch.Tensor
+    loss: float
+    tokens: int
+
+
+@dataclass
+class Forward:
+    """Run the blocks and head of a step (batching may stack it with other clients' forward jobs); `alone`: never
+    stack it (a retry after its batch failed)."""
+
+    step: Step
+    future: Future = field(default_factory=Future)
+    alone: bool = False
+
+
+@dataclass
+class Backward:
+    """Backpropagate a group's losses to the cut (follows its Forward at once)."""
+
+    group: list[Forward]
+    pending: Any  # compute.Pending
+
+
+@dataclass
+class Update:
+    """Step the group's server adapter with the gradient its Backward left, and answer its steps."""
+
+    group: list[Forward]
+    pending: Any  # compute.Pending
+
+
+@dataclass
+class Call:
+    """Run a function on the engine thread, in queue order."""
+
+    fn: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
+Job = Forward | Backward | Update | Call | None  # None stops the worker

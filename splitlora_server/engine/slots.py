@@ -1,0 +1,121 @@
+"""The server adapters the engine trains ("slots"): one shared, or one per client; their optimizers, the
+snapshots of the last round boundary, rollback of a client's partial round, and the round-end average.
+Engine thread only."""
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from common.aggregation import ClientUpdate, Strategy
+from common.lora import AdapterState, adapter_state, load_adapter_state
+from common.optim import OptimSettings, build_optimizer
+from common.split.parts import SplitPart
+from splitlora_server.engine.state import ServerState, SlotState, capture_slot, restore_slot
+
+log = logging.getLogger(__name__)
+AdapterMode = Literal["shared", "per-client"]
+SHARED = "default"
+
+
+class Slot:
+    """The trainable state of one server adapter: its parameters, optimizer and schedule."""
+
+    def __init__(self, part: SplitPart, name: str, settings: OptimSettings) -> None:
+        self.name = name
+        self.params = [p for n, p in part.peft.named_parameters() if f".{name}." in n and "lora_" in n]
+        self.opt, self.sched = build_optimizer(self.params, settings)
+
+    def capture(self, part: SplitPart) -> SlotState:
+        return capture_slot(part.peft, self.name, self.opt, self.sched)
+
+    def restore(self, part: SplitPart, state: SlotState) -> None:
+        restore_slot(part.peft, state, self.opt, self.sched)
+
+
+class Slots:
+    """Every server adapter of the part, keyed by client id (per-client mode) or SHARED."""
+
+    def __init__(self, part: SplitPart, mode: AdapterMode, optim: OptimSettings, strategy: Strategy) -> None:
+        if mode not in ("shared", "per-client"):
+            raise ValueError(f"server adapter mode {mode!r} is not 'shared' or 'per-client'")
+        self.part, self.mode, self.optim, self.strategy = part, mode, optim, strategy
+        self.by_key: dict[str, Slot] = {SHARED: Slot(part, SHARED, optim)}
+        # the round boundary: the round whose start the snapshots hold (rollbacks of a client's partial round
+        # restore its slot from them) and, in shared mode, who has stepped the shared adapter since then
+        self.boundary_round = 0
+        self.snapshots: dict[str, SlotState] = {SHARED: self.by_key[SHARED].capture(part)}
+        self.touched: set[str] = set()
+
+    def of(self, client_id: str) -> Slot:
+        """The slot a client's steps train."""
+        return self.by_key[client_id if self.mode == "per-client" else SHARED]
+
+    def activate(self, client_id: str) -> Slot:
+        """Make the client's slot the part's active adapter, in training mode."""
+        slot = self.of(client_id)
+        self.part.peft.set_adapter(slot.name)
+        self.part.train()
+        return slot
+
+    def add_client(self, client_id: str) -> None:
+        """Per-client mode: give a new client its own copy of the server adapter."""
+        if self.mode != "per-client" or client_id in self.by_key:
+            return
+        names, i = {slot.name for slot in self.by_key.values()}, len(self.by_key)
+        while f"client{i}" in names:  # restored slots keep their names
+            i += 1
+        name = f"client{i}"  # client ids may hold '.', which peft adapter names must not
+        self._new(client_id, name)
+        load_adapter_state(self.part.peft, adapter_state(self.part.peft, SHARED), name)
+        self.snapshots[client_id] = self.by_key[client_id].capture(self.part)
+
+    def _new(self, key: str, name: str) -> Slot:
+        self.part.peft.add_adapter(name, self.part.lora.peft_config(self.part.family))
+        self.by_key[key] = Slot(self.part, name, self.optim)
+        return self.by_key[key]
+
+    def average(self, rnd: int, weights: dict[str, float]) -> None:
+        """Per-client mode: the strategy's average of the clients' adapters (sample weights) into every copy."""
+        if self.mode != "per-client":
+            return
+        clients = sorted(c for c in weights if c in self.by_key and c != SHARED)  # a fixed order: bit-reproducible
+        if not clients:
+            return
+        updates = [ClientUpdate(c, adapter_state(self.part.peft, self.by_key[c].name), weights[c]) for c in clients]
+        merged = self.strategy.aggregate(rnd, updates, adapter_state(self.part.peft, SHARED))
+        for slot in self.by_key.values():
+            load_adapter_state(self.part.peft, merged, slot.name)
+
+    def take_boundary(self, rnd: int, clients: list[str], steps: int) -> ServerState:
+        """Round `rnd` is over: snapshot every slot as the state from which round rnd+1 starts."""
+        self.boundary_round, self.touched = rnd + 1, set()
+        self.snapshots = {key: slot.capture(self.part) for key, slot in self.by_key.items()}
+        return ServerState(rnd + 1, dict(self.snapshots), list(clients), steps)
+
+    def rollback(self, client_id: str, rnd: int) -> bool:
+        """Undo a client's partial round `rnd` from the boundary snapshot; in shared mode only while nobody else
+        has stepped the shared adapter since."""
+        if rnd != self.boundary_round:
+            return False  # the round has closed meanwhile: the slot already holds the next boundary
+        key = client_id if self.mode == "per-client" else SHARED
+        if key == SHARED and not self.touched <= {client_id}:
+            log.warning("client %s redoes round %d, but other clients have stepped the shared server adapter since "
+                        "it started; its partial steps stay in (use --server-adapter-mode per-client for exact "
+                        "recovery)", client_id, rnd)
+            return False
+        if key in self.by_key and key in self.snapshots:
+            self.by_key[key].restore(self.part, self.snapshots[key])
+        self.touched.discard(client_id)
+        return True
+
+    def restore(self, state: ServerState) -> None:
+        """Resume from a checkpoint: recreate the slots under their adapter names and load their states."""
+        for key, slot_state in state.slots.items():
+            slot = self.by_key.get(key) or self._new(key, slot_state.name)
+            slot.restore(self.part, slot_state)
+        self.boundary_round, self.touched = state.round, set()
+        self.snapshots = dict(state.slots)
+
+    def adapter(self, client_id: str) -> AdapterState:
+        """A copy of the adapter a client's steps update (the shared one for unknown clients)."""
+        return adapter_state(self.part.peft, self.by_key.get(client_id, self.by_key[SHARED]).name)
