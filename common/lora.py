@@ -11,6 +11,8 @@ from safetensors.torch import save as st_save
 
 from common.atomic import save_tensors_atomic
 
+from common.residuals import expand_residuals
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 AdapterState = dict[str, torch.Tensor]
@@ -77,8 +79,9 @@ def write_adapter_file(path: Path, state: AdapterState, metadata: dict[str, str]
 
 def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,
                    base_model: str | None = None, metadata: dict[str, str] | None = None) -> Path:
-    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts
-    (`metadata`: extra header entries of its safetensors file)."""
+    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts; fedex residuals
+    in them become exact higher-rank modules (common.residuals.expand_residuals); `metadata`: extra header entries
+    of its safetensors file."""
     out = Path(out_dir)
     merged: AdapterState = {}
     for state in states:
@@ -86,6 +89,7 @@ def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterStat
         if overlap:
             raise AdapterError(f"adapter parts overlap on {sorted(overlap)[:3]}")
         merged.update(state)
+    merged, config = expand_residuals(merged, config)
     config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": base_model})
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))

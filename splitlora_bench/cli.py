@@ -1,4 +1,4 @@
-"""`splitlora-bench overhead|wire|scaling|time-to-target|edge-link|all --out DIR`."""
+"""`splitlora-bench overhead|wire|scaling|time-to-target|edge-link|aggregation|all --out DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "scaling": ("splitlora_bench.bench_scaling", "server steps/s with 1..8 concurrent clients, batching on and off"),
     "time-to-target": ("splitlora_bench.bench_time_to_target", "CenLoRA, FedLoRA and SplitLoRA to a validation loss"),
     "edge-link": ("splitlora_bench.bench_edge_link", "SplitLoRA with clients behind rate-limited links (netns + tbf)"),
+    "aggregation": ("splitlora_bench.bench_aggregation", "FedAvg, ffa and fedex on IID and non-IID partitions"),
 }
 REMODEL = ("splitlora_bench.bench_time_to_target", "redo time-to-target's modeled times from its JSON with --profiles")
 

@@ -66,6 +66,11 @@ class BenchConfig:
     profiles: str = option(str(PROFILES), "YAML file of device profiles for the modeled wall time.")
     project_shapes: list[str] = option(["12x768"], "Also model the time-to-target wall time with the per-step "
                                                    "cost of these shapes (12x768: GPT-2 small), same curves.")
+    aggregation_strategies: list[str] = option(["fedavg", "ffa", "fedex"], "Strategies compared by `aggregation`.")
+    aggregation_clients: list[int] = option([3, 8], "Client counts of `aggregation`.")
+    partitions: list[str] = option(["iid", "dirichlet"], "Partitions of `aggregation`: iid shards, dirichlet over "
+                                                         "eatType/food/area of the meaning representation.")
+    dirichlet_alpha: float = option(0.3, "Concentration of the dirichlet partition (small: more skewed).")
     edge_rates_mbit: list[int] = option([20, 100, 0], "Link rates of `edge-link`, Mbit/s each way per client "
                                                       "(0: the same links without a limit).")
     edge_codecs: list[str] = option(["float32", "int8"], "Codecs of `edge-link`.")
@@ -81,6 +86,8 @@ class BenchConfig:
                      "pretrain_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.dirichlet_alpha > 0 or min(self.aggregation_clients, default=1) < 1:
+            raise ConfigError("dirichlet_alpha must be > 0 and aggregation_clients at least 1")
         if self.pretrain_steps < 0:
             raise ConfigError(f"pretrain_steps must be 0 or more, got {self.pretrain_steps}")
         for shape in [*self.overhead_shapes, *self.scaling_shapes, *self.project_shapes]:

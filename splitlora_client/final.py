@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from common.lora import AdapterError, adapter_state, export_adapter, from_bytes
+from common.lora import AdapterError, AdapterState, export_adapter, from_bytes
 from common.provenance import Provenance
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.parts import SplitPart
@@ -17,8 +17,8 @@ from splitlora_client.session import SplitSession
 log = logging.getLogger("splitlora.client")
 
 
-def receive_whole_adapter(session: SplitSession, plan: spb.Plan, part: SplitPart, out_dir: Path,
-                          made: Provenance, timeout: float) -> Path | None:
+def receive_whole_adapter(session: SplitSession, plan: spb.Plan, part: SplitPart, client_state: AdapterState,
+                          out_dir: Path, made: Provenance, timeout: float) -> Path | None:
     """Fetch the server adapter and write the whole-model adapter; None when the server keeps its adapter
     private or cannot send it (said in the log: the client adapter is written either way)."""
     if not plan.send_final_adapter:
@@ -28,7 +28,7 @@ def receive_whole_adapter(session: SplitSession, plan: spb.Plan, part: SplitPart
     try:
         pieces = session.stub.FetchServerAdapter(request, timeout=timeout)
         server_state = from_bytes(b"".join(p.safetensors_chunk for p in pieces))
-        path = export_adapter(out_dir, part.lora.peft_config(part.family), adapter_state(part.peft), server_state,
+        path = export_adapter(out_dir, part.lora.peft_config(part.family), client_state, server_state,
                               base_model=str(part.model_dir),
                               metadata=dataclasses.replace(made, side="model").to_metadata())
     except (grpc.RpcError, AdapterError) as err:

@@ -14,7 +14,6 @@ from typing import Callable
 import grpc
 
 from common.faults import fault_point
-from common.lora import load_adapter_state
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from splitlora_client.aggregator import fetch_global, submit_adapter
@@ -64,7 +63,7 @@ class RoundSync:
             self._submit(round - 1, self.samples)
             fault_point("client", "submit", round - 1)
         state, num_clients, total = self._fetch(round - 1)
-        load_adapter_state(self.state.peft, state)
+        self.state.load_global(state)
         self.in_memory = None
         return num_clients, total
 

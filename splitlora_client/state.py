@@ -17,7 +17,8 @@ from peft import PeftModel
 
 from common.atomic import Tensors
 from common.data import BatchStream
-from common.lora import adapter_state, load_adapter_state
+from common.lora import AdapterError, adapter_state, load_adapter_state
+from common.residuals import ResidualFolder, split_residuals
 from common.state.optimizer import load_optimizer_state, load_scheduler_state, optimizer_state, scheduler_state
 from common.state.snapshots import CheckpointDir, check_same_run
 
@@ -34,12 +35,14 @@ class Snapshot:
 
 @dataclass
 class ClientState:
-    """The client's trainable state: its adapter, the optimizer and schedule over it, and its data stream."""
+    """The client's trainable state: its adapter, the optimizer and schedule over it, and its data stream (the
+    base weights change only by folding a global adapter's residuals, which every round start reloads)."""
 
     peft: PeftModel
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     batches: BatchStream
+    folder: ResidualFolder  # fedex: the global residuals folded into the frozen base weights
 
     def capture(self, samples: int = 0) -> Snapshot:
         """Copy the state; `samples`: examples trained on in the round just done (the submission's weight)."""
@@ -58,6 +61,16 @@ class ClientState:
 
     def local_adapter(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.peft)
+
+    def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a round's global adapter, folding its residuals (fedex) into the base weights; other tensors a
+        strategy keeps in the global state are the aggregator's business."""
+        layout = adapter_state(self.peft)
+        missing = sorted(set(layout) - set(state))
+        if missing:
+            raise AdapterError(f"the global adapter lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        load_adapter_state(self.peft, {k: state[k] for k in layout})
+        self.folder.fold(split_residuals(state)[1])
 
 
 class ClientCheckpoints:

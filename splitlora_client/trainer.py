@@ -11,6 +11,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from common.aggregation import freezes_lora_a
 from common.data import BatchStream
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
@@ -19,6 +20,7 @@ from common.lora import adapter_state, write_adapter_file
 from common.plan import options_json
 from common.provenance import provenance
 from common.optim import OptimSettings, build_optimizer, optimizer_step
+from common.residuals import ResidualFolder
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
 from common.tls import open_channel
@@ -67,6 +69,14 @@ def run_identity(cfg: TrainConfig, sched, fingerprint) -> dict:
             "split_layer": fingerprint.split_layer}
 
 
+def _freeze_a_for(aggregation: str, part: SplitPart) -> None:
+    """ffa: only B trains, A stays as initialised."""
+    if aggregation and freezes_lora_a(aggregation):
+        for name, param in part.peft.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run every round of split training for this client; return the path of its client adapter (the whole-model
     adapter, when the server hands out its part, is in `--output/adapter/`).
@@ -90,16 +100,17 @@ def train(cfg: TrainConfig) -> Path:
     codecs = [codec_from_name(c) for c in cfg.codecs]
     reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout,
                          backoff=Backoff(cap=5.0, budget=cfg.join_timeout))
-    log.info("joined %s as %s: %d rounds x %d steps, batch %d, split layer %d, codec %s", cfg.server,
-             cfg.client_id, sched.rounds, sched.local_steps, sched.batch_size, cfg.split_layer,
-             codec_name(reply.codec))
+    log.info("joined %s as %s: %d rounds x %d steps, batch %d, split layer %d, codec %s, aggregation %s",
+             cfg.server, cfg.client_id, sched.rounds, sched.local_steps, sched.batch_size, cfg.split_layer,
+             codec_name(reply.codec), reply.aggregation or "fedavg")
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
     agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, options)
+    _freeze_a_for(reply.aggregation, part)
     params = [p for p in part.parameters() if p.requires_grad]
     optim = OptimSettings(sched.learning_rate, sched.weight_decay, sched.warmup_steps,
                           sched.rounds * sched.local_steps, sched.max_grad_norm)
     opt, lr_sched = build_optimizer(params, optim)
-    state = ClientState(part.peft, opt, lr_sched, batches)
+    state = ClientState(part.peft, opt, lr_sched, batches, ResidualFolder(part.peft))
     out_dir = cfg.output_dir
     checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, fingerprint), state.capture())
     backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
@@ -120,9 +131,10 @@ def train(cfg: TrainConfig) -> Path:
         session.close()
     path = out_dir / CLIENT_ADAPTER_FILE
     made = provenance("client", fingerprint, options_json(cfg), str(local.model_dir))
-    write_adapter_file(path, adapter_state(part.peft), made.to_metadata())
+    client_state = {**adapter_state(part.peft), **state.folder.residuals}  # fedex: residuals too
+    write_adapter_file(path, client_state, made.to_metadata())
     log.info("client adapter written to %s", path)
-    receive_whole_adapter(session, plan.message, part, out_dir / "adapter", made, cfg.round_timeout)
+    receive_whole_adapter(session, plan.message, part, client_state, out_dir / "adapter", made, cfg.round_timeout)
     return path
 
 

@@ -152,7 +152,7 @@ def _engine(cfg: ServeConfig, part: SplitPart, checkpoints: ServerCheckpoints) -
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
     optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
     return ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed,
-                        BatchSettings(cfg.batch_window_ms, cfg.max_batch_clients),
+                        BatchSettings(cfg.batch_window_ms, cfg.max_batch_clients), strategy=cfg.strategy(),
                         on_boundary=lambda state: checkpoints.save(
                             state, fault=lambda: fault_point("server", "checkpoint", state.round - 1))).start()
 
@@ -197,7 +197,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
-                                   plan=_plan(cfg, planned, schedule, part, initial))
+                                   plan=_plan(cfg, planned, schedule, part, initial), aggregation=cfg.aggregation)
     server = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth)
     sgrpc.add_SplitTrainingServicer_to_server(service, server)
     aggregator = None

@@ -37,8 +37,11 @@ class AggregationOptions:
 
     HELP_GROUP = "federation"
 
-    aggregation: str = option("fedavg", "fedavg: sample-weighted mean; median / trimmed-mean: coordinate-wise, "
-                                        "each client counted once, robust to a minority of bad clients.",
+    aggregation: str = option("fedavg", "fedavg: sample-weighted mean of A and B (inexact for B·A); ffa: A frozen "
+                                        "at its initialisation, B averaged (exact); fedex: A and B averaged plus "
+                                        "the residual folded into the base weights (exact); median / trimmed-mean: "
+                                        "coordinate-wise, each client counted once, robust to a minority of bad "
+                                        "clients. Per-client server adapters follow it too.",
                               choices=sorted(MODES))
     clip_norm: float = option(0.0, "Clip each client's update (its adapter minus the previous global adapter) to "
                                    "this L2 norm before combining (0: off).")

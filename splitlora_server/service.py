@@ -38,8 +38,10 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def __init__(self, engine: ServerEngine, registry: Registry, fingerprint: spb.Fingerprint,
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
-                 on_shutdown: Callable[[str], None] | None = None, plan: spb.Plan | None = None) -> None:
+                 on_shutdown: Callable[[str], None] | None = None, plan: spb.Plan | None = None,
+                 aggregation: str = "fedavg") -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
+        self.aggregation = aggregation  # announced at Join: how the clients' adapters are combined
         self.rounds: RoundCoordinator = registry.coordinator
         self.plan = plan if plan is not None else spb.Plan(schedule=schedule, send_final_adapter=True)
         self.final = FinalAdapter(self.rounds.finished, engine.server_adapter)
@@ -89,7 +91,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
                              start_round=start,
-                             num_clients=self.rounds.expected, server_version=VERSION)
+                             num_clients=self.rounds.expected, server_version=VERSION,
+                             aggregation=self.aggregation)
 
     def _negotiate(self, offered: list[int]) -> int:
         for codec in offered or [tpb.CODEC_RAW]:

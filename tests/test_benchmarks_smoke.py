@@ -44,7 +44,7 @@ def _result(cfg: BenchConfig, name: str) -> dict:
 
 def test_the_command_line_knows_every_benchmark():
     parser = build_parser()
-    for name in ("overhead", "wire", "scaling", "time-to-target", "edge-link", "all"):
+    for name in ("overhead", "wire", "scaling", "time-to-target", "edge-link", "aggregation", "all"):
         assert parser.parse_args([name, "--out", "x"])._run
 
 
@@ -177,3 +177,20 @@ def test_held_out_examples_share_no_context_with_the_fine_tuning_data(tmp_path: 
     assert held_out == pool[:10]
     assert train == [ex for ex in pool if ex.context not in {h.context for h in held_out}]
     assert load_examples(assets.train_file(cfg)) == train
+
+
+def test_aggregation(smoke: BenchConfig):
+    cfg = dataclasses.replace(smoke, aggregation_clients=[3], rounds=2, local_steps=2, warmup_steps=0,
+                              learning_rate=1e-2, dirichlet_alpha=0.5)
+    run_benchmarks(cfg, ["aggregation"])
+    result = _result(cfg, "aggregation")
+    rows = {(r["partition"], r["strategy"]): r for r in result["table"]}
+    assert set(rows) == {(p, s) for p in ("iid", "dirichlet") for s in ("fedavg", "ffa", "fedex")}
+    for run in result["runs"]:
+        errors = run["extra"]["aggregation_error"][1:]
+        assert len(run["val_loss"]) == 3 and len(errors) == 2
+        if run["method"] == "fedavg":
+            assert errors[-1] > 1e-4  # separate averaging of A and B is off once the clients diverge
+        else:
+            assert max(errors) < 1e-5
+    assert sum(result["runs"][3]["shard_sizes"]) == sum(result["runs"][0]["shard_sizes"])

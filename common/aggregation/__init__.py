@@ -12,12 +12,15 @@ from typing import Callable, Sequence
 from common.aggregation.base import ClientUpdate, Strategy, check_inputs
 from common.aggregation.clipping import Clipped, clip_updates, update_norm
 from common.aggregation.fedavg import FedAvg, fedavg
+from common.aggregation.fedex import FedEx, fedex
+from common.aggregation.ffa import FFA
 from common.aggregation.median import Median, median
 from common.aggregation.trimmed_mean import DEFAULT_TRIM_FRACTION, TrimmedMean, trimmed_mean
 from common.lora import AdapterState
 
 __all__ = ["DEFAULT_TRIM_FRACTION", "MODES", "STRATEGIES", "ClientUpdate", "Strategy", "StrategyOptions",
-           "aggregate", "build_strategy", "clip_updates", "fedavg", "median", "trimmed_mean", "update_norm"]
+           "aggregate", "build_strategy", "clip_updates", "fedavg", "fedex", "freezes_lora_a", "median", "trimmed_mean",
+           "update_norm"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ STRATEGIES: dict[str, Callable[[StrategyOptions], Strategy]] = {
     "fedavg": lambda o: FedAvg(),
     "median": lambda o: Median(),
     "trimmed-mean": lambda o: TrimmedMean(o.trim_fraction),
+    "ffa": lambda o: FFA(),
+    "fedex": lambda o: FedEx(),
 }
 MODES = STRATEGIES  # the --aggregation names
 
@@ -43,6 +48,11 @@ def build_strategy(mode: str = "fedavg", clip_norm: float = 0.0,
     except KeyError:
         raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {sorted(STRATEGIES)}") from None
     return Clipped(strategy, clip_norm) if clip_norm else strategy
+
+
+def freezes_lora_a(mode: str) -> bool:
+    """Whether the named strategy needs LoRA A frozen at its initialisation (what a client must know at Join)."""
+    return build_strategy(mode).freezes_lora_a
 
 
 def aggregate(states: Sequence[AdapterState], weights: Sequence[float], mode: str = "fedavg", *,

@@ -31,6 +31,7 @@ class Strategy(ABC):
     """One aggregation algorithm (see the module docstring)."""
 
     name: str
+    freezes_lora_a: bool = False  # clients (and per-client server copies) keep LoRA A at its initialisation
 
     @abstractmethod
     def aggregate(self, round: int, updates: Sequence[ClientUpdate], current: AdapterState | None) -> AdapterState:

@@ -11,6 +11,7 @@ import torch
 from common.aggregation.base import ClientUpdate, Strategy, check_inputs, check_same_layout, f64, unpack
 from common.aggregation.median import median
 from common.lora import AdapterState
+from common.residuals import split_residuals
 
 
 def _norm(tensors: AdapterState) -> float:
@@ -45,7 +46,7 @@ class Clipped(Strategy):
 
     def __init__(self, inner: Strategy, clip_norm: float) -> None:
         self.inner, self.clip_norm = inner, clip_norm
-        self.name = inner.name
+        self.name, self.freezes_lora_a = inner.name, inner.freezes_lora_a
 
     def describe(self) -> str:
         return f"{self.inner.describe()}, updates clipped to norm {self.clip_norm:g}"
@@ -53,7 +54,8 @@ class Clipped(Strategy):
     def aggregate(self, round: int, updates: Sequence[ClientUpdate], current: AdapterState | None) -> AdapterState:
         states, weights = unpack(updates)
         check_inputs(states, weights)
-        reference = current if current is not None else median(states, weights)
+        adapter = split_residuals(current)[0] if current is not None else None  # fedex: residuals are no update
+        reference = adapter if adapter is not None else median(states, weights)
         clipped = clip_updates(states, reference, self.clip_norm)
         return self.inner.aggregate(round, [ClientUpdate(u.client_id, s, u.num_samples)
                                             for u, s in zip(updates, clipped)], current)

@@ -196,5 +196,6 @@ class ServerEngine:
         return self.call(lambda: self._slots.adapter(client_id)).result()
 
     def server_adapter(self) -> AdapterState:
-        """The server adapter to export (the shared one, or the average after the last round)."""
-        return self.call(lambda: self._slots.adapter(SHARED)).result()
+        """The server adapter to export (the shared one, or the average after the last round, with fedex's
+        residuals)."""
+        return self.call(self._slots.export_state).result()

@@ -9,6 +9,7 @@ from typing import Literal
 from common.aggregation import ClientUpdate, Strategy
 from common.lora import AdapterState, adapter_state, load_adapter_state
 from common.optim import OptimSettings, build_optimizer
+from common.residuals import ResidualFolder, split_residuals
 from common.split.parts import SplitPart
 from splitlora_server.engine.state import ServerState, SlotState, capture_slot, restore_slot
 
@@ -20,9 +21,12 @@ SHARED = "default"
 class Slot:
     """The trainable state of one server adapter: its parameters, optimizer and schedule."""
 
-    def __init__(self, part: SplitPart, name: str, settings: OptimSettings) -> None:
+    def __init__(self, part: SplitPart, name: str, settings: OptimSettings, freeze_a: bool = False) -> None:
         self.name = name
         self.params = [p for n, p in part.peft.named_parameters() if f".{name}." in n and "lora_" in n]
+        self.frozen = [p for n, p in part.peft.named_parameters() if freeze_a and f".lora_A.{name}." in n]
+        if freeze_a:  # ffa: A stays at the shared initialisation, only B trains
+            self.params = [p for n, p in part.peft.named_parameters() if f".lora_B.{name}." in n]
         self.opt, self.sched = build_optimizer(self.params, settings)
 
     def capture(self, part: SplitPart) -> SlotState:
@@ -39,7 +43,10 @@ class Slots:
         if mode not in ("shared", "per-client"):
             raise ValueError(f"server adapter mode {mode!r} is not 'shared' or 'per-client'")
         self.part, self.mode, self.optim, self.strategy = part, mode, optim, strategy
-        self.by_key: dict[str, Slot] = {SHARED: Slot(part, SHARED, optim)}
+        self.freeze_a = mode == "per-client" and strategy.freezes_lora_a
+        self.folder = ResidualFolder(part.peft, SHARED)  # fedex: the residuals folded into the base weights
+        self.strategy_state: AdapterState = {}  # what the strategy returned beyond the adapter (checkpointed)
+        self.by_key: dict[str, Slot] = {SHARED: Slot(part, SHARED, optim, self.freeze_a)}
         # the round boundary: the round whose start the snapshots hold (rollbacks of a client's partial round
         # restore its slot from them) and, in shared mode, who has stepped the shared adapter since then
         self.boundary_round = 0
@@ -53,7 +60,9 @@ class Slots:
     def activate(self, client_id: str) -> Slot:
         """Make the client's slot the part's active adapter, in training mode."""
         slot = self.of(client_id)
-        self.part.peft.set_adapter(slot.name)
+        self.part.peft.set_adapter(slot.name)  # (makes every parameter of the adapter trainable)
+        for param in slot.frozen:
+            param.requires_grad_(False)
         self.part.train()
         return slot
 
@@ -71,7 +80,7 @@ class Slots:
 
     def _new(self, key: str, name: str) -> Slot:
         self.part.peft.add_adapter(name, self.part.lora.peft_config(self.part.family))
-        self.by_key[key] = Slot(self.part, name, self.optim)
+        self.by_key[key] = Slot(self.part, name, self.optim, self.freeze_a)
         return self.by_key[key]
 
     def average(self, rnd: int, weights: dict[str, float]) -> None:
@@ -82,15 +91,19 @@ class Slots:
         if not clients:
             return
         updates = [ClientUpdate(c, adapter_state(self.part.peft, self.by_key[c].name), weights[c]) for c in clients]
-        merged = self.strategy.aggregate(rnd, updates, adapter_state(self.part.peft, SHARED))
+        shared = adapter_state(self.part.peft, SHARED)
+        result = self.strategy.aggregate(rnd, updates, {**shared, **self.strategy_state})
+        merged = {k: result[k] for k in shared}
         for slot in self.by_key.values():
             load_adapter_state(self.part.peft, merged, slot.name)
+        self.strategy_state = {k: v for k, v in result.items() if k not in shared}  # e.g. fedex's residuals
+        self.folder.fold(split_residuals(self.strategy_state)[1])
 
     def take_boundary(self, rnd: int, clients: list[str], steps: int) -> ServerState:
         """Round `rnd` is over: snapshot every slot as the state from which round rnd+1 starts."""
         self.boundary_round, self.touched = rnd + 1, set()
         self.snapshots = {key: slot.capture(self.part) for key, slot in self.by_key.items()}
-        return ServerState(rnd + 1, dict(self.snapshots), list(clients), steps)
+        return ServerState(rnd + 1, dict(self.snapshots), list(clients), steps, dict(self.strategy_state))
 
     def rollback(self, client_id: str, rnd: int) -> bool:
         """Undo a client's partial round `rnd` from the boundary snapshot; in shared mode only while nobody else
@@ -115,7 +128,13 @@ class Slots:
             slot.restore(self.part, slot_state)
         self.boundary_round, self.touched = state.round, set()
         self.snapshots = dict(state.slots)
+        self.strategy_state = dict(state.strategy_state)
+        self.folder.fold(split_residuals(self.strategy_state)[1])
 
     def adapter(self, client_id: str) -> AdapterState:
         """A copy of the adapter a client's steps update (the shared one for unknown clients)."""
         return adapter_state(self.part.peft, self.by_key.get(client_id, self.by_key[SHARED]).name)
+
+    def export_state(self) -> AdapterState:
+        """The shared adapter and, with fedex, the residuals folded into the base weights (what export needs)."""
+        return {**adapter_state(self.part.peft, SHARED), **self.folder.residuals}

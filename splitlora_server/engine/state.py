@@ -7,7 +7,7 @@ RNG state needs no saving: every step's randomness is derived from (seed, role, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -56,6 +56,7 @@ class ServerState:
     slots: dict[str, SlotState]  # slot key (a client id, or the shared adapter's name) -> state
     clients: list[str]           # enrolled client ids, in enrolment order
     steps: int                   # server steps computed so far (statistics only)
+    strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)  # beyond the adapter (fedex: residuals)
 
 
 class ServerCheckpoints:
@@ -73,7 +74,9 @@ class ServerCheckpoints:
             tensors.update({f"slot{i}.adapter.{k}": v for k, v in slot.adapter.items()})
             tensors.update({f"slot{i}.{k}": v for k, v in slot.optim.items()})
             slots.append({"key": key, "name": slot.name, "adapter_keys": sorted(slot.adapter), "meta": slot.meta})
-        meta = {"run": self.run, "slots": slots, "clients": state.clients, "steps": state.steps}
+        tensors.update({f"strategy.{k}": v for k, v in state.strategy_state.items()})
+        meta = {"run": self.run, "slots": slots, "clients": state.clients, "steps": state.steps,
+                "strategy_keys": sorted(state.strategy_state)}
         return self.dir.save(state.round, tensors, meta, fault)
 
     def latest(self) -> ServerState | None:
@@ -87,12 +90,13 @@ class ServerCheckpoints:
             adapter = {k: ckpt.tensors[f"slot{i}.adapter.{k}"] for k in slot["adapter_keys"]}
             optim = {k[len(f"slot{i}."):]: v for k, v in ckpt.tensors.items() if k.startswith(f"slot{i}.optim.")}
             slots[slot["key"]] = SlotState(slot["name"], adapter, optim, slot["meta"])
-        return ServerState(ckpt.round, slots, list(ckpt.meta["clients"]), int(ckpt.meta["steps"]))
+        strategy = {k: ckpt.tensors[f"strategy.{k}"] for k in ckpt.meta.get("strategy_keys", [])}
+        return ServerState(ckpt.round, slots, list(ckpt.meta["clients"]), int(ckpt.meta["steps"]), strategy)
 
 
 def run_identity(cfg, fingerprint) -> dict:
     """The settings a resumed run must share with the checkpoint (anything else would silently diverge)."""
     names = ("clients", "rounds", "local_steps", "batch_size", "learning_rate", "weight_decay", "warmup_steps",
-             "max_grad_norm", "label_smoothing", "seed", "server_adapter_mode", "split_layer")
+             "max_grad_norm", "label_smoothing", "seed", "server_adapter_mode", "split_layer", "aggregation")
     return {**{name: getattr(cfg, name) for name in names}, "model_config": fingerprint.config_sha256,
             "model_index": fingerprint.index_sha256, "lora": fingerprint.lora_sha256}

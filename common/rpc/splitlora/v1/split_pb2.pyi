@@ -88,7 +88,7 @@ class Plan(_message.Message):
     def __init__(self, model_options_json: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., family: _Optional[str] = ..., initial_client_adapter: _Optional[bytes] = ..., send_final_adapter: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("session", "schedule", "aggregator_address", "codec", "max_message_bytes", "chunk_bytes", "start_round", "num_clients", "server_version")
+    __slots__ = ("session", "schedule", "aggregator_address", "codec", "max_message_bytes", "chunk_bytes", "start_round", "num_clients", "server_version", "aggregation")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class JoinReply(_message.Message):
     START_ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     session: str
     schedule: Schedule
     aggregator_address: str
@@ -107,7 +108,8 @@ class JoinReply(_message.Message):
     start_round: int
     num_clients: int
     server_version: str
-    def __init__(self, session: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., aggregator_address: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., start_round: _Optional[int] = ..., num_clients: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    aggregation: str
+    def __init__(self, session: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., aggregator_address: _Optional[str] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., start_round: _Optional[int] = ..., num_clients: _Optional[int] = ..., server_version: _Optional[str] = ..., aggregation: _Optional[str] = ...) -> None: ...
 
 class StepForward(_message.Message):
     __slots__ = ("step", "round", "hidden", "attention_mask", "labels", "position_ids")
