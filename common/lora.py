@@ -65,9 +65,9 @@ def load_adapter_state(model: PeftModel, state: AdapterState, adapter_name: str 
     # (peft's set_peft_model_state_dict would swap tensors under the optimizer).
 
 
-def to_bytes(state: AdapterState) -> bytes:
-    """Serialize an adapter as safetensors bytes."""
-    return st_save({k: v.contiguous() for k, v in state.items()})
+def to_bytes(state: AdapterState, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize an adapter as safetensors bytes (`metadata`: extra header entries)."""
+    return st_save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt", **(metadata or {})})
 
 
 def from_bytes(data: bytes) -> AdapterState:
@@ -78,9 +78,10 @@ def from_bytes(data: bytes) -> AdapterState:
         raise AdapterError(f"adapter is not valid safetensors data: {err}") from err
 
 
-def write_adapter_file(path: Path, state: AdapterState) -> None:
-    """Write an adapter state to a safetensors file atomically, with its SHA-256 next to it (common.integrity)."""
-    write_with_digest(Path(path), to_bytes(state))
+def write_adapter_file(path: Path, state: AdapterState, metadata: dict[str, str] | None = None) -> None:
+    """Write an adapter state to a safetensors file atomically, with its SHA-256 next to it (common.integrity);
+    `metadata`: extra header entries (e.g. common.provenance)."""
+    write_with_digest(Path(path), to_bytes(state, metadata))
 
 
 def read_adapter_file(path: Path) -> AdapterState:
@@ -89,10 +90,11 @@ def read_adapter_file(path: Path) -> AdapterState:
 
 
 def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,
-                   base_model: str | None = None) -> Path:
+                   base_model: str | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write a standard PEFT adapter directory for the whole model from the adapters of its parts: the weights
     and the config as `PeftModel.save_pretrained` writes them (`inference_mode` true, the task type kept); fedex
-    residuals in them become exact higher-rank modules (common.residuals.expand_residuals)."""
+    residuals in them become exact higher-rank modules (common.residuals.expand_residuals); `metadata`: extra
+    header entries of its safetensors file."""
     out = Path(out_dir)
     merged: AdapterState = {}
     for state in states:
@@ -105,5 +107,5 @@ def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterStat
     config.base_model_name_or_path, config.inference_mode = base_model, True
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
-    write_adapter_file(out / ADAPTER_WEIGHTS, merged)
+    write_adapter_file(out / ADAPTER_WEIGHTS, merged, metadata)
     return out

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.procs import BIN
+from splitlora_bench.procs import BIN
 from common.data import synthetic_e2e, write_examples
 
 CLIENTS = ("alice", "bob", "carol")
 TRAINING = ["--rounds", "5", "--local-steps", "30", "--batch-size", "8", "--learning-rate", "3e-3",
             "--warmup-steps", "10", "--seed", "0"]
-LORA = ["--lora-targets", "c_attn,c_proj,c_fc", "--lora-r", "8"]  # same on every role: part of the fingerprint
+LORA = ["--lora-targets", "c_attn,c_proj,c_fc", "--lora-r", "8"]  # the server's: clients take them with its plan
 
 
 def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -149,7 +149,7 @@ def main() -> int:
         time.sleep(0.5)  # the server exports its adapter after the last round, then keeps serving
     export = subprocess.run([str(BIN / "splitlora-server"), "export", "--aggregator-dir", str(out / "aggregator"),
                              "--server-adapter", str(out / "server" / "server_adapter.safetensors"),
-                             "--output", str(out / "adapter"), "--log-level", "WARNING", *LORA], env=env,
+                             "--output", str(out / "adapter"), "--log-level", "WARNING"], env=env,
                             stdout=subprocess.DEVNULL)
     if export.returncode:
         server_proc.terminate()
@@ -158,7 +158,7 @@ def main() -> int:
     for name in CLIENTS:
         for r in _steps(out / name / "metrics.jsonl"):
             per_round.setdefault(r["round"], []).append(r["loss"])
-    print("mean training loss per round: " + ", ".join(f"round {r + 1}: {sum(v) / len(v):.3f}"
+    print("mean training loss per round: " + ", ".join(f"round {r}: {sum(v) / len(v):.3f}"
                                                       for r, v in sorted(per_round.items())))
     print("validation loss per round: " + ", ".join(f"round {r + 1}: {sum(v) / len(v):.3f}"
                                                     for r, v in sorted(_validation(out).items())))

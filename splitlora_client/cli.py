@@ -15,11 +15,7 @@ def _refused(run: Callable[[], int], insecure: bool) -> int:
     try:
         return run()
     except grpc.RpcError as err:
-        print(f"splitlora-client: the server refused: {err.code().name}: {err.details()}", flush=True)
-        if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not insecure:
-            print("splitlora-client: if the server is up, check TLS: --tls-ca must be the CA that signed the "
-                  "server's certificate, the address's host (or --tls-server-name) must be one of its names, and "
-                  "a server that requires client certificates needs --tls-cert/--tls-key signed by its CA", flush=True)
+        print(f"splitlora-client: {_explain(cfg, err)}", flush=True)
         return 1
 
 
@@ -36,6 +32,18 @@ def _generate(cfg: GenerateConfig) -> int:
 def _evaluate(cfg: EvaluateConfig) -> int:
     from splitlora_client.generation.commands import evaluate
     return _refused(lambda: evaluate(cfg), cfg.insecure)
+
+
+def _explain(cfg: TrainConfig, err) -> str:
+    import grpc
+
+    from common.reach import unreachable
+    if err.code() == grpc.StatusCode.UNAVAILABLE:
+        return unreachable("the split server or the aggregator", cfg.server, cfg, err, cfg.reconnect_timeout)
+    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (f"no answer in time ({err.details()}): a round did not close within --round-timeout "
+                f"{cfg.round_timeout:g} s (other clients missing?), or the connection stalls")
+    return f"the server refused: {err.code().name}: {err.details()}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from common.config.engine import ConfigError, option
 from common.config.sections import ModelOptions, TransportOptions
+from common.plan import pinnable, unpinned_copy
 from common.split.quantize import QUANTIZATIONS, QuantizationError, check_quantization
 from common.threads import ThreadOptions
 from common.tls import ClientTlsOptions
@@ -17,8 +18,12 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
 
 
 @dataclass
-class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions, ThreadOptions):
-    """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server."""
+class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions, ThreadOptions):
+    """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server.
+    The split layer and LoRA options come from the server unless given here (then they must match it)."""
+
+    HELP_GROUPS = {n: "essentials" for n in ("server", "model", "data", "client_id", "output", "tokenizer",
+                                             "shard_index", "shard_count")}
 
     server: str = option("127.0.0.1:50051", "Split server address host:port.")
     aggregator: str = option("", "Aggregator address host:port; empty: the one the server names at Join, "
@@ -41,7 +46,7 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions, ThreadOption
     client_quantization: str = option("none", "The frozen base of this client's part (embeddings, blocks) in int8 "
                                               "(torchao weight-only; int4 needs a CUDA device); LoRA stays float32.",
                                       choices=list(QUANTIZATIONS))
-    join_timeout: float = option(120.0, "Seconds to keep trying to reach the server at start.")
+    join_timeout: float = option(60.0, "Seconds to keep trying to reach the server at start.")
     round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")
     reconnect_timeout: float = option(900.0, "After losing the server or the aggregator, seconds to keep trying to "
                                              "reach it again before giving up.")
@@ -56,7 +61,7 @@ class TrainConfig(ModelOptions, TransportOptions, ClientTlsOptions, ThreadOption
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
-        self.validate_model()
+        unpinned_copy(self).validate_model()
         self.validate_transport()
         self.validate_tls()
         self.validate_threads()

@@ -9,6 +9,8 @@ import grpc
 import torch
 
 from common.limits import raise_if_too_large
+from common.reach import unreachable
+from common.tls import ClientTlsOptions
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.router_wire import decode_backward, encode_stats
@@ -37,9 +39,9 @@ class StepResult:
 class SplitSession:
     """Join the server and exchange one activation/gradient pair per step over a single stream."""
 
-    def __init__(self, channel: grpc.Channel, client_id: str, max_message_bytes: int = 0, micro_batches: int = 0
-                 ) -> None:
-        self.stub = sgrpc.SplitTrainingStub(channel)
+    def __init__(self, channel: grpc.Channel, client_id: str, max_message_bytes: int = 0, micro_batches: int = 0,
+                 address: str = "") -> None:
+        self.stub, self.address = sgrpc.SplitTrainingStub(channel), address
         # the training stream without serializers: each frame is serialized (and parsed) once, here
         self._train = channel.stream_stream(method_path(spb.DESCRIPTOR.services_by_name["SplitTraining"].full_name,
                                                         "Train"))
@@ -49,6 +51,22 @@ class SplitSession:
         self._requests: queue.Queue = queue.Queue()
         self._responses: Iterator[spb.ServerFrame] | None = None
         self._call = None
+
+    def get_plan(self, timeout: float, opts: ClientTlsOptions) -> spb.Plan:
+        """The run's plan, waiting up to `timeout` s for the server to come up; ConnectionError saying what was
+        tried and the likely causes when it never answers; other refusals raise grpc.RpcError."""
+        backoff, last = Backoff(first=0.2, cap=2.0, budget=timeout), None
+        while True:
+            try:
+                return self.stub.GetPlan(spb.PlanRequest(client_id=self.client_id), timeout=min(10.0, timeout))
+            except grpc.RpcError as err:
+                if err.code() not in TRANSIENT:
+                    raise
+                last = err
+            try:
+                backoff.wait(f"plan of {self.address}: {last.code().name}: {last.details()}")
+            except ConnectionError:
+                raise ConnectionError(unreachable("the split server", self.address, opts, last, timeout)) from None
 
     def join(self, fingerprint: spb.Fingerprint, codecs: list[int], timeout: float = 120.0,
              backoff: Backoff | None = None) -> spb.JoinReply:
@@ -63,6 +81,7 @@ class SplitSession:
                                                             micro_batches=self.micro_batches),
                                             timeout=10.0, wait_for_ready=True)
                 backoff.reset()
+                self._open()  # at once: if this client dies before its first step, the server frees its slot
                 return self.reply
             except grpc.RpcError as err:
                 if err.code() not in TRANSIENT:

@@ -4,22 +4,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common.aggregation import freezes_lora_a
-from common.data import BatchStream, encode, load_examples, shard, synthetic_e2e
+from common.data import BatchStream, encode, load_examples
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.logs import ContextLogger
 from common.lora import adapter_state, write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
+from common.plan import options_json
+from common.provenance import provenance
 from common.residuals import ResidualFolder
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
@@ -27,10 +28,13 @@ from common.split.quantize import quantize_frozen, weight_bytes
 from common.threads import apply_threads
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
+from splitlora_client.final import receive_whole_adapter
 from splitlora_client.generation.options import CLIENT_ADAPTER_FILE
 from splitlora_client.generation.scoring import RoundValidator
+from splitlora_client.local import load_local
 from splitlora_client.options import TrainConfig
 from splitlora_client.pipeline import pipelined_step
+from splitlora_client.plan import take_plan
 from splitlora_client.prefetch import StepPreparer
 from splitlora_client.resume import RoundSync
 from splitlora_client.retry import Backoff, Reconnect, channel_options
@@ -38,17 +42,6 @@ from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
 from splitlora_client.state import ClientCheckpoints, ClientState
 
-
-
-def load_private_data(cfg: TrainConfig, tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """This client's examples, tokenized: its data file (or shard of it), else built-in synthetic data."""
-    if cfg.data:
-        examples = shard(load_examples(cfg.data), cfg.shard_index, cfg.shard_count)
-    else:
-        examples = synthetic_e2e(cfg.builtin_examples, seed=zlib.crc32(cfg.client_id.encode()))
-    if not examples:
-        raise ValueError(f"client {cfg.client_id} has no training examples")
-    return [encode(tokenizer, ex, max_len) for ex in examples]
 
 
 class MetricsLog:
@@ -125,7 +118,7 @@ class _Loop:
                                bytes_received=result.bytes_received, lr=self.lr_sched.get_last_lr()[0],
                                cpu_s=round(time.process_time() - cpu, 4),  # this process, every thread
                                **{f"{k}_s": round(v, 4) for k, v in result.phases.items()})
-            self.bar.set_postfix(round=f"{rnd + 1}/{sched.rounds}", loss=f"{result.loss:.3f}",
+            self.bar.set_postfix(round=f"{rnd} of 0-{sched.rounds - 1}", loss=f"{result.loss:.3f}",
                                  tok_s=f"{tokens_per_s:.0f}")
             self.bar.update(1)
         return samples
@@ -137,7 +130,7 @@ class _Loop:
         val = self.validator.run(closed_round)
         self.metrics.write(event="validation", client=self.cfg.client_id, round=closed_round, loss=val.loss,
                            perplexity=val.perplexity, tokens=val.tokens)
-        self.bar.write(f"{self.cfg.client_id}: round {closed_round + 1}/{self.sched.rounds} validation loss "
+        self.bar.write(f"{self.cfg.client_id}: round {closed_round} of 0-{self.sched.rounds - 1} validation loss "
                        f"{val.loss:.4f} (perplexity {val.perplexity:.2f})")
 
     def run(self, rnd: int) -> None:
@@ -161,24 +154,20 @@ class _Loop:
                 self.metrics.write(event="rejoin", client=cfg.client_id, round=rnd, reason=str(why))
 
 
-def _join(cfg: TrainConfig, model_dir: Path, lora, log: ContextLogger
-          ) -> tuple[SplitSession, Any, tuple, agrpc.AggregatorStub, bool]:
-    """Connect and join the server; return the session, the Join reply, the join arguments (for rejoining), the
-    aggregator's stub and whether the aggregator shares the server's channel."""
-    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
-    options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
-    channel = open_channel(cfg.server, cfg, options)
-    session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes, cfg.micro_batches)
+def _join(cfg: TrainConfig, session: SplitSession, channel: Any, options: list, fingerprint: Any,
+          log: ContextLogger) -> tuple[Any, tuple, agrpc.AggregatorStub, bool]:
+    """Join the server on `session`; return the Join reply, the join arguments (for rejoining), the aggregator's
+    stub and whether the aggregator shares the server's channel."""
     codecs = [codec_from_name(c) for c in cfg.codecs]
     first_join = Backoff(cap=5.0, budget=cfg.join_timeout)
     reply = session.join(fingerprint, codecs, timeout=cfg.join_timeout, backoff=first_join)
     sched = reply.schedule
-    log.info("joined %s as %s: %d rounds x %d steps, batch %d in %d micro-batches, codec %s, aggregation %s",
-             cfg.server, cfg.client_id, sched.rounds, sched.local_steps, sched.batch_size, reply.micro_batches or 1,
-             codec_name(reply.codec), reply.aggregation or "fedavg")
+    log.info("joined %s as %s: %d rounds x %d steps, batch %d in %d micro-batches, split layer %d, codec %s, "
+             "aggregation %s", cfg.server, cfg.client_id, sched.rounds, sched.local_steps, sched.batch_size,
+             reply.micro_batches or 1, cfg.split_layer, codec_name(reply.codec), reply.aggregation or "fedavg")
     agg_address = cfg.aggregator or reply.aggregator_address or cfg.server
     agg_channel = channel if agg_address == cfg.server else open_channel(agg_address, cfg, options)
-    return session, reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel
+    return reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel
 
 
 def _validator(cfg: TrainConfig, part: SplitPart, tokenizer, sched, fingerprint) -> RoundValidator | None:
@@ -193,17 +182,24 @@ def _validator(cfg: TrainConfig, part: SplitPart, tokenizer, sched, fingerprint)
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run every round of split training for this client; return the path of its final adapter.
+    """Run every round of split training for this client; return the path of its client adapter (the whole-model
+    adapter, when the server hands out its part, is in `--output/adapter/`).
 
     Losing the server (or the aggregator) is not an error: the client backs off, joins again and resumes from
     its checkpoint of the round the server restarts it at; a restarted client does the same from its --output."""
     log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
     apply_threads(f"client {cfg.client_id}", cfg.torch_threads)
-    model_dir, lora = cfg.model_dir(), cfg.lora_settings()
-    session, reply, join_args, aggregator, shared_channel = _join(cfg, model_dir, lora, log)
+    local = load_local(cfg)  # before any contact: a client that fails on its own files takes no slot
+    options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
+    channel = open_channel(cfg.server, cfg, options)
+    session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes, cfg.micro_batches, address=cfg.server)
+    plan = take_plan(cfg, session)  # the split layer and LoRA options from the server, unless pinned here
+    model_dir, lora, tokenizer = local.model_dir, cfg.lora_settings(), local.tokenizer
+    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
+    part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=plan.schedule.seed)
+    plan.load_initial_adapter(part)
+    reply, join_args, aggregator, shared_channel = _join(cfg, session, channel, options, fingerprint, log)
     sched = reply.schedule
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
-    part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=sched.seed)
     if cfg.client_quantization != "none":
         count = quantize_frozen(part, cfg.client_quantization)
         log.info("frozen base in %s: %d weights quantized, %.1f MB held", cfg.client_quantization, count,
@@ -213,8 +209,7 @@ def train(cfg: TrainConfig) -> Path:
         for name, param in part.peft.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)
-    batches = BatchStream(load_private_data(cfg, tokenizer, sched.max_seq_len), sched.batch_size,
-                          tokenizer.pad_token_id, seed=cfg.seed)
+    batches = BatchStream(local.encoded(sched.max_seq_len), sched.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
     optim = OptimSettings(sched.learning_rate, sched.weight_decay, sched.warmup_steps,
                           sched.rounds * sched.local_steps, sched.max_grad_norm)
     params = [p for p in part.parameters() if p.requires_grad]
@@ -232,12 +227,16 @@ def train(cfg: TrainConfig) -> Path:
     loop = _Loop(cfg, sched, part, params, optim, opt, lr_sched, StepPreparer(part, batches, cfg.seed, cfg.client_id),
                  rounds, metrics, bar, _validator(cfg, part, tokenizer, sched, join_args[0]))
     try:
-        loop.run(reply.start_round)
+        with logging_redirect_tqdm():  # log lines go above the progress bar instead of through it
+            loop.run(reply.start_round)
     finally:
         bar.close()
         metrics.close()
         session.close()
     path = out_dir / CLIENT_ADAPTER_FILE
-    write_adapter_file(path, {**adapter_state(part.peft), **state.folder.residuals})  # fedex: residuals too
+    made = provenance("client", fingerprint, options_json(cfg), str(model_dir))
+    client_state = {**adapter_state(part.peft), **state.folder.residuals}  # fedex: residuals too
+    write_adapter_file(path, client_state, made.to_metadata())
     log.info("client adapter written to %s", path)
+    receive_whole_adapter(session, plan.message, part, client_state, out_dir / "adapter", made, cfg.round_timeout)
     return path

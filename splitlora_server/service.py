@@ -22,8 +22,9 @@ from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine.core import ServerEngine
 from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits, decode_step, max_frame_bytes
+from splitlora_server.handout import PRIVATE, FinalAdapter
 from splitlora_server.pipelining import MicroProgress
-from splitlora_server.registry import ClientRecord, Registry
+from splitlora_server.registry import ClientRecord, Registry, invalid_client_id
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,15 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
                  on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg",
-                 status_extras: Callable[[], dict[str, Any]] | None = None, micro_batches: int = 1) -> None:
+                 status_extras: Callable[[], dict[str, Any]] | None = None, micro_batches: int = 1,
+                 plan: spb.Plan | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
         self.aggregation = aggregation  # announced at Join: how the clients' adapters are combined
         self.status_extras = status_extras or dict  # more StatusReply fields (generation, validation)
         self.micro_batches = micro_batches  # per step, for clients that do not ask for a number at Join
         self.rounds: RoundCoordinator = registry.coordinator
+        self.plan = plan if plan is not None else spb.Plan(schedule=schedule, send_final_adapter=True)
+        self.final = FinalAdapter(self.rounds.finished, engine.server_adapter)
         self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
         self.schedule, self.limits = schedule, limits
         self.codecs = [codec_from_name(c) for c in codecs]
@@ -56,6 +60,15 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self._replies = 0
 
     # -- handshake -------------------------------------------------------------------------------------------
+    def GetPlan(self, request: spb.PlanRequest, context: grpc.ServicerContext) -> spb.Plan:
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
+        problem = invalid_client_id(request.client_id)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return self.plan
+
     def Join(self, request: spb.JoinRequest, context: grpc.ServicerContext) -> spb.JoinReply:
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
@@ -122,6 +135,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         record = self._authenticate(context)
+        with self.registry.lock:
+            record.streams, record.opened = record.streams + 1, record.opened + 1
         record.connected = True
         self.engine.stream_opened(record.client_id)
         parts, step_bytes = Reassembler(max_frame_bytes(self.limits, record.codec), max_piece=record.chunk_bytes), 0
@@ -146,7 +161,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                            "the stream ended in the middle of a frame; the partial frame was dropped")
         finally:
             parts.clear()  # a partial frame is dropped with its stream
-            record.connected = False
+            with self.registry.lock:
+                record.streams -= 1
+            record.connected = record.streams > 0
             self.engine.stream_closed(record.client_id)
 
     def _parse(self, record: ClientRecord, raw: bytes, parts: Reassembler, context: grpc.ServicerContext
@@ -219,6 +236,19 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         router = None if outcome.router_grad is None else encode_backward(outcome.router_grad, outcome.aux_loss)
         return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
                                 tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro, router=router)
+
+    def FetchServerAdapter(self, request: spb.ServerAdapterRequest, context: grpc.ServicerContext
+                           ) -> Iterator[spb.AdapterPiece]:
+        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
+        if not self.plan.send_final_adapter:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, PRIVATE)
+        if not self.registry.is_enrolled(request.client_id):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"client {request.client_id!r} did not train here")
+        chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
+        if chunk is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
+        if self.final.wait(context.is_active):
+            yield from self.final.pieces(request.client_id, chunk)
 
     # -- status ----------------------------------------------------------------------------------------------
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusReply:

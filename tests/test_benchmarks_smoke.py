@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import assets
-from benchmarks.cli import build_parser, run_benchmarks
-from benchmarks.netns import PREFIX, namespaces, netns_unavailable
-from benchmarks.options import BenchConfig
 from common.data import load_examples, synthetic_e2e, write_examples
+from splitlora_bench import assets
+from splitlora_bench.cli import build_parser, run_benchmarks
+from splitlora_bench.netns import PREFIX, namespaces, netns_unavailable
+from splitlora_bench.options import BenchConfig
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def _namespaces_tagged(tag: str) -> list[str]:
 
 
 def test_edge_link_says_why_it_skipped(smoke: BenchConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from benchmarks import bench_edge_link
+    from splitlora_bench import bench_edge_link
 
     monkeypatch.setattr(bench_edge_link, "netns_unavailable", lambda: "network namespaces need root")
     bench_edge_link.run(dataclasses.replace(smoke, out=str(tmp_path)))
@@ -135,18 +135,27 @@ def test_edge_link_says_why_it_skipped(smoke: BenchConfig, tmp_path: Path, monke
 def test_no_plots_without_matplotlib_is_not_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     import builtins
 
-    from benchmarks import report
+    from splitlora_bench import report
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name.startswith("matplotlib") else real_import(name, *a, **k))
     assert report.plot(tmp_path / "x.png", {"a": ([1], [1])}, "x", "y", "t") is None
 
 
+def test_the_benchmarks_install_as_splitlora_bench_not_as_a_top_level_benchmarks():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    packages = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert "splitlora_bench*" in packages and not any(p.startswith("benchmarks") for p in packages)
+    assert project["project"]["scripts"]["splitlora-bench"] == "splitlora_bench.cli:main"
+
+
 def test_nothing_but_the_benchmarks_import_them():
     root = Path(__file__).resolve().parent.parent
     offenders = [str(p.relative_to(root)) for pkg in ("common", "splitlora_server", "splitlora_client")
                  for p in (root / pkg).rglob("*.py")
-                 if "import benchmarks" in p.read_text() or "from benchmarks" in p.read_text()]
+                 if "import splitlora_bench" in p.read_text() or "from splitlora_bench" in p.read_text()]
     assert offenders == []
 
 

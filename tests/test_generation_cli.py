@@ -9,7 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from benchmarks.procs import BIN
+from splitlora_bench.procs import BIN
 from common.data import Example, synthetic_e2e, write_examples
 from tests.test_end_to_end import _start, _wait_all
 

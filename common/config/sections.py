@@ -14,6 +14,9 @@ from common.weights import looks_local, resolve_model_dir
 class ModelOptions:
     """Which model, where it is cut, and the LoRA adapters on it."""
 
+    HELP_GROUP = "LoRA"  # --help section of the options below, except:
+    HELP_GROUPS = {"model": "essentials", "split_layer": "essentials", "dtype": "advanced"}
+
     model: str = option("", "Local Hugging Face model directory (config.json + safetensors), or a hub id (needs "
                             "a network). Empty: the built-in tiny GPT-2, created once under $SPLITLORA_HOME.")
     split_layer: int = option(3, "Blocks [0, K) run on the client, [K, L) on the server.")

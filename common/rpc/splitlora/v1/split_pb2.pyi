@@ -70,6 +70,26 @@ class Schedule(_message.Message):
     max_grad_norm: float
     def __init__(self, rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., label_smoothing: _Optional[float] = ..., seed: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
+class PlanRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class Plan(_message.Message):
+    __slots__ = ("model_options_json", "schedule", "family", "initial_client_adapter", "send_final_adapter")
+    MODEL_OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_CLIENT_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    SEND_FINAL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    model_options_json: str
+    schedule: Schedule
+    family: str
+    initial_client_adapter: bytes
+    send_final_adapter: bool
+    def __init__(self, model_options_json: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., family: _Optional[str] = ..., initial_client_adapter: _Optional[bytes] = ..., send_final_adapter: _Optional[bool] = ...) -> None: ...
+
 class JoinReply(_message.Message):
     __slots__ = ("session", "schedule", "aggregator_address", "codec", "max_message_bytes", "chunk_bytes", "start_round", "num_clients", "server_version", "aggregation", "micro_batches")
     SESSION_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +173,20 @@ class ServerFrame(_message.Message):
     backward: StepBackward
     part: _tensor_pb2.FramePart
     def __init__(self, backward: _Optional[_Union[StepBackward, _Mapping]] = ..., part: _Optional[_Union[_tensor_pb2.FramePart, _Mapping]] = ...) -> None: ...
+
+class ServerAdapterRequest(_message.Message):
+    __slots__ = ("client_id", "max_message_bytes")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    max_message_bytes: int
+    def __init__(self, client_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+
+class AdapterPiece(_message.Message):
+    __slots__ = ("safetensors_chunk",)
+    SAFETENSORS_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    safetensors_chunk: bytes
+    def __init__(self, safetensors_chunk: _Optional[bytes] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

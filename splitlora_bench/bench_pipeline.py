@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import assets, procs, report, split_run
-from benchmarks.baselines import WholeModelTrainer
-from benchmarks.evaluate import full_model
-from benchmarks.options import BenchConfig
+from splitlora_bench import assets, procs, report, split_run
+from splitlora_bench.baselines import WholeModelTrainer
+from splitlora_bench.evaluate import full_model
+from splitlora_bench.options import BenchConfig
 from common.data import write_examples
 from common.optim import OptimSettings
 from common.threads import usable_cores

@@ -9,9 +9,9 @@ import sys
 import threading
 from pathlib import Path
 
-from benchmarks import assets, procs, report, split_run
-from benchmarks.netns import Links, netns_unavailable
-from benchmarks.options import BenchConfig
+from splitlora_bench import assets, procs, report, split_run
+from splitlora_bench.netns import Links, netns_unavailable
+from splitlora_bench.options import BenchConfig
 
 PORT = 50051  # inside the server's own namespace, so always free
 

@@ -8,11 +8,11 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks import assets, baselines, costs, report, ttt_split
-from benchmarks.baselines import Curve
-from benchmarks.evaluate import Evaluator, full_model, initial_adapter, perplexity
-from benchmarks.options import BenchConfig, parse_shape
-from benchmarks.profiles import load_profiles
+from splitlora_bench import assets, baselines, costs, report, ttt_split
+from splitlora_bench.baselines import Curve
+from splitlora_bench.evaluate import Evaluator, full_model, initial_adapter, perplexity
+from splitlora_bench.options import BenchConfig, parse_shape
+from splitlora_bench.profiles import load_profiles
 from common.data import BatchStream, shard
 from common.optim import OptimSettings
 
@@ -99,7 +99,7 @@ def report_time(cfg: BenchConfig, measured: dict) -> Path:
                                "FedLoRA/SplitLoRA": _ratio(at["FedLoRA"], at["SplitLoRA"]),
                                "FedLoRA/SplitLoRA-int8": _ratio(at["FedLoRA"], at["SplitLoRA-int8"])})
     notes = [f"model {measured['model']}: GPT-2-shaped, built here (no model hub) with GPT-2's real tokenizer and "
-             f"pretrained for {cfg.pretrain_steps} steps (benchmarks/pretrain.py); split after "
+             f"pretrained for {cfg.pretrain_steps} steps (splitlora_bench/pretrain.py); split after "
              f"block {cfg.split_layer}; LoRA r={cfg.lora_r} on {','.join(cfg.lora_targets)}; AdamW lr "
              f"{cfg.learning_rate:g}, batch {cfg.batch_size}",
              f"{cfg.clients} clients x {cfg.rounds} rounds x {cfg.local_steps} steps x batch {cfg.batch_size} = "
@@ -109,7 +109,7 @@ def report_time(cfg: BenchConfig, measured: dict) -> Path:
              f"({'given' if cfg.target_loss else 'the best loss every method reaches'})",
              "measured_s: training time on this machine (CenLoRA in one process; FedLoRA clients in turn in one "
              "process; SplitLoRA real client processes and server sharing the same cores); evaluation time excluded",
-             "modeled seconds: formulas in benchmarks/profiles.py, profiles in benchmarks/profiles.yaml; FLOPs per "
+             "modeled seconds: formulas in splitlora_bench/profiles.py, profiles in splitlora_bench/profiles.yaml; FLOPs per "
              f"step counted at {cfg.batch_size} x {measured['seq']} tokens; cost_of: the model whose FLOPs and bytes "
              "are used (the curves are the trained model's in every case); SplitLoRA-int8: the same run with int8 "
              "activations and gradients (the wire benchmark finds the loss unchanged)"]

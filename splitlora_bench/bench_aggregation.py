@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks import assets, report
-from benchmarks.baselines import Curve
-from benchmarks.evaluate import Evaluator, full_model, initial_adapter
-from benchmarks.options import BenchConfig
+from splitlora_bench import assets, report
+from splitlora_bench.baselines import Curve
+from splitlora_bench.evaluate import Evaluator, full_model, initial_adapter
+from splitlora_bench.options import BenchConfig
 from common.aggregation import ClientUpdate, build_strategy
 from common.data import BatchStream, Encoded
 from common.lora import AdapterState, adapter_state, load_adapter_state

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks import procs, split_run
-from benchmarks.baselines import Curve, Evaluate
-from benchmarks.options import BenchConfig
+from splitlora_bench import procs, split_run
+from splitlora_bench.baselines import Curve, Evaluate
+from splitlora_bench.options import BenchConfig
 from common.lora import AdapterState, adapter_state
 from splitlora_server.app import start_server
 from splitlora_server.engine.core import SHARED, ServerEngine

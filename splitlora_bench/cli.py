@@ -6,21 +6,21 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.options import BenchConfig
+from splitlora_bench.options import BenchConfig
 from common.cli import add_command, run_main
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "overhead": ("benchmarks.bench_overhead", "a split step over loopback gRPC against one process"),
-    "pipeline": ("benchmarks.bench_pipeline", "pipelined split steps, client and server pinned to a core each"),
-    "wire": ("benchmarks.bench_wire", "bytes per step and final loss of each activation/gradient codec"),
-    "scaling": ("benchmarks.bench_scaling", "server steps/s with 1..8 concurrent clients, batching on and off"),
-    "time-to-target": ("benchmarks.bench_time_to_target", "CenLoRA, FedLoRA and SplitLoRA to a validation loss"),
-    "edge-link": ("benchmarks.bench_edge_link", "SplitLoRA with clients behind rate-limited links (netns + tbf)"),
-    "aggregation": ("benchmarks.bench_aggregation", "FedAvg, ffa and fedex on IID and non-IID partitions"),
-    "generate": ("benchmarks.bench_generate", "split generation: decode latency against one process, prefill, bytes "
-                 "per token, server tokens/s with concurrent sessions, batching off and on"),
+    "overhead": ("splitlora_bench.bench_overhead", "a split step over loopback gRPC against one process"),
+    "pipeline": ("splitlora_bench.bench_pipeline", "pipelined split steps, client and server pinned to a core each"),
+    "wire": ("splitlora_bench.bench_wire", "bytes per step and final loss of each activation/gradient codec"),
+    "scaling": ("splitlora_bench.bench_scaling", "server steps/s with 1..8 concurrent clients, batching on and off"),
+    "time-to-target": ("splitlora_bench.bench_time_to_target", "CenLoRA, FedLoRA and SplitLoRA to a validation loss"),
+    "edge-link": ("splitlora_bench.bench_edge_link", "SplitLoRA with clients behind rate-limited links (netns + tbf)"),
+    "aggregation": ("splitlora_bench.bench_aggregation", "FedAvg, ffa and fedex on IID and non-IID partitions"),
+    "generate": ("splitlora_bench.bench_generate", "split generation: decode latency against one process, prefill, "
+                 "bytes per token, server tokens/s with concurrent sessions, batching off and on"),
 }
-REMODEL = ("benchmarks.bench_time_to_target", "redo time-to-target's modeled times from its JSON with --profiles")
+REMODEL = ("splitlora_bench.bench_time_to_target", "redo time-to-target's modeled times from its JSON with --profiles")
 
 
 def run_benchmarks(cfg: BenchConfig, names: list[str]) -> list[Path]:

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.options import BenchConfig
-from benchmarks.pretrain import pretrain, pretraining_corpus
+from splitlora_bench.options import BenchConfig
+from splitlora_bench.pretrain import pretrain, pretraining_corpus
 from common.data import Encoded, Example, encode, load_examples, write_examples
+from common.tokenizer import load_tokenizer
 
 MARKER = "splitlora_bench_model.json"
 
@@ -39,13 +40,9 @@ def model_dir(cfg: BenchConfig, shape: tuple[int, int] | None = None) -> Path:
 
 
 def _build(cfg: BenchConfig, target: Path, layers: int, width: int, heads: int, pretrain_steps: int) -> None:
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
-    if tokenizer.eos_token is None:  # GPT-2's vocab and merges without a tokenizer_config.json
-        tokenizer = GPT2TokenizerFast.from_pretrained(cfg.tokenizer, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padding is masked anyway
+    tokenizer = load_tokenizer(cfg.tokenizer)  # GPT-2's own files: eos from its one special token, pad = eos
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(cfg.max_seq_len, 256), n_embd=width,
                         n_layer=layers, n_head=heads, bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id)
@@ -77,10 +74,8 @@ def _build(cfg: BenchConfig, target: Path, layers: int, width: int, heads: int, 
 
 
 def tokenizer_of(model: Path) -> Any:
-    """The tokenizer saved with the model."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+    """The tokenizer saved with the model, as the client loads it (pad = eos when it has none)."""
+    return load_tokenizer(model)
 
 
 def examples(cfg: BenchConfig) -> tuple[list[Example], list[Example]]:

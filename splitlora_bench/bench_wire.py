@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from benchmarks import assets, procs, report, split_run
-from benchmarks.evaluate import Evaluator
-from benchmarks.options import BenchConfig
+from splitlora_bench import assets, procs, report, split_run
+from splitlora_bench.evaluate import Evaluator
+from splitlora_bench.options import BenchConfig
 from common.split.parts import load_config
 from common.wire import codec_from_name, decode_tensor, encode_tensor
 

@@ -28,7 +28,7 @@ class BenchConfig:
     n_head: int = option(4, "Attention heads of the generated model.")
     embedding_std: float = option(0.02, "Init std of the generated model's token embeddings (= its tied head).")
     pretrain_steps: int = option(150, "Steps of pretraining the generated base model (every parameter, next-token "
-                                      "loss) before any LoRA; 0: a random base (see benchmarks/pretrain.py).")
+                                      "loss) before any LoRA; 0: a random base (see splitlora_bench/pretrain.py).")
     pretrain_batch: int = option(16, "Lines per pretraining step.")
     pretrain_learning_rate: float = option(1e-3, "AdamW learning rate of the pretraining.")
     pretrain_data: str = option("../shared/data/e2e/test.txt", "Lines the generated base is pretrained on (minus "

@@ -18,9 +18,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from benchmarks import assets, procs, report
-from benchmarks.evaluate import full_model
-from benchmarks.options import BenchConfig, parse_shape
+from splitlora_bench import assets, procs, report
+from splitlora_bench.evaluate import full_model
+from splitlora_bench.options import BenchConfig, parse_shape
 from common.fingerprint import compute_fingerprint
 from common.split.parts import SplitPart
 from splitlora_client.generation.model import SplitCausalLM

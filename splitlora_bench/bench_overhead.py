@@ -9,11 +9,14 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks import assets, procs, report, split_run
-from benchmarks.baselines import WholeModelTrainer
-from benchmarks.evaluate import full_model
-from benchmarks.options import BenchConfig, parse_shape
-from common.data import write_examples
+import grpc
+
+from splitlora_bench import assets, procs, report, split_run
+from splitlora_bench.baselines import WholeModelTrainer
+from splitlora_bench.evaluate import full_model
+from splitlora_bench.options import BenchConfig, parse_shape
+from common.data import BatchStream, write_examples
+from common.fingerprint import compute_fingerprint
 from common.loss import causal_lm_loss
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.split.parts import SplitPart

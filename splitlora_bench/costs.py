@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks import profiles as pf
-from benchmarks.evaluate import full_model
-from benchmarks.flops import step_flops
+from splitlora_bench import profiles as pf
+from splitlora_bench.evaluate import full_model
+from splitlora_bench.flops import step_flops
 from common.lora import adapter_state, to_bytes
 from common.split.parts import LoraSettings, SplitPart
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks import assets, procs
-from benchmarks.options import BenchConfig
+from splitlora_bench import assets, procs
+from splitlora_bench.options import BenchConfig
 
 
 def server_flags(cfg: BenchConfig, model: Path, clients: int, rounds: int, local_steps: int, codec: str,

@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from benchmarks import assets, procs, report
-from benchmarks.options import BenchConfig, parse_shape
+from splitlora_bench import assets, procs, report
+from splitlora_bench.options import BenchConfig, parse_shape
 from common.fingerprint import compute_fingerprint
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.split.parts import load_config
