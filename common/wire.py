@@ -74,6 +74,7 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
 
 def _as_torch(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """A tensor over a writable numpy array's memory (bfloat16 from uint16 bits)."""
+    arr = np.asarray(arr)  # numpy arithmetic on a 0-d array gives a numpy scalar, which torch does not take
     if dtype == torch.bfloat16:
         return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(arr)

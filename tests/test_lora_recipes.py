@@ -123,7 +123,7 @@ def test_export_command_writes_the_recipe(tmp_path: Path) -> None:
     write_adapter_file(tmp_path / "server.safetensors", adapter_state(server.peft))
     out = export(ExportConfig(model=str(model_dir), client_adapter=str(tmp_path / "client.safetensors"),
                               server_adapter=str(tmp_path / "server.safetensors"), output=str(tmp_path / "export"),
-                              lora_dropout=0.0, lora_targets=["all-linear"], lora_rslora=True))
+                              split_layer=2, lora_dropout=0.0, lora_targets=["all-linear"], lora_rslora=True))
     ours = json.loads((out / ADAPTER_CONFIG).read_text())
     theirs = _peft_saved_config(model_dir, lora, tmp_path / "peft")
     assert ours["use_rslora"] is True and sorted(ours["target_modules"]) == sorted(theirs["target_modules"])

@@ -11,7 +11,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
-from common.wire import Reassembler, WireError, chunked, decode_tensor, encode_tensor, serialized
+from common.wire import (CODEC_NAMES, Reassembler, WireError, chunked, codec_from_name, decode_tensor, encode_tensor,
+                         serialized)
 from splitlora_server.frames import FrameLimits, decode_step
 from tests.support.servers import ClientSide, grad_of, join, running_server, train_ok, valid_forward
 
@@ -214,3 +215,12 @@ def test_the_client_sends_integer_tensors_compactly(builtin_model_dir: Path, tmp
     tokens = batch["attention_mask"].numel()
     wide = step_forward(0, 0, hidden, batch, tpb.CODEC_INT8).ByteSize()  # int64 mask, labels and positions
     assert wide - result.bytes_sent >= 14.9 * tokens  # 1 + 4 + 4 bytes a token instead of 3 x 8
+
+
+@pytest.mark.parametrize("codec", sorted(set(CODEC_NAMES) - {"raw"}))
+@pytest.mark.parametrize("float32", [False, True])
+def test_a_zero_dimensional_tensor_decodes_with_every_codec(codec: str, float32: bool) -> None:
+    """numpy arithmetic on a 0-d array gives a numpy scalar: decoding must still give a tensor (a fuzzed frame
+    found this as an UNKNOWN status)."""
+    out = decode_tensor(encode_tensor(torch.tensor(1.5), codec_from_name(codec)), float32=float32)
+    assert out.shape == () and abs(float(out) - 1.5) < 0.02
