@@ -94,12 +94,12 @@ def _watch(procs: dict[str, subprocess.Popen], out: Path, rounds: int, total: in
             for rnd, losses in sorted(_validation(out).items()):
                 if rnd not in shown and len(losses) == len(CLIENTS):
                     shown.add(rnd)
-                    bar.write(f"round {rnd + 1}/{rounds}: validation loss {sum(losses) / len(losses):.3f}")
+                    bar.write(f"round {rnd} of 0-{rounds - 1}: validation loss {sum(losses) / len(losses):.3f}")
             records = [r for name in CLIENTS for r in _steps(out / name / "metrics.jsonl")]
             if records:
                 latest = sorted(records, key=lambda r: r["time"])[-len(CLIENTS):]
                 loss = sum(r["loss"] for r in latest) / len(latest)
-                bar.set_postfix(round=f"{max(r['round'] for r in records) + 1}/{rounds}", loss=f"{loss:.3f}")
+                bar.set_postfix(round=f"{max(r['round'] for r in records)} of 0-{rounds - 1}", loss=f"{loss:.3f}")
                 bar.update(len(records) - bar.n)
             failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
             if failed:
@@ -160,7 +160,7 @@ def main() -> int:
             per_round.setdefault(r["round"], []).append(r["loss"])
     print("mean training loss per round: " + ", ".join(f"round {r}: {sum(v) / len(v):.3f}"
                                                       for r, v in sorted(per_round.items())))
-    print("validation loss per round: " + ", ".join(f"round {r + 1}: {sum(v) / len(v):.3f}"
+    print("validation loss per round: " + ", ".join(f"round {r}: {sum(v) / len(v):.3f}"
                                                     for r, v in sorted(_validation(out).items())))
     print(f"exported adapter: {out / 'adapter'} (load it with peft.PeftModel.from_pretrained on the base model)")
     print("completions generated through the split (alice's part and the server's part, greedy):")
