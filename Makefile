@@ -7,14 +7,14 @@ DEMO_DIR ?= runs/demo
 DEMO_PORT ?= 50051
 export SPLITLORA_HOME ?= $(CURDIR)/.splitlora-home
 
-.PHONY: venv demo test bench protos check-protos clean
+.PHONY: venv demo test bench protos check-protos check-containers clean
 
 $(BIN)/splitlora-server: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch first: an unpinned torch would pull gigabytes of CUDA packages
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/python -m pip install -q -e ".[test,bench,eval]"
 	touch $@
 
 venv: $(BIN)/splitlora-server
@@ -25,10 +25,15 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-# every benchmark at full size (about 40 minutes on 2 CPU cores); results and plots under BENCH_OUT
+# every benchmark at full size (about 40 minutes on 2 CPU cores before `generate`); results and plots under BENCH_OUT
 BENCH_OUT ?= runs/bench
 bench: venv
 	$(BIN)/splitlora-bench all --out $(BENCH_OUT)
+
+# both images built and the compose demo run for real with podman (as root; installs podman from Debian's
+# packages; 15 to 30 minutes on 2 cores); not part of `make test`. See docs/deploy.md.
+check-containers: venv
+	bash scripts/check_containers.sh
 
 protos: venv
 	$(BIN)/python scripts/gen_protos.py

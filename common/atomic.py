@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
 
 Tensors = dict[str, torch.Tensor]
 
@@ -40,11 +39,6 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def save_tensors_atomic(path: Path, tensors: Tensors, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (and string metadata) as one safetensors file, atomically."""
-    atomic_write_bytes(path, st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata))
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:

@@ -16,13 +16,14 @@ def add_command(subparsers, name: str, cls: type, run: Callable[[object], int], 
                 log_level: str = "INFO") -> argparse.ArgumentParser:
     """Add a sub-command whose options are the fields of `cls` plus --config, --log-level and --log-format;
     return its parser."""
-    parser = subparsers.add_parser(name, help=help, description=(cls.__doc__ or help).strip(),
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file with any of these options (flags win)")
+    parser = subparsers.add_parser(name, help=help, description=(cls.__doc__ or help).strip())
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML file with any of these options (flags win)")
     parser.add_argument("--log-level", default=log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging verbosity")
+                        help=f"logging verbosity (default: {log_level})")
     parser.add_argument("--log-format", default="text", choices=list(LOG_FORMATS),
-                        help="log lines as text or as JSON objects (with client and round when known)")
+                        help="log lines as text or as JSON objects (with client and round when known) "
+                             "(default: text)")
     add_arguments(parser, cls)
     parser.set_defaults(_config_cls=cls, _run=run)
     return parser

@@ -71,3 +71,4 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])  # no-op if already configured
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+

@@ -1,6 +1,7 @@
 """LoRA adapter state in and out: extraction, validated loading, safetensors bytes and whole-model export."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -22,9 +23,14 @@ class AdapterError(ValueError):
     """An adapter does not fit the model it is meant for; the message says how."""
 
 
+def _live_state(model: PeftModel, adapter_name: str) -> AdapterState:
+    return get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+
+
 def adapter_state(model: PeftModel, adapter_name: str = "default") -> AdapterState:
-    """A detached float32 CPU copy of one adapter, keyed as in a saved PEFT adapter."""
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    """A detached float32 CPU copy of one adapter, keyed as in a saved PEFT adapter. Only the trained tensors:
+    with an embedding or head target, peft would also save the frozen base matrix (vocabulary-sized)."""
+    state = _live_state(model, adapter_name)
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
@@ -50,7 +56,7 @@ def check_adapter(state: AdapterState, reference: AdapterState, what: str = "ada
 
 def load_adapter_state(model: PeftModel, state: AdapterState, adapter_name: str = "default") -> None:
     """Copy `state` into the model's adapter in place (optimizer references stay valid) after checking it."""
-    current = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    current = _live_state(model, adapter_name)
     check_adapter(state, current)
     with torch.no_grad():
         for key, param in current.items():
@@ -59,9 +65,9 @@ def load_adapter_state(model: PeftModel, state: AdapterState, adapter_name: str 
     # (peft's set_peft_model_state_dict would swap tensors under the optimizer).
 
 
-def to_bytes(state: AdapterState) -> bytes:
-    """Serialize an adapter as safetensors bytes."""
-    return st_save({k: v.contiguous() for k, v in state.items()})
+def to_bytes(state: AdapterState, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize an adapter as safetensors bytes (`metadata`: extra header entries)."""
+    return st_save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt", **(metadata or {})})
 
 
 def from_bytes(data: bytes) -> AdapterState:
@@ -72,9 +78,10 @@ def from_bytes(data: bytes) -> AdapterState:
         raise AdapterError(f"adapter is not valid safetensors data: {err}") from err
 
 
-def write_adapter_file(path: Path, state: AdapterState) -> None:
-    """Write an adapter state to a safetensors file atomically, with its SHA-256 next to it (common.integrity)."""
-    write_with_digest(Path(path), to_bytes(state))
+def write_adapter_file(path: Path, state: AdapterState, metadata: dict[str, str] | None = None) -> None:
+    """Write an adapter state to a safetensors file atomically, with its SHA-256 next to it (common.integrity);
+    `metadata`: extra header entries (e.g. common.provenance)."""
+    write_with_digest(Path(path), to_bytes(state, metadata))
 
 
 def read_adapter_file(path: Path) -> AdapterState:
@@ -83,9 +90,11 @@ def read_adapter_file(path: Path) -> AdapterState:
 
 
 def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterState,
-                   base_model: str | None = None) -> Path:
-    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts; fedex residuals
-    in them become exact higher-rank modules (common.residuals.expand_residuals)."""
+                   base_model: str | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """Write a standard PEFT adapter directory for the whole model from the adapters of its parts: the weights
+    and the config as `PeftModel.save_pretrained` writes them (`inference_mode` true, the task type kept); fedex
+    residuals in them become exact higher-rank modules (common.residuals.expand_residuals); `metadata`: extra
+    header entries of its safetensors file."""
     out = Path(out_dir)
     merged: AdapterState = {}
     for state in states:
@@ -94,8 +103,9 @@ def export_adapter(out_dir: str | Path, config: LoraConfig, *states: AdapterStat
             raise AdapterError(f"adapter parts overlap on {sorted(overlap)[:3]}")
         merged.update(state)
     merged, config = expand_residuals(merged, config)
-    config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": base_model})
+    config = copy.deepcopy(config)
+    config.base_model_name_or_path, config.inference_mode = base_model, True
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
-    write_adapter_file(out / ADAPTER_WEIGHTS, merged)
+    write_adapter_file(out / ADAPTER_WEIGHTS, merged, metadata)
     return out

@@ -1,6 +1,7 @@
 """AdamW with linear warm-up and linear decay, the paper's optimizer, built the same way on both sides."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -35,3 +36,19 @@ def optimizer_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+
+
+WARMUP_CAP_FRACTION = 0.1  # a warm-up as long as the run is capped to this fraction of its steps
+
+
+def capped_warmup(warmup_steps: int, total_steps: int) -> int:
+    """The warm-up a run of `total_steps` client steps uses: `warmup_steps`, unless the learning rate would still
+    be rising at the last step (the 500-step default on a short run); then a tenth of the run, said in the log."""
+    if warmup_steps < total_steps:
+        return warmup_steps
+    capped = int(total_steps * WARMUP_CAP_FRACTION)
+    logging.getLogger("splitlora").warning(
+        "--warmup-steps %d is not shorter than this run's %d client steps (the learning rate would peak at the "
+        "end): warm-up capped at %d steps (%d%% of the run)", warmup_steps, total_steps, capped,
+        round(WARMUP_CAP_FRACTION * 100))
+    return capped

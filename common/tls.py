@@ -63,6 +63,8 @@ def _warn_if_readable_by_others(key_path: str) -> None:
 class ServerTlsOptions:
     """TLS of a serving role (split server, aggregator)."""
 
+    HELP_GROUP = "transport security"
+
     tls_cert: str = option("", "PEM certificate (chain) this server presents.", metavar="FILE")
     tls_key: str = option("", "PEM private key of --tls-cert.", metavar="FILE")
     tls_ca: str = option("", "PEM CA certificate(s) that sign client certificates (with --require-client-cert).",
@@ -94,6 +96,8 @@ class ServerTlsOptions:
 @dataclass
 class ClientTlsOptions:
     """TLS of a connecting role (client, admin commands)."""
+
+    HELP_GROUP = "transport security"
 
     tls_ca: str = option("", "PEM CA certificate(s) that signed the server's certificate.", metavar="FILE")
     tls_cert: str = option("", "PEM client certificate for mutual TLS (its identity).", metavar="FILE")
@@ -136,13 +140,21 @@ def server_credentials(opts: ServerTlsOptions) -> grpc.ServerCredentials | None:
 def add_port(server: grpc.Server, address: str, opts: ServerTlsOptions, role: str) -> int:
     """Listen on `address` with TLS (or plaintext when --insecure); return the bound port."""
     credentials = server_credentials(opts)
+    try:
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
+    except RuntimeError:  # grpcio raises on a failed bind (older versions return 0)
+        port = 0
+    if port == 0:  # the server must be built without SO_REUSEPORT, or a taken port would be shared silently
+        raise ConfigError(f"{role} cannot listen on {address}: the port is taken (another server is running there?) "
+                          "or the address is not one of this machine's; choose another --port or --host")
     if credentials is None:
         log.warning("%s serves PLAINTEXT gRPC on %s (--insecure): anyone on the network can read and change "
                     "the traffic; use --tls-cert/--tls-key outside a trusted network", role, address)
-        return server.add_insecure_port(address)
-    log.info("%s serves TLS on %s%s", role, address, " (client certificates required)" if opts.require_client_cert
-             else "")
-    return server.add_secure_port(address, credentials)
+    else:
+        log.info("%s serves TLS on %s%s", role, address, " (client certificates required)"
+                 if opts.require_client_cert else "")
+    return port
 
 
 # -- connecting ------------------------------------------------------------------------------------------------

@@ -56,19 +56,48 @@ def dtype_name(dtype: int) -> str:
     return pb.DType.Name(dtype).removeprefix("DTYPE_").lower() if dtype in pb.DType.values() else f"dtype#{dtype}"
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().tobytes()
-    return t.numpy().tobytes()
+# Tensors are turned into bytes and back with numpy on the raw buffers, never with torch ops: the gRPC handler
+# threads that call this must not start torch's (OpenMP) thread pools of their own beside the compute thread's
+# (more OpenMP threads than cores make libgomp throttle the compute thread's helpers). bfloat16 travels as its
+# 16 bits; numpy has no bfloat16, so its conversions are done on the bits (round to nearest even, as torch does).
+_NUMPY_BY_TORCH: dict[torch.dtype, np.dtype] = {
+    torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.uint16),
+    torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32), torch.int8: np.dtype(np.int8),
+    torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_)}
 
 
-def _from_raw(data: bytes, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """The tensor's values as a numpy array (bfloat16 as uint16 bits), sharing its memory where it can."""
+    t = t.detach() if t.device.type == "cpu" else t.detach().cpu()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _as_torch(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over a writable numpy array's memory (bfloat16 from uint16 bits)."""
+    arr = np.asarray(arr)  # numpy arithmetic on a 0-d array gives a numpy scalar, which torch does not take
     if dtype == torch.bfloat16:
-        arr = np.frombuffer(data, dtype=np.int16)
-        return torch.from_numpy(arr.copy()).view(torch.bfloat16).reshape(tuple(shape))
-    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    return torch.from_numpy(np.frombuffer(data, dtype=np_dtype).copy()).reshape(tuple(shape))
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def _to_float32(arr: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    if dtype == torch.bfloat16:
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+def _from_float32(arr: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    if dtype == torch.bfloat16:
+        bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
+        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
+        return np.where(np.isnan(arr), np.uint32(0x7FC0), rounded).astype(np.uint16)
+    return arr.astype(_NUMPY_BY_TORCH[dtype])
+
+
+def _all_finite(arr: np.ndarray, dtype: torch.dtype) -> bool:
+    if dtype == torch.bfloat16:
+        return bool(((arr & 0x7F80) != 0x7F80).all())
+    return bool(np.isfinite(arr).all())
 
 
 def _rows(shape: Sequence[int]) -> tuple[int, int]:
@@ -76,25 +105,39 @@ def _rows(shape: Sequence[int]) -> tuple[int, int]:
     return (math.prod(shape[:-1]), shape[-1]) if len(shape) else (1, 1)
 
 
+def _int8(values: np.ndarray, shape: Sequence[int]) -> tuple[bytes, bytes]:
+    """Per-row absmax int8 of float32 values: the codes and the float32 row scales."""
+    rows = values.reshape(_rows(shape))
+    peak = np.abs(rows).max(axis=1) if rows.size else np.zeros(rows.shape[0], np.float32)
+    scales = np.maximum(peak, np.float32(1e-12)) / np.float32(127.0)
+    codes = np.clip(np.round(rows / scales[:, None]), -127, 127).astype(np.int8)
+    return codes.tobytes(), scales.astype(np.float32).tobytes()
+
+
 def encode_tensor(t: torch.Tensor, codec: int = pb.CODEC_RAW) -> pb.Tensor:
     """Encode a tensor; float tensors may be compressed with a lossy codec, others are always raw."""
     if t.dtype not in _DTYPE_BY_TORCH:
         raise WireError(f"dtype {t.dtype} cannot be sent")
     msg = pb.Tensor(shape=list(t.shape), dtype=_DTYPE_BY_TORCH[t.dtype])
+    values = _as_numpy(t)
     if not t.is_floating_point() or codec in (pb.CODEC_RAW, pb.CODEC_UNSPECIFIED):
-        msg.codec, msg.data = pb.CODEC_RAW, _raw_bytes(t)
-    elif codec == pb.CODEC_FLOAT16:
-        msg.codec, msg.data = codec, _raw_bytes(t.to(torch.float16))
-    elif codec == pb.CODEC_BFLOAT16:
-        msg.codec, msg.data = codec, _raw_bytes(t.to(torch.bfloat16))
-    elif codec == pb.CODEC_INT8:
-        rows = t.detach().float().reshape(_rows(t.shape))
-        scales = (rows.abs().amax(dim=1) if rows.numel() else torch.zeros(rows.shape[0])).clamp(min=1e-12) / 127.0
-        q = torch.round(rows / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        msg.codec, msg.data, msg.scales = codec, _raw_bytes(q), _raw_bytes(scales)
-    else:
-        raise WireError(f"unknown codec {codec}")
+        msg.codec, msg.data = pb.CODEC_RAW, values.tobytes()
+        return msg
+    with np.errstate(over="ignore", invalid="ignore"):  # out of range becomes inf, as with torch's casts
+        msg.codec, msg.data, scales = codec, *_lossy(_to_float32(values, t.dtype), codec, t.shape)
+    if scales is not None:
+        msg.scales = scales
     return msg
+
+
+def _lossy(wide: np.ndarray, codec: int, shape: Sequence[int]) -> tuple[bytes, bytes | None]:
+    if codec == pb.CODEC_FLOAT16:
+        return wide.astype(np.float16).tobytes(), None
+    if codec == pb.CODEC_BFLOAT16:
+        return _from_float32(wide, torch.bfloat16).tobytes(), None
+    if codec == pb.CODEC_INT8:
+        return _int8(wide, shape)
+    raise WireError(f"unknown codec {codec}")
 
 
 def _check_shape(shape: Sequence[int], max_elements: int | None) -> int:
@@ -112,17 +155,19 @@ def _check_shape(shape: Sequence[int], max_elements: int | None) -> int:
 
 
 def decode_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int | None = None,
-                  require_finite: bool = True) -> torch.Tensor:
-    """Decode and validate a tensor: known dtype and codec, byte count matching the shape, finite floats."""
+                  require_finite: bool = True, float32: bool = False) -> torch.Tensor:
+    """Decode and validate a tensor: known dtype and codec, byte count matching the shape, finite floats.
+    `float32`: return a float tensor as float32 whatever its dtype on the wire (converted in numpy)."""
     if msg.dtype not in _TORCH_BY_DTYPE:
         raise WireError(f"{name}: unknown dtype {msg.dtype}")
     shape = list(msg.shape)
     numel = _check_shape(shape, max_elements)
     dtype = _TORCH_BY_DTYPE[msg.dtype]
+    dtype = torch.float32 if float32 and dtype.is_floating_point else dtype
     codec = msg.codec or pb.CODEC_RAW
     if codec != pb.CODEC_RAW and msg.dtype not in _FLOAT_DTYPES:
         raise WireError(f"{name}: codec {codec_name(codec)} is only for float tensors, got {dtype_name(msg.dtype)}")
-    wire_dtype = {pb.CODEC_RAW: dtype, pb.CODEC_FLOAT16: torch.float16, pb.CODEC_BFLOAT16: torch.bfloat16,
+    wire_dtype = {pb.CODEC_RAW: _TORCH_BY_DTYPE[msg.dtype], pb.CODEC_FLOAT16: torch.float16, pb.CODEC_BFLOAT16: torch.bfloat16,
                   pb.CODEC_INT8: torch.int8}.get(codec)
     if wire_dtype is None:
         raise WireError(f"{name}: unknown codec {codec}")
@@ -130,19 +175,24 @@ def decode_tensor(msg: pb.Tensor, *, name: str = "tensor", max_elements: int | N
     if len(msg.data) != expected:
         raise WireError(f"{name}: shape {shape} as {codec_name(codec) if codec != pb.CODEC_RAW else dtype_name(msg.dtype)}"
                         f" needs {expected} bytes, got {len(msg.data)}")
-    values = _from_raw(msg.data, wire_dtype, shape)
+    values = np.frombuffer(msg.data, dtype=_NUMPY_BY_TORCH[wire_dtype]).reshape(shape)
     if codec == pb.CODEC_INT8:
         rows, width = _rows(shape)
         if len(msg.scales) != rows * 4:
             raise WireError(f"{name}: int8 codec needs {rows} float32 row scales ({rows * 4} bytes), got {len(msg.scales)}")
-        scales = _from_raw(msg.scales, torch.float32, [rows])
-        if not torch.isfinite(scales).all():
+        scales = np.frombuffer(msg.scales, dtype=np.float32)
+        if not np.isfinite(scales).all():
             raise WireError(f"{name}: int8 row scales contain NaN or Inf")
-        values = (values.reshape(rows, width).float() * scales[:, None]).reshape(shape)
-    out = values.to(dtype)
-    if require_finite and out.is_floating_point() and not torch.isfinite(out).all():
+        values = (values.reshape(rows, width).astype(np.float32) * scales[:, None]).reshape(shape)
+        wire_dtype = torch.float32
+    if wire_dtype == dtype:
+        out = values if values.flags.writeable else values.copy()  # torch needs writable memory
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # out of range becomes inf: refused below
+            out = _from_float32(_to_float32(values, wire_dtype), dtype)
+    if require_finite and dtype.is_floating_point and not _all_finite(out, dtype):
         raise WireError(f"{name}: contains NaN or Inf values")
-    return out
+    return _as_torch(out, dtype)
 
 
 def wire_size(msg) -> int:
@@ -210,8 +260,18 @@ class Reassembler:
         return self._id is not None
 
 
+def serialized(frame, frame_cls, chunk_bytes: int, message_id: int = 0) -> list[bytes]:
+    """A frame serialized once, ready for a stream without serializers: its bytes when they fit in `chunk_bytes`,
+    else the bytes of `frame_cls(part=...)` pieces. The byte count of what is sent is `len` of these."""
+    data = frame.SerializeToString()
+    if len(data) <= chunk_bytes:
+        return [data]
+    return [frame_cls(part=part).SerializeToString() for part in split_bytes(data, message_id, chunk_bytes)]
+
+
 def chunked(frames: Iterable, frame_cls, chunk_bytes: int) -> Iterator:
-    """Yield each frame as is, or as `frame_cls(part=...)` pieces when it is larger than `chunk_bytes`."""
+    """Yield each frame as is, or as `frame_cls(part=...)` pieces when it is larger than `chunk_bytes` (for
+    callers that hand messages to a generated stub, which serializes them; the roles' streams use `serialized`)."""
     for message_id, frame in enumerate(frames):
         data = frame.SerializeToString()
         if len(data) <= chunk_bytes:
@@ -219,3 +279,8 @@ def chunked(frames: Iterable, frame_cls, chunk_bytes: int) -> Iterator:
         else:
             for part in split_bytes(data, message_id, chunk_bytes):
                 yield frame_cls(part=part)
+
+
+def method_path(service: str, method: str) -> str:
+    """The gRPC path of a method of a proto service, e.g. /splitlora.v1.SplitTraining/Train."""
+    return f"/{service}/{method}"

@@ -6,7 +6,7 @@ the switch's bridge. `ip netns exec` bind-mounts `/etc/netns/<namespace>/hosts` 
 service resolves every other service's name. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and iproute2.
 
 The primitives (`ip`, `exec_prefix`, `delete`, `netns_unavailable_reason`) are the one namespace helper of the
-tree: the benchmarks' rate-limited links (`benchmarks/netns.py`) are built with them too.
+tree: the benchmarks' rate-limited links (`splitlora_bench/netns.py`) are built with them too.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -216,8 +216,9 @@ def _healthcheck(value: Any, what: str) -> HealthCheck | None:
                        parse_duration(value.get("start_period", "0s"), f"{what}.start_period"))
 
 
-def load_project(paths: list[Path] | Path, env: Mapping[str, str]) -> Project:
-    """Read, merge and interpolate compose files; binds are relative to the first file's directory."""
+def load_project(paths: list[Path] | Path, env: Mapping[str, str], profiles: Sequence[str] = ()) -> Project:
+    """Read, merge and interpolate compose files; binds are relative to the first file's directory. As in compose,
+    a service with `profiles:` is left out unless one of them is among `profiles`."""
     paths = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
     raw: dict[str, Any] = {}
     for path in paths:
@@ -227,7 +228,8 @@ def load_project(paths: list[Path] | Path, env: Mapping[str, str]) -> Project:
         raw = merge(raw, data)
     raw = interpolate({k: v for k, v in raw.items() if not str(k).startswith("x-")}, env)
     volumes = list((raw.get("volumes") or {}).keys())
-    entries = raw.get("services") or {}
+    entries = {name: spec for name, spec in (raw.get("services") or {}).items()
+               if not (spec or {}).get("profiles") or set((spec or {})["profiles"]) & set(profiles)}
     if not entries:
         raise ComposeError(f"{paths[0]}: no services")
     services = {}

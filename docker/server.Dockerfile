@@ -12,7 +12,7 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cu126
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 RUN python3 -m venv /opt/splitlora
 ENV PATH=/opt/splitlora/bin:$PATH
 RUN pip install --index-url "${TORCH_INDEX}" --extra-index-url https://pypi.org/simple "torch==${TORCH_VERSION}"
@@ -21,9 +21,11 @@ COPY pyproject.toml README.md /src/
 COPY common /src/common
 COPY splitlora_client /src/splitlora_client
 COPY splitlora_server /src/splitlora_server
+# torch's C++ headers, CMake files, C++ test binaries and bundled protoc are not needed to run
 RUN pip install --constraint /tmp/constraints.txt /src \
  && find /opt/splitlora -name "__pycache__" -prune -exec rm -rf {} + \
- && rm -rf /opt/splitlora/lib/python*/site-packages/torch/include
+ && cd /opt/splitlora/lib/python*/site-packages/torch \
+ && rm -rf include share test bin/test_* bin/*Test bin/protoc*
 
 FROM ${CUDA_IMAGE}
 LABEL org.opencontainers.image.title="splitlora-server" \
@@ -32,7 +34,7 @@ LABEL org.opencontainers.image.title="splitlora-server" \
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 COPY --from=build /opt/splitlora /opt/splitlora
 ENV PATH=/opt/splitlora/bin:$PATH PYTHONUNBUFFERED=1 SPLITLORA_HOME=/model HF_HUB_OFFLINE=1 \
     SPLITLORA_HEALTH_ARGS="--tls-ca /certs/ca.pem --tls-cert /certs/admin.pem --tls-key /certs/admin.key"

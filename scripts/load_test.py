@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.procs import BIN, free_port  # noqa: E402
+from splitlora_bench.procs import BIN, free_port  # noqa: E402
 from common.rpc.splitlora.v1 import split_pb2 as spb  # noqa: E402
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc  # noqa: E402
 from splitlora_client import trainer  # noqa: E402

@@ -1,26 +1,49 @@
-"""`splitlora-client`: train."""
+"""`splitlora-client`: train, generate, evaluate."""
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from common.cli import add_command, run_main
+from splitlora_client.generation.options import EvaluateConfig, GenerateConfig
 from splitlora_client.options import TrainConfig
 
 
+def _refused(run: Callable[[], int], insecure: bool) -> int:
+    """`run()`, with a server's refusal printed as one line (and a TLS hint where it may be the cause)."""
+    import grpc
+    try:
+        return run()
+    except grpc.RpcError as err:
+        print(f"splitlora-client: {_explain(cfg, err)}", flush=True)
+        return 1
+
+
 def _train(cfg: TrainConfig) -> int:
+    from splitlora_client.trainer import train
+    return _refused(lambda: print(train(cfg)) or 0, cfg.insecure)
+
+
+def _generate(cfg: GenerateConfig) -> int:
+    from splitlora_client.generation.commands import generate
+    return _refused(lambda: generate(cfg), cfg.insecure)
+
+
+def _evaluate(cfg: EvaluateConfig) -> int:
+    from splitlora_client.generation.commands import evaluate
+    return _refused(lambda: evaluate(cfg), cfg.insecure)
+
+
+def _explain(cfg: TrainConfig, err) -> str:
     import grpc
 
-    from splitlora_client.trainer import train
-    try:
-        print(train(cfg))
-    except grpc.RpcError as err:
-        print(f"splitlora-client: the server refused: {err.code().name}: {err.details()}", flush=True)
-        if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not cfg.insecure:
-            print("splitlora-client: if the server is up, check TLS: --tls-ca must be the CA that signed the "
-                  "server's certificate, the address's host (or --tls-server-name) must be one of its names, and "
-                  "a server that requires client certificates needs --tls-cert/--tls-key signed by its CA", flush=True)
-        return 1
-    return 0
+    from common.reach import unreachable
+    if err.code() == grpc.StatusCode.UNAVAILABLE:
+        return unreachable("the split server or the aggregator", cfg.server, cfg, err, cfg.reconnect_timeout)
+    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (f"no answer in time ({err.details()}): a round did not close within --round-timeout "
+                f"{cfg.round_timeout:g} s (other clients missing?), or the connection stalls")
+    return f"the server refused: {err.code().name}: {err.details()}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="SplitLoRA client: train the first blocks on private data.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_command(sub, "train", TrainConfig, _train, "train with a split server")
+    add_command(sub, "generate", GenerateConfig, _generate, "complete prompts through the split", "WARNING")
+    add_command(sub, "evaluate", EvaluateConfig, _evaluate, "loss, perplexity and E2E metrics of held-out data "
+                "through the split (nothing learns)", "WARNING")
     return parser
 
 

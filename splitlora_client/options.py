@@ -6,8 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config.engine import ConfigError, option
-from common.config.sections import ModelOptions, SplitModeOptions, TransportOptions
+from common.config.sections import ModelOptions, TransportOptions
 from common.defenses import DefenseSettings
+from common.plan import pinnable, unpinned_copy
+from common.split.quantize import QUANTIZATIONS, QuantizationError, check_quantization
+from common.threads import ThreadOptions
 from common.tls import ClientTlsOptions
 from common.wire import CODEC_NAMES
 from splitlora_client.scalars import TENSORBOARD_HINT, tensorboard_available
@@ -16,8 +19,12 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
 
 
 @dataclass
-class TrainConfig(ModelOptions, SplitModeOptions, TransportOptions, ClientTlsOptions):
-    """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server."""
+class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions, ThreadOptions):
+    """`splitlora-client train`: run the embeddings and first blocks on private data, train through the server.
+    The split layer and LoRA options come from the server unless given here (then they must match it)."""
+
+    HELP_GROUPS = {n: "essentials" for n in ("server", "model", "data", "client_id", "output", "tokenizer",
+                                             "shard_index", "shard_count")}
 
     server: str = option("127.0.0.1:50051", "Split server address host:port.")
     aggregator: str = option("", "Aggregator address host:port; empty: the one the server names at Join, "
@@ -34,12 +41,22 @@ class TrainConfig(ModelOptions, SplitModeOptions, TransportOptions, ClientTlsOpt
     codecs: list[str] = option(["float32"], "Activation/gradient codecs this client offers, in order of preference.")
     overlap: bool = option(True, "Prepare (collate) the next batch while waiting for the server's gradient; "
                                  "the results are the same either way.")
-    join_timeout: float = option(120.0, "Seconds to keep trying to reach the server at start.")
+    micro_batches: int = option(0, "Pipelined steps: split each batch into this many micro-batches, sent one after "
+                                   "another so this client computes the next while the server works (same result "
+                                   "as whole steps; 0: the server's --micro-batches).")
+    client_quantization: str = option("none", "The frozen base of this client's part (embeddings, blocks) in int8 "
+                                              "(torchao weight-only; int4 needs a CUDA device); LoRA stays float32.",
+                                      choices=list(QUANTIZATIONS))
+    join_timeout: float = option(60.0, "Seconds to keep trying to reach the server at start.")
     round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")
     reconnect_timeout: float = option(900.0, "After losing the server or the aggregator, seconds to keep trying to "
                                              "reach it again before giving up.")
     reconnect_backoff_max: float = option(10.0, "Longest wait between two reconnection attempts (exponential "
                                                 "backoff from 0.1 s).")
+    eval_data: str = option("", "Held-out data of this client (same formats as --data): the validation loss of the "
+                                "global model is computed through the split after rounds (nothing learns from it).",
+                            metavar="FILE")
+    eval_every: int = option(1, "With --eval-data: evaluate after every this many rounds (and after the last).")
     progress: bool = option(True, "Show a progress bar.")
     tensorboard: bool = option(False, "Also write TensorBoard scalars to OUTPUT/tensorboard (needs tensorboardX).")
     defense_clip: float = option(0.0, "Activation defense: clip each token's cut activation to this L2 norm before "
@@ -51,20 +68,30 @@ class TrainConfig(ModelOptions, SplitModeOptions, TransportOptions, ClientTlsOpt
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
-        self.validate_model()
-        self.validate_split_mode()
+        unpinned_copy(self).validate_model()
         try:
             self.defense_settings().check()
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.validate_transport()
         self.validate_tls()
+        self.validate_threads()
+        try:
+            check_quantization(self.client_quantization)  # the client part runs on the CPU
+        except QuantizationError as err:
+            raise ConfigError(f"client_quantization: {err}") from None
+        if self.micro_batches < 0:
+            raise ConfigError(f"micro_batches must be >= 0, got {self.micro_batches}")
         for name in ("server", "aggregator"):
             value = getattr(self, name)
             if value and not _ADDRESS.match(value):
                 raise ConfigError(f"{name}: {value!r} is not host:port")
         if self.data and not Path(self.data).is_file():
             raise ConfigError(f"data: file {self.data} does not exist")
+        if self.eval_data and not Path(self.eval_data).is_file():
+            raise ConfigError(f"eval_data: file {self.eval_data} does not exist")
+        if self.eval_every < 1:
+            raise ConfigError(f"eval_every must be at least 1, got {self.eval_every}")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"tokenizer: {self.tokenizer} is not a directory")
         if self.reconnect_timeout < 0 or self.reconnect_backoff_max <= 0:

@@ -40,8 +40,11 @@ class StepPreparer:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "client", self.client_id, step))
         return Prepared(step, self.batches.next_batch(), generator.get_state())
 
-    def forward(self, prepared: Prepared) -> torch.Tensor:
-        """The cut activations of a prepared step, on the current weights, with the step's random draws."""
-        torch.set_rng_state(prepared.rng_state)
+    def forward(self, prepared: Prepared, rows: slice = slice(None)) -> torch.Tensor:
+        """The cut activations of a prepared step (of its `rows`, a micro-batch), on the current weights, with the
+        step's random draws: its first rows start from the step's random state, later micro-batches go on from
+        where the previous one left it."""
+        if not rows.start:
+            torch.set_rng_state(prepared.rng_state)
         batch = prepared.batch
-        return self.part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        return self.part(batch["input_ids"][rows], batch["attention_mask"][rows], batch["position_ids"][rows])

@@ -107,22 +107,12 @@ class RoundSync:
         self.backoff.wait(why)
 
     # -- steps and reconnection ------------------------------------------------------------------------------
-    def step(self, step: int, round: int, *tensors, while_waiting: Callable[[], None] | None = None) -> StepResult:
-        """One step through the server (`while_waiting` runs between sending and receiving); Reconnect when the
-        stream is lost or the server's view has moved."""
-        def exchange() -> StepResult:
-            sent = self.session.send(step, round, *tensors)
-            if while_waiting is not None:
-                while_waiting()
-            return self.session.receive(step, sent)
-        return self.guarded(step, exchange)
-
-    def guarded(self, step: int, exchange: Callable[[], StepResult]) -> StepResult:
-        """Run one step's exchange(s) with the server; Reconnect when the stream is lost or the server's view has
-        moved (a u-shape step's two exchanges are one `exchange`: `splitlora_client.ushape`)."""
+    def step(self, step: int, exchange: Callable[[SplitSession], StepResult]) -> StepResult:
+        """One step through the server (`exchange` sends it on the session and receives its answer); Reconnect
+        when the stream is lost or the server's view has moved."""
         self.in_memory = None
         try:
-            result = exchange()
+            result = exchange(self.session)
         except grpc.RpcError as err:
             if err.code() in TRANSIENT or err.code() in RESYNC:
                 raise Reconnect(f"step {step}: {err.code().name}: {err.details()}") from err

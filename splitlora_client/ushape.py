@@ -8,8 +8,10 @@ from typing import Callable
 
 import torch
 
+from common.defenses import ActivationDefense
 from common.loss import causal_lm_loss
 from common.split.parts import SplitPart
+from splitlora_client.prefetch import Prepared, StepPreparer
 from splitlora_client.session import SplitSession, StepResult
 
 
@@ -48,16 +50,20 @@ class TopHead:
             param.grad = grad if param.grad is None else param.grad + grad
 
 
-def u_exchange(session: SplitSession, top: TopHead, step: int, rnd: int, hidden: torch.Tensor,
-               batch: dict[str, torch.Tensor], while_waiting: Callable[[], None] | None = None) -> StepResult:
-    """A u-shape step's two exchanges: `hidden` (h_K, already defended) out, h_{L-J} back; the loss here; the top-cut
-    gradient out, the bottom-cut gradient back. The top part's gradients are applied only once both succeeded."""
-    sent = session.send(step, rnd, hidden, batch["attention_mask"], None, batch["position_ids"])
+def u_step(session: SplitSession, prep: StepPreparer, prepared: Prepared, rnd: int, top: TopHead,
+           defense: ActivationDefense, while_waiting: Callable[[], None] | None = None) -> StepResult:
+    """A u-shape step, sent whole: h_K (defended) out, h_{L-J} back; the loss here; the top-cut gradient out, the
+    bottom-cut gradient back, backpropagated into the bottom part. The top part's gradients are applied only once
+    both exchanges succeeded (the caller takes the optimizer step)."""
+    step, batch = prepared.step, prepared.batch
+    hidden = defense.apply(prep.forward(prepared), batch["attention_mask"])  # before anything is sent
+    sent = session.send(step, rnd, hidden.detach(), batch["attention_mask"], None, batch["position_ids"])
     if while_waiting is not None:
         while_waiting()
     top_hidden, received = session.receive_top(step)
     result = top.step(top_hidden, batch)
     sent += session.send_top_grad(step, result.top_grad)
     answer = session.receive(step, sent)
+    defense.backward(prep.part, batch, hidden, answer.grad)  # with NoPeek's term, when on
     top.apply(result)
     return StepResult(answer.grad, result.loss, result.tokens, sent, received + answer.bytes_received)

@@ -1,6 +1,7 @@
 """Assemble and run the server process: model part, engine, services, gRPC server, and the final export."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -18,25 +19,31 @@ from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.lora import export_adapter, write_adapter_file
 from common.optim import OptimSettings
+from common.plan import options_json
+from common.provenance import Provenance, provenance
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
+from common.split.lora_settings import whole_model_lora_config
 from common.split.parts import SplitPart
+from common.split.router import router_aux
 from common.split.ushape import u_shape_parts
+from common.threads import apply_threads
 from common.tls import add_port
 from splitlora_server.admission import RPC_THREADS, Admission, AdmissionInterceptor, AdmissionOptions
 from splitlora_server.aggregator.service import AggregatorService
-from splitlora_server.ushape import TopCut
 from splitlora_server.auth import Authenticator, AuthInterceptor, build_authenticator
 from splitlora_server.engine.batching import BatchSettings
 from splitlora_server.engine.core import ServerEngine
 from splitlora_server.engine.state import ServerCheckpoints, run_identity
 from splitlora_server.frames import FrameLimits
+from splitlora_server.generation.wiring import GenerationParts, build_generation
+from splitlora_server.init_adapter import InitialAdapter, load_initial_adapter
 from splitlora_server.ops.metrics import metrics_for
 from splitlora_server.options import AggregateConfig, ServeConfig
 from splitlora_server.registry import Registry
 from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator, RoundListener
-from splitlora_server.service import SplitTrainingService
+from splitlora_server.service import SplitTrainingService, add_to_server
+from splitlora_server.ushape import TopCut
 
 log = logging.getLogger("splitlora.server")
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
@@ -44,9 +51,10 @@ SERVER_ADAPTER_FILE = "server_adapter.safetensors"
 
 def _grpc_server(max_workers: int, options: list[tuple[str, int]], auth: Authenticator,
                  limits: AdmissionOptions) -> tuple[grpc.Server, Admission]:
-    """A grpc server whose calls are authenticated, then admitted (splitlora_server.admission)."""
+    """A grpc server whose calls are authenticated, then admitted (splitlora_server.admission). No SO_REUSEPORT:
+    a second server on a taken port must fail to bind, not share the port with the first."""
     admission = Admission(auth, limits, max_workers)
-    server = grpc.server(admission.pool, options=options,
+    server = grpc.server(admission.pool, options=[*options, ("grpc.so_reuseport", 0)],
                          interceptors=[AuthInterceptor(auth), AdmissionInterceptor(admission)])
     return server, admission
 
@@ -90,6 +98,8 @@ class RunningServer:
     health: health.HealthServicer | None = None
     resumed_round: int | None = None  # the round the server resumed at from its checkpoint, if it did
     admission: Admission | None = None
+    generation: GenerationParts | None = None
+    provenance: Provenance | None = None  # written into the headers of the adapter files it exports
 
     def wait_finished(self, stop: threading.Event | None = None) -> bool:
         """Block until every round is done (and aggregated, when hosted here); False if `stop` was set first."""
@@ -104,25 +114,35 @@ class RunningServer:
         """Write the server adapter and, with the aggregator in process, the whole-model PEFT adapter."""
         out = Path(self.config.output)
         server_state = self.engine.server_adapter()
-        write_adapter_file(out / SERVER_ADAPTER_FILE, server_state)
+        meta = self.provenance.to_metadata() if self.provenance else None
+        write_adapter_file(out / SERVER_ADAPTER_FILE, server_state, meta)
         if self.aggregator is None:
             log.info("server adapter written to %s; run `splitlora-server export` with the aggregator's output",
                      out / SERVER_ADAPTER_FILE)
             return out / SERVER_ADAPTER_FILE
         client_state = self.aggregator.global_adapter(self.config.rounds - 1)
-        path = export_adapter(out / "adapter", self.part.lora.peft_config(self.part.family), client_state,
-                              server_state, base_model=str(self.part.model_dir))
+        lora = whole_model_lora_config(self.part.lora, self.part.family, self.part.config)
+        whole = dataclasses.replace(self.provenance, side="model").to_metadata() if self.provenance else None
+        path = export_adapter(out / "adapter", lora, client_state, server_state, base_model=str(self.part.model_dir),
+                              metadata=whole)
         log.info("exported the whole-model PEFT adapter to %s", path)
         return path
 
     def wait_for_final_fetches(self, grace_seconds: float) -> None:
         """Give clients time to download the last global adapter before the process exits."""
-        if self.aggregator is None:
-            return
         deadline = time.monotonic() + grace_seconds
         wanted = set(self.registry.clients)
-        while time.monotonic() < deadline and not wanted <= self.aggregator.fetched(self.config.rounds - 1):
+
+        def done() -> bool:
+            fetched_global = self.aggregator is None or wanted <= self.aggregator.fetched(self.config.rounds - 1)
+            return fetched_global and (self.config.private_server_adapter or wanted <= self.service.final.fetched)
+
+        while time.monotonic() < deadline and not done():
             time.sleep(0.1)
+        missing = sorted(wanted - self.service.final.fetched) if not self.config.private_server_adapter else []
+        if missing:
+            log.warning("clients %s did not fetch the final server adapter within --finish-grace-seconds %g",
+                        ", ".join(missing), grace_seconds)
 
     def drain(self) -> None:
         """Graceful shutdown, first half: health NOT_SERVING, new calls and open streams answered UNAVAILABLE
@@ -131,6 +151,8 @@ class RunningServer:
         if self.health is not None:
             self.health.enter_graceful_shutdown()
         self.service.stopping.set()
+        if self.generation is not None:
+            self.generation.service.stopping.set()
         if self.aggregator is not None:
             self.aggregator.stopping.set()
         try:
@@ -178,6 +200,14 @@ def _schedule(cfg: ServeConfig, max_positions: int) -> spb.Schedule:
                         label_smoothing=cfg.label_smoothing, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm)
 
 
+def _plan(cfg: ServeConfig, planned: str, schedule: spb.Schedule, part: SplitPart,
+          initial: InitialAdapter | None) -> spb.Plan:
+    """What every client is handed before it joins (GetPlan)."""
+    return spb.Plan(model_options_json=planned, schedule=schedule, family=part.family.name,
+                    initial_client_adapter=initial.client_bytes if initial else b"",
+                    send_final_adapter=not cfg.private_server_adapter)
+
+
 def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> RunningServer:
     """Load the server part, start the engine and serve SplitTraining (+ Aggregator, + health); the admin
     Shutdown call sets `stop`. One round coordinator drives the rounds of every part: with the aggregator in
@@ -186,24 +216,35 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     cfg.validate_tls()  # secure by default: no certificates and no --insecure is refused before anything starts
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the split server")
     stop = stop if stop is not None else threading.Event()
+    apply_threads("server", cfg.torch_threads, cfg.device, cfg.max_workers)
     model_dir, lora = cfg.model_dir(), cfg.lora_settings()
     segment = u_shape_parts(model_dir, cfg.split_layer, cfg.top_blocks)[1] if cfg.u_shape else "server"
     part = SplitPart(model_dir, segment, cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
                      gradient_checkpointing=cfg.gradient_checkpointing)
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora, cfg.u_shape, cfg.top_blocks)
-    checkpoints = ServerCheckpoints(Path(cfg.output), run_identity(cfg, fingerprint))
+    planned = options_json(cfg)
+    initial = load_initial_adapter(cfg.init_adapter, part, fingerprint, planned) if cfg.init_adapter else None
+    identity = {**run_identity(cfg, fingerprint), **({"init_adapter": initial.sha256} if initial else {})}
+    checkpoints = ServerCheckpoints(Path(cfg.output), identity)
     engine = _engine(cfg, part, checkpoints)
     in_process = not cfg.aggregator
     coordinator = RoundCoordinator(cfg.rounds, cfg.quorum(cfg.clients), SUBMITTED if in_process else FINISHED)
     registry = Registry(cfg.clients, cfg.local_steps, coordinator)
     max_positions = int(getattr(part.config, "max_position_embeddings", cfg.max_seq_len))
     schedule = _schedule(cfg, max_positions)
-    limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions)
+    aux = router_aux(part.family, part.config)
+    limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions,
+                         num_experts=aux.num_experts if aux else 0)
+    generation = build_generation(cfg, engine, limits, auth, fingerprint)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
-                                   aggregation=cfg.aggregation, top=TopCut(cfg.top_blocks) if cfg.u_shape else None)
+                                   aggregation=cfg.aggregation, micro_batches=cfg.micro_batches,
+                                   status_extras=generation.status_fields,
+                                   plan=_plan(cfg, planned, schedule, part, initial),
+                                   top=TopCut(cfg.top_blocks) if cfg.u_shape else None)
     server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
-    sgrpc.add_SplitTrainingServicer_to_server(service, server)
+    add_to_server(service, server)
+    generation.add_to(server)
     aggregator = None
     if in_process:
         aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",
@@ -221,11 +262,13 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
         aggregator.restore(up_to=resumed if resumed is not None else 0)
     else:
         coordinator.restore(resumed or 0)
-    health_servicer = _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator")
+    health_servicer = _add_health(server, "splitlora.v1.SplitTraining", "splitlora.v1.Aggregator",
+                                  "splitlora.v1.SplitGeneration")
     port = add_port(server, f"{cfg.host}:{cfg.port}", cfg, "the split server")
     server.start()
     return RunningServer(server, port, cfg, part, engine, registry, coordinator, service, aggregator,
-                         stop_requested=stop, health=health_servicer, resumed_round=resumed, admission=admission)
+                         stop_requested=stop, health=health_servicer, resumed_round=resumed, admission=admission,
+                         generation=generation, provenance=provenance("server", fingerprint, planned, str(model_dir)))
 
 
 def _resume(checkpoints: ServerCheckpoints, engine: ServerEngine, registry: Registry) -> int | None:
@@ -252,7 +295,8 @@ def serve(cfg: ServeConfig) -> int:
     stop = _stop_on_signals()
     running = start_server(cfg, stop)
     metrics = metrics_for(cfg.host, cfg.metrics_port, running.registry, running.aggregator,
-                          running.service.auth.refusals)
+                          running.service.auth.refusals,
+                          running.generation.collector() if running.generation else None)
     log.info("listening on %s:%d; expecting %d clients for %d rounds of %d steps", cfg.host, running.port,
              cfg.clients, cfg.rounds, cfg.local_steps)
     print(f"splitlora-server listening on {cfg.host}:{running.port}", flush=True)
@@ -260,6 +304,9 @@ def serve(cfg: ServeConfig) -> int:
     if finished:
         running.export()
         running.wait_for_final_fetches(cfg.finish_grace_seconds)
+        if cfg.serve_after_training:
+            log.info("training done; serving generation and evaluation until stopped (--serve-after-training)")
+            stop.wait()
     else:
         running.drain()
     running.stop(cfg.shutdown_grace_seconds)

@@ -8,6 +8,7 @@ import sys
 import grpc
 
 from common.cli import add_command, run_main
+from common.reach import explain_admin_error
 from splitlora_server import healthcheck
 from splitlora_server.ops import status
 from splitlora_server.ops.admin import ShutdownConfig, shutdown
@@ -55,7 +56,8 @@ def _shutdown(cfg: ShutdownConfig) -> int:
     try:
         shutdown(cfg)
     except grpc.RpcError as err:
-        print(f"splitlora-server: the server refused: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"splitlora-server shutdown: {explain_admin_error(err, 'shutdown', cfg.server, cfg, cfg.timeout)}",
+              file=sys.stderr)
         return 1
     print("shutdown requested")
     return 0

@@ -5,9 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common.loss import IGNORE_INDEX
+from common.loss import IGNORE_INDEX, target_tokens
+from common.router_wire import decode_stats
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
+from common.split.router import RouterStats
 from common.wire import WireError, codec_name, decode_tensor
 from splitlora_server.engine.jobs import Step
 
@@ -23,6 +25,7 @@ class FrameLimits:
     max_batch: int
     max_seq_len: int
     max_positions: int
+    num_experts: int = 0  # > 0: a mixture-of-experts model whose steps carry router statistics
 
 
 _WIRE_BYTES = {tpb.CODEC_FLOAT16: 2, tpb.CODEC_BFLOAT16: 2, tpb.CODEC_INT8: 1}  # per value; raw: up to 4
@@ -53,7 +56,8 @@ def decode_activations(msg: tpb.Tensor, name: str, limits: FrameLimits, codec: i
     """A (batch, seq, hidden) float tensor of a frame, in the codec negotiated at Join (when given)."""
     if not msg.ByteSize():
         raise WireError(f"{name} is missing")
-    t = decode_tensor(msg, name=name, max_elements=limits.max_batch * limits.max_seq_len * limits.hidden_size)
+    t = decode_tensor(msg, name=name, max_elements=limits.max_batch * limits.max_seq_len * limits.hidden_size,
+                      float32=True)
     if not t.is_floating_point():
         raise WireError(f"{name} must be a float tensor, got {t.dtype}")
     if codec is not None and (msg.codec or tpb.CODEC_RAW) != (codec or tpb.CODEC_RAW):
@@ -87,7 +91,12 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
         if frame.HasField("labels"):
             raise WireError("labels are refused in u-shape mode: the labels, logits and loss stay on the client "
                             "(a standard-mode client? the server runs --split-mode u-shape)")
-        return Step(client_id, frame.step, hidden.float(), mask, positions, None)
+        if max(frame.micro_count, 1) > 1 or frame.micro:
+            raise WireError("a u-shape step is sent whole (micro_count 1): pipelined u-shape steps are not supported")
+        if frame.HasField("router"):
+            raise WireError("router statistics are refused in u-shape mode (the router's auxiliary loss is not "
+                            "supported there)")
+        return Step(client_id, frame.step, hidden, mask, positions, None)
     if not frame.HasField("labels"):
         raise WireError("labels is missing (a u-shape client? the server runs --split-mode standard)")
     labels = _int_tensor(frame.labels, "labels", (batch, seq), limits)
@@ -95,4 +104,26 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if bad.any():
         raise WireError(f"labels must be {IGNORE_INDEX} or in [0, {limits.vocab_size}); "
                         f"got {int(labels[bad][0])}")
-    return Step(client_id, frame.step, hidden.float(), mask, positions, labels)
+    count = max(frame.micro_count, 1)
+    if frame.micro >= count:
+        raise WireError(f"micro-batch {frame.micro} of a step sent in {count}")
+    tokens = target_tokens(labels)
+    if count > 1 and frame.step_tokens < max(tokens, 1):
+        raise WireError(f"step_tokens {frame.step_tokens} is below this micro-batch's {tokens} target tokens")
+    router = _router(frame, limits)
+    if router is not None and count > 1:
+        raise WireError("a step with router statistics cannot be sent in micro-batches: the router's auxiliary loss "
+                        "is not a sum over rows (use --micro-batches 1 with this mixture-of-experts model)")
+    return Step(client_id, frame.step, hidden, mask, positions, labels, router, frame.micro, count, frame.step_tokens)
+
+
+def _router(frame: spb.StepForward, limits: FrameLimits) -> RouterStats | None:
+    """The client's router statistics: required exactly when the model's router auxiliary loss is on."""
+    if not frame.HasField("router"):
+        if limits.num_experts:
+            raise WireError("router statistics are missing: this mixture-of-experts model trains with the router's "
+                            "auxiliary loss (output_router_logits), which needs those of the client's layers")
+        return None
+    if not limits.num_experts:
+        raise WireError("router statistics were sent, but this model has no router auxiliary loss")
+    return decode_stats(frame.router, limits.num_experts)

@@ -7,16 +7,22 @@ from pathlib import Path
 
 from common.aggregation import DEFAULT_TRIM_FRACTION, MODES, Strategy, StrategyOptions, build_strategy
 from common.config.engine import ConfigError, option
-from common.config.sections import ModelOptions, SplitModeOptions, TransportOptions
+from common.config.sections import ModelOptions, TransportOptions
+from common.threads import ThreadOptions
 from common.tls import ServerTlsOptions
+from common.optim import capped_warmup
+from common.plan import pinnable, unpinned_copy
 from common.wire import CODEC_NAMES
 from splitlora_server.admission import AdmissionOptions
+from splitlora_server.generation.sessions import GenerationOptions
 from splitlora_server.rounds.gate import Quorum
 
 
 @dataclass
 class AuthOptions:
     """Where client identities come from besides mTLS certificates."""
+
+    HELP_GROUP = "transport security"
 
     tokens_file: str = option("", "Bearer tokens file (identity -> sha256 of the token) made with `splitlora-server "
                                   "tokens add`; callers then need a token or a client certificate.", metavar="FILE")
@@ -31,6 +37,8 @@ class AuthOptions:
 @dataclass
 class AggregationOptions:
     """How the aggregator combines the clients' adapters each round."""
+
+    HELP_GROUP = "federation"
 
     aggregation: str = option("fedavg", "fedavg: sample-weighted mean of A and B (inexact for B·A); ffa: A frozen "
                                         "at its initialisation, B averaged (exact); fedex: A and B averaged plus "
@@ -54,13 +62,19 @@ class AggregationOptions:
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.aggregation == "trimmed-mean" and math.floor(self.trim_fraction * clients) == 0:
+            if clients < 3:  # trimming one client at each end needs a third to keep
+                raise ConfigError(f"trimmed-mean needs at least 3 clients (it drops one at each end of every "
+                                  f"coordinate); with {clients} use --aggregation median or fedavg")
+            least = math.ceil(1000 / clients) / 1000  # rounded up: the advised value must trim one client
             raise ConfigError(f"trimmed-mean with --trim-fraction {self.trim_fraction} and {clients} clients trims "
-                              f"no client; raise --trim-fraction to at least {1 / clients:.3g}")
+                              f"no client; raise --trim-fraction to at least {least:g}")
 
 
 @dataclass
 class RoundOptions:
     """Dropouts and stragglers: when a round may close without every client."""
+
+    HELP_GROUP = "federation"
 
     min_clients: int = option(0, "Quorum: the fewest clients a round may close with once its deadline has passed "
                                  "(0: all of --clients). Without the quorum the round waits.")
@@ -80,9 +94,16 @@ class RoundOptions:
 
 
 @dataclass
-class ServeConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOptions, AuthOptions,
-                  AggregationOptions, RoundOptions, AdmissionOptions):
+class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
+                  RoundOptions, AdmissionOptions, GenerationOptions, ThreadOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
+
+    HELP_GROUPS = {**{n: "essentials" for n in ("model", "split_layer", "host", "port", "clients", "output",
+                                                "init_adapter")},
+                   **{n: "schedule" for n in ("rounds", "local_steps", "batch_size", "learning_rate", "warmup_steps",
+                                              "weight_decay", "max_grad_norm", "label_smoothing", "max_seq_len",
+                                              "seed")},
+                   "aggregator": "federation", "private_server_adapter": "federation"}
 
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
     port: int = option(50051, "Port to listen on (0: pick a free one and print it).")
@@ -102,6 +123,9 @@ class ServeConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOpt
                                       choices=["shared", "per-client"])
     max_batch_clients: int = option(1, "Cross-client batching (shared adapter mode): stack up to this many clients' "
                                        "waiting steps into one forward/backward (0 or 1: off).")
+    micro_batches: int = option(1, "Pipelined steps: micro-batches per client step for clients that do not ask for "
+                                   "a number at Join (1: whole steps); the client computes micro-batch i+1 while "
+                                   "the server works on i, with the same result as a whole step.")
     batch_window_ms: float = option(0.0, "With batching on, how long the server waits for other clients' steps "
                                          "before running a batch (0: only steps already waiting).")
     device: str = option("cpu", "Device of the server part (cpu, cuda, cuda:0, ...; auto: cuda when a GPU is "
@@ -118,11 +142,17 @@ class ServeConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOpt
     finish_grace_seconds: float = option(30.0, "After the last round, how long to wait for clients to fetch the "
                                                "final adapter before shutting down.")
     metrics_port: int = option(0, "Serve Prometheus metrics at http://HOST:PORT/metrics on this port; 0: off.")
+    init_adapter: str = option("", "Start both sides from this whole-model PEFT adapter directory (e.g. an earlier "
+                                   "run's export), checked against the model and the LoRA options.", metavar="DIR")
+    private_server_adapter: bool = option(False, "Keep the server adapter on the server: clients do not receive "
+                                                 "the whole-model adapter at the end.")
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
         self.validate_model()
-        self.validate_split_mode()
+        if self.init_adapter and not Path(self.init_adapter, "adapter_model.safetensors").is_file():
+            raise ConfigError(f"init_adapter: {self.init_adapter} holds no adapter_model.safetensors (give a PEFT "
+                              "adapter directory, e.g. an earlier run's runs/server/adapter)")
         self.validate_transport()
         self.validate_tls()
         self.validate_auth()
@@ -131,6 +161,11 @@ class ServeConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOpt
             import torch
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.validate_rounds(self.clients)
+        self.validate_generation()
+        self.validate_threads()
+        if not 1 <= self.micro_batches <= self.batch_size:
+            raise ConfigError(f"micro_batches must be between 1 and batch_size ({self.batch_size}), "
+                              f"got {self.micro_batches}")
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -142,17 +177,21 @@ class ServeConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOpt
                 raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        self.warmup_steps = capped_warmup(self.warmup_steps, self.rounds * self.local_steps)
         unknown = [c for c in self.codecs if c not in CODEC_NAMES]
         if unknown or not self.codecs:
             raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
 
 
 @dataclass
-class AggregateConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTlsOptions, AuthOptions,
+class AggregateConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
                       AggregationOptions, RoundOptions, AdmissionOptions):
     """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
     see client adapters. Give it the model, split and LoRA flags of the run: the adapters it accepts must have
     the layout they define."""
+
+    HELP_GROUPS = {"host": "essentials", "port": "essentials", "clients": "essentials", "output": "essentials",
+                   "rounds": "schedule"}
 
     host: str = option("127.0.0.1", "Address to listen on.")
     port: int = option(50052, "Port to listen on.")
@@ -169,7 +208,6 @@ class AggregateConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTl
         """Reject settings that cannot work."""
         self.validate_rounds(self.clients)
         self.validate_model()
-        self.validate_split_mode()
         for name in ("clients", "rounds", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -184,16 +222,22 @@ class AggregateConfig(ModelOptions, SplitModeOptions, TransportOptions, ServerTl
 
 
 @dataclass
-class ExportConfig(ModelOptions):
-    """`splitlora-server export`: merge a client global adapter and a server adapter into one PEFT adapter."""
+class ExportConfig(pinnable(ModelOptions, "the adapters'")):
+    """`splitlora-server export`: merge a client global adapter and a server adapter into one PEFT adapter. The
+    model, split layer and LoRA options come from the adapter files; options given are checked against them."""
+
+    HELP_GROUPS = {n: "essentials" for n in ("client_adapter", "aggregator_dir", "server_adapter", "output",
+                                             "model")}
 
     client_adapter: str = option("", "Client-side global adapter (.safetensors), e.g. <aggregator output>/global/"
-                                     "round-0004.safetensors. Empty: the newest under --aggregator-dir.")
+                                     "round-0004.safetensors. Empty: the newest under --aggregator-dir.",
+                                 metavar="FILE")
     aggregator_dir: str = option("runs/aggregator", "Aggregator output directory (used when --client-adapter "
-                                                    "is empty).")
-    server_adapter: str = option("runs/server/server_adapter.safetensors", "Server-side adapter (.safetensors).")
-    output: str = option("runs/export", "Directory to write the whole-model PEFT adapter to.")
+                                                    "is empty).", metavar="DIR")
+    server_adapter: str = option("runs/server/server_adapter.safetensors", "Server-side adapter (.safetensors).",
+                                 metavar="FILE")
+    output: str = option("runs/export", "Directory to write the whole-model PEFT adapter to.", metavar="DIR")
 
     def validate(self) -> None:
-        """Checks of the model options."""
-        self.validate_model()
+        """Checks of the options given (the rest come from the adapter files)."""
+        unpinned_copy(self).validate_model()

@@ -1,6 +1,7 @@
 """Who the server's clients are, their sessions, and how far each got: the service's bookkeeping."""
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import threading
@@ -11,8 +12,10 @@ import grpc
 
 from common.redact import shown
 from splitlora_server.errors import Refused
+from splitlora_server.pipelining import MicroProgress
 from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator
 
+log = logging.getLogger(__name__)
 # The client id character set (documented in SECURITY.md); \Z, not $: "alice\n" is not "alice".
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
@@ -33,6 +36,8 @@ class ClientRecord:
     session: str
     next_step: int = 0
     connected: bool = False
+    streams: int = 0  # Train streams open (a reconnecting client may briefly have two)
+    opened: int = 0  # Train streams ever opened (a client opens one at Join)
     last_loss: float = float("nan")
     bytes_in: int = 0
     bytes_out: int = 0
@@ -42,6 +47,8 @@ class ClientRecord:
     samples_by_round: dict[int, int] = field(default_factory=dict)
     codec: int = 1  # negotiated activation/gradient codec (CODEC_RAW)
     chunk_bytes: int = 4 << 20  # negotiated piece size of large frames, both ways
+    micro_batches: int = 1  # negotiated most micro-batches per step (pipelined steps)
+    micro: MicroProgress = field(default_factory=MicroProgress)  # its step in progress
     step_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
@@ -65,6 +72,8 @@ class Registry:
         with self.lock:
             record = self.clients.get(client_id)
             if record is None:
+                if len(self.clients) >= self.expected and (freed := self._free_idle_slot()) is not None:
+                    log.info("client %s left before its first step: its slot goes to %s", freed, client_id)
                 if len(self.clients) >= self.expected:
                     raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"all {self.expected} client slots are taken by {', '.join(sorted(self.clients))}; "
@@ -72,6 +81,17 @@ class Registry:
                 record = self.clients[client_id] = ClientRecord(client_id, "")
             record.session = secrets.token_hex(16)
             return record
+
+    def _free_idle_slot(self) -> str | None:
+        """Under the lock, with every slot taken: free the slot of a client that left before its first step of the
+        run (its stream closed, nothing trained, no frame refused: it failed on its own side), if there is one."""
+        if self.coordinator.open_round != 0:  # an int read: no coordinator lock under this one
+            return None
+        for client_id, record in sorted(self.clients.items()):
+            if record.next_step == 0 and record.opened and record.streams == 0 and record.errors == 0:
+                del self.clients[client_id]  # it never finished a round: the coordinator has no arrival of it
+                return client_id
+        return None
 
     def authenticate(self, client_id: str, session: str) -> ClientRecord:
         """The record of a client whose session token is current."""

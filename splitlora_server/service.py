@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -13,18 +13,21 @@ from common.faults import fault_point
 from common.fingerprint import differences
 from common.limits import negotiated_chunk, too_small
 from common.redact import shown
+from common.router_wire import encode_backward
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
-from common.wire import Reassembler, WireError, chunked, codec_from_name, codec_name, encode_tensor
+from common.wire import Reassembler, WireError, codec_from_name, codec_name, encode_tensor, serialized
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine.core import ServerEngine
 from splitlora_server.engine.jobs import Step
 from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits, decode_step, max_frame_bytes
-from splitlora_server.registry import ClientRecord, Registry
+from splitlora_server.handout import PRIVATE, FinalAdapter
+from splitlora_server.pipelining import MicroProgress
+from splitlora_server.registry import ClientRecord, Registry, invalid_client_id
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
-from splitlora_server.ushape import TopCut
+from splitlora_server.ushape import USHAPE_PIPELINING, TopCut
 
 log = logging.getLogger(__name__)
 CLIENT_ID_KEY = "x-splitlora-client-id"
@@ -41,10 +44,15 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                  schedule: spb.Schedule, limits: FrameLimits, codecs: list[str], aggregator_address: str,
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
                  on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg",
-                 top: TopCut | None = None) -> None:
+                 status_extras: Callable[[], dict[str, Any]] | None = None, micro_batches: int = 1,
+                 plan: spb.Plan | None = None, top: TopCut | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
         self.aggregation = aggregation  # announced at Join: how the clients' adapters are combined
+        self.status_extras = status_extras or dict  # more StatusReply fields (generation, validation)
+        self.micro_batches = micro_batches  # per step, for clients that do not ask for a number at Join
         self.rounds: RoundCoordinator = registry.coordinator
+        self.plan = plan if plan is not None else spb.Plan(schedule=schedule, send_final_adapter=True)
+        self.final = FinalAdapter(self.rounds.finished, engine.server_adapter)
         self.auth, self.on_shutdown = auth or Authenticator(), on_shutdown
         self.schedule, self.limits = schedule, limits
         self.codecs = [codec_from_name(c) for c in codecs]
@@ -55,6 +63,15 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self._replies = 0
 
     # -- handshake -------------------------------------------------------------------------------------------
+    def GetPlan(self, request: spb.PlanRequest, context: grpc.ServicerContext) -> spb.Plan:
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
+        problem = invalid_client_id(request.client_id)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return self.plan
+
     def Join(self, request: spb.JoinRequest, context: grpc.ServicerContext) -> spb.JoinReply:
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
@@ -70,11 +87,18 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             record = self.registry.join(request.client_id)
         except Refused as refused:
             abort(context, refused)
+        micro = request.micro_batches or self.micro_batches
+        if not 1 <= micro <= self.schedule.batch_size:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"micro_batches {micro} must be between 1 and the "
+                                                            f"batch size {self.schedule.batch_size}")
+        if micro > 1 and self.top is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, USHAPE_PIPELINING)
         record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
         self.engine.add_client(record.client_id).result()
         with record.step_lock:  # after any step of its old stream still in flight
             if self.top is not None:
                 self.top.drop(record.client_id)  # a u-shape step of its old stream is abandoned (it changed nothing)
+            record.micro_batches, record.micro = micro, MicroProgress()
             start, partial = self.registry.resume(record)
             if partial:
                 self.engine.rollback(record.client_id, start).result()
@@ -84,9 +108,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         return spb.JoinReply(session=record.session, schedule=self.schedule,
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
-                             start_round=start,
-                             num_clients=self.rounds.expected, server_version=VERSION,
-                             aggregation=self.aggregation)
+                             start_round=start, num_clients=self.rounds.expected, server_version=VERSION,
+                             aggregation=self.aggregation, micro_batches=micro)
 
     def _negotiate(self, offered: list[int]) -> int:
         for codec in offered or [tpb.CODEC_RAW]:
@@ -113,38 +136,30 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self.auth.refusals.refuse(record.client_id, code.name.lower(), message)  # rate-limited, no traceback
         context.abort(code, message)
 
-    def Train(self, request_iterator: Iterator[spb.ClientFrame], context: grpc.ServicerContext
-              ) -> Iterator[spb.ServerFrame]:
+    def Train(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The training stream, frames as bytes (registered without serializers by `add_to_server`): each frame
+        is parsed once and each answer serialized once, and their sizes are the lengths of those bytes."""
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         record = self._authenticate(context)
+        with self.registry.lock:
+            record.streams, record.opened = record.streams + 1, record.opened + 1
         record.connected = True
         self.engine.stream_opened(record.client_id)
-        parts = Reassembler(max_frame_bytes(self.limits, record.codec), max_piece=record.chunk_bytes)
+        parts, step_bytes = Reassembler(max_frame_bytes(self.limits, record.codec), max_piece=record.chunk_bytes), 0
         try:
-            for frame in request_iterator:
+            for raw in request_iterator:
                 if self.stopping.is_set():  # shutting down: no new step; the client retries after a restart
                     context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-                nbytes = frame.ByteSize()
-                record.bytes_in += nbytes
-                kind = frame.WhichOneof("kind")
-                if kind == "part":
-                    try:
-                        data = parts.add(frame.part)
-                        if data is None:
-                            continue
-                        frame = spb.ClientFrame.FromString(data)
-                    except (WireError, DecodeError) as err:
-                        self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame part: {err}")
-                    if frame.WhichOneof("kind") not in ("forward", "top_grad"):
-                        self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
-                                   "a reassembled frame must hold a StepForward or a StepTopGrad")
-                elif kind not in ("forward", "top_grad"):
-                    self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
-                               "empty frame: set forward, top_grad or part")
-                reply = self._step(record, frame, context)
-                for out in chunked([reply], spb.ServerFrame, record.chunk_bytes):
-                    record.bytes_out += out.ByteSize()
+                record.bytes_in += len(raw)
+                step_bytes += len(raw)
+                frame = self._parse(record, raw, parts, context)
+                if frame is None:
+                    continue
+                reply = self._step(record, frame, context, step_bytes)
+                step_bytes = 0
+                for out in serialized(reply, spb.ServerFrame, record.chunk_bytes):
+                    record.bytes_out += len(out)
                     yield out
                 self._replies += 1
                 fault_point("server", "reply", self._replies)
@@ -153,22 +168,50 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                            "the stream ended in the middle of a frame; the partial frame was dropped")
         finally:
             parts.clear()  # a partial frame is dropped with its stream
-            record.connected = False
+            with self.registry.lock:
+                record.streams -= 1
+            record.connected = record.streams > 0
             self.engine.stream_closed(record.client_id)
 
-    def _step(self, record: ClientRecord, frame: spb.ClientFrame, context: grpc.ServicerContext) -> spb.ServerFrame:
+    def _parse(self, record: ClientRecord, raw: bytes, parts: Reassembler, context: grpc.ServicerContext
+               ) -> spb.ClientFrame | None:
+        """The frame `raw` holds, or the one its piece completes (None while pieces are missing)."""
+        try:
+            frame = spb.ClientFrame.FromString(raw)
+        except DecodeError as err:
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                       f"a Train message could not be decoded (not the protobuf message this method takes: {err})")
+        kind = frame.WhichOneof("kind")
+        if kind == "part":
+            try:
+                data = parts.add(frame.part)
+                if data is None:
+                    return None
+                frame = spb.ClientFrame.FromString(data)
+            except (WireError, DecodeError) as err:
+                self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame part: {err}")
+            if frame.WhichOneof("kind") not in ("forward", "top_grad"):
+                self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                           "a reassembled frame must hold a StepForward or a StepTopGrad")
+        elif kind not in ("forward", "top_grad"):
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                       "empty frame: set forward, top_grad or part")
+        return frame
+
+    def _step(self, record: ClientRecord, frame: spb.ClientFrame, context: grpc.ServicerContext, nbytes: int
+              ) -> spb.ServerFrame:
         with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
             if frame.WhichOneof("kind") == "top_grad":
-                return spb.ServerFrame(backward=self._top_grad_locked(record, frame.top_grad, context))
-            return self._step_locked(record, frame.forward, context)
+                return spb.ServerFrame(backward=self._top_grad_locked(record, frame.top_grad, context, nbytes))
+            return self._step_locked(record, frame.forward, context, nbytes)
 
     def _refuse(self, context: grpc.ServicerContext, record: ClientRecord, refused: Refused) -> None:
         if self.top is not None:
             self.top.drop(record.client_id)  # a refused u-shape step is forgotten: the probe changed nothing
         self._fail(context, record, refused.code, refused.message)
 
-    def _top_grad_locked(self, record: ClientRecord, msg: spb.StepTopGrad, context: grpc.ServicerContext
-                         ) -> spb.StepBackward:
+    def _top_grad_locked(self, record: ClientRecord, msg: spb.StepTopGrad, context: grpc.ServicerContext,
+                         nbytes: int) -> spb.StepBackward:
         if self.top is None:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        "a top-cut gradient (StepTopGrad) was sent, but the server runs --split-mode standard: it "
@@ -177,9 +220,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             step = self.top.take(record.client_id, msg, self.limits, record.codec)
         except Refused as refused:
             self._refuse(context, record, refused)
-        return self._train(record, step, self.registry.round_of(step.step), msg.ByteSize(), context)
+        return self._train(record, step, self.registry.round_of(step.step), nbytes, context)
 
-    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext
+    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
                      ) -> spb.ServerFrame:
         if self.top is not None:
             try:
@@ -202,10 +245,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
         if self.top is not None:
-            return spb.ServerFrame(top=self._probe(record, step, fwd, context))
-        return spb.ServerFrame(backward=self._train(record, step, fwd.round, fwd.ByteSize(), context))
+            return spb.ServerFrame(top=self._probe(record, step, fwd, context, nbytes))
+        return spb.ServerFrame(backward=self._train(record, step, fwd.round, nbytes, context))
 
-    def _probe(self, record: ClientRecord, step: Step, fwd: spb.StepForward, context: grpc.ServicerContext) -> spb.StepTop:
+    def _probe(self, record: ClientRecord, step: Step, fwd: spb.StepForward, context: grpc.ServicerContext,
+               nbytes: int) -> spb.StepTop:
         """U-shape, a step's first exchange: the server blocks' output at the top cut; the step is then awaited."""
         try:
             with self.rounds.open_for(record.client_id, fwd.round):
@@ -217,12 +261,13 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
             self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
         self.top.park(step)
-        return spb.StepTop(step=fwd.step, hidden=encode_tensor(top, record.codec), bytes_received=fwd.ByteSize())
+        return spb.StepTop(step=fwd.step, hidden=encode_tensor(top, record.codec), bytes_received=nbytes)
 
     def _train(self, record: ClientRecord, step: Step, rnd: int, nbytes: int, context: grpc.ServicerContext
                ) -> spb.StepBackward:
         """Run a decoded step through the engine, account it and answer it (gradient at the bottom cut)."""
         try:
+            record.micro.check(step, record.micro_batches)
             with self.rounds.open_for(record.client_id, rnd):  # no step overtakes a round close
                 future = self.engine.submit_step(step)
         except Refused as refused:
@@ -234,13 +279,29 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {step.step} produced a non-finite loss; the update was skipped")
-        if self.registry.step_done(record, step.step, outcome.loss, outcome.tokens, samples=step.rows):
+        whole = record.micro.add(step, outcome.loss, outcome.tokens)  # the step's last (or only) micro-batch
+        if whole and self.registry.step_done(record, step.step, record.micro.loss, record.micro.tokens,
+                                             samples=record.micro.rows):
             try:  # the round may close here, before the reply: no client sees round r+1 early
                 self.rounds.arrive(record.client_id, rnd, FINISHED)
             except Refused as refused:
                 self._fail(context, record, refused.code, refused.message)
+        router = None if outcome.router_grad is None else encode_backward(outcome.router_grad, outcome.aux_loss)
         return spb.StepBackward(step=step.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
-                                tokens=outcome.tokens, bytes_received=nbytes)
+                                tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro, router=router)
+
+    def FetchServerAdapter(self, request: spb.ServerAdapterRequest, context: grpc.ServicerContext
+                           ) -> Iterator[spb.AdapterPiece]:
+        abort_if_denied(context, lambda: self.auth.check_client(context, request.client_id))
+        if not self.plan.send_final_adapter:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, PRIVATE)
+        if not self.registry.is_enrolled(request.client_id):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"client {request.client_id!r} did not train here")
+        chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
+        if chunk is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
+        if self.final.wait(context.is_active):
+            yield from self.final.pieces(request.client_id, chunk)
 
     # -- status ----------------------------------------------------------------------------------------------
     def Status(self, request: spb.StatusRequest, context: grpc.ServicerContext) -> spb.StatusReply:
@@ -258,7 +319,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                                steps_per_second=reg.steps_per_second(), clients=clients,
                                server_adapter_mode=self.engine.mode, finished=rounds.finished.is_set(),
                                round_status=text, waiting_for_quorum=waiting, refusals=refusals,
-                               incidents=[*incidents, *self.engine.incidents[-20:]])
+                               incidents=[*incidents, *self.engine.incidents[-20:]], **self.status_extras())
 
     # -- shutdown (the interceptor lets only the admin credential through) ------------------------------------
     def Shutdown(self, request: spb.ShutdownRequest, context: grpc.ServicerContext) -> spb.ShutdownReply:
@@ -267,3 +328,24 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         log.warning("shutdown requested by %s: %r", context.peer(), request.reason[:200] or "(no reason given)")
         self.on_shutdown(request.reason)
         return spb.ShutdownReply()
+
+
+class _Handlers:
+    """Collects the method handlers a generated `add_*Servicer_to_server` function registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_to_server(service: SplitTrainingService, server: grpc.Server) -> None:
+    """Register the servicer as the generated code does, except `Train`, whose frames cross as bytes (no
+    serializers): the servicer parses and serializes each frame once, and counts the bytes it already has."""
+    collected = _Handlers()
+    sgrpc.add_SplitTrainingServicer_to_server(service, collected)
+    handlers = collected.handlers
+    handlers["Train"] = grpc.stream_stream_rpc_method_handler(service.Train)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(collected.service, handlers),))
+    server.add_registered_method_handlers(collected.service, handlers)

@@ -19,6 +19,9 @@ from splitlora_server.engine.jobs import Step
 from splitlora_server.errors import Refused
 from splitlora_server.frames import FrameLimits, decode_activations
 
+USHAPE_PIPELINING = ("--split-mode u-shape sends each step whole: --micro-batches must be 1 (pipelined u-shape steps "
+                     "are not supported; docs/privacy.md)")
+
 
 class TopCut:
     """The awaited step of each u-shape client (at most one: a client sends its steps in order)."""

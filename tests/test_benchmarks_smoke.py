@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import assets
-from benchmarks.cli import build_parser, run_benchmarks
-from benchmarks.netns import PREFIX, namespaces, netns_unavailable
-from benchmarks.options import BenchConfig
 from common.data import load_examples, synthetic_e2e, write_examples
+from splitlora_bench import assets
+from splitlora_bench.cli import build_parser, run_benchmarks
+from splitlora_bench.netns import PREFIX, namespaces, netns_unavailable
+from splitlora_bench.options import BenchConfig
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def _result(cfg: BenchConfig, name: str) -> dict:
 
 def test_the_command_line_knows_every_benchmark():
     parser = build_parser()
-    for name in ("overhead", "wire", "scaling", "time-to-target", "edge-link", "aggregation", "privacy", "all"):
+    for name in ("overhead", "pipeline", "wire", "scaling", "time-to-target", "edge-link", "aggregation", "generate",
+                 "privacy", "all"):
         assert parser.parse_args([name, "--out", "x"])._run
 
 
@@ -52,6 +53,15 @@ def test_overhead(smoke: BenchConfig):
     run_benchmarks(smoke, ["overhead"])
     (row,) = _result(smoke, "overhead")["table"]
     assert row["split_step_s"] > 0 and row["local_step_s"] > 0 and row["ratio"] > 0 and row["wire_MB_per_step"] > 0
+    assert row["forward_s"] > 0 and row["wait_s"] > 0 and row["client_cpu_s"] > 0  # from the client's metrics
+
+
+def test_pipeline(smoke: BenchConfig):
+    run_benchmarks(dataclasses.replace(smoke, pipeline_micro_batches=[1, 2]), ["pipeline"])
+    result = _result(smoke, "pipeline")
+    assert [r["micro_batches"] for r in result["table"]] == [0, 1, 2]
+    assert all(r["median_step_s"] > 0 for r in result["table"]) and len(result["split"]["2"]) == 1
+    assert "load average" in (smoke.out_dir / "pipeline.md").read_text()
 
 
 def test_wire(smoke: BenchConfig):
@@ -130,7 +140,7 @@ def _namespaces_tagged(tag: str) -> list[str]:
 
 
 def test_edge_link_says_why_it_skipped(smoke: BenchConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from benchmarks import bench_edge_link
+    from splitlora_bench import bench_edge_link
 
     monkeypatch.setattr(bench_edge_link, "netns_unavailable", lambda: "network namespaces need root")
     bench_edge_link.run(dataclasses.replace(smoke, out=str(tmp_path)))
@@ -142,18 +152,27 @@ def test_edge_link_says_why_it_skipped(smoke: BenchConfig, tmp_path: Path, monke
 def test_no_plots_without_matplotlib_is_not_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     import builtins
 
-    from benchmarks import report
+    from splitlora_bench import report
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name.startswith("matplotlib") else real_import(name, *a, **k))
     assert report.plot(tmp_path / "x.png", {"a": ([1], [1])}, "x", "y", "t") is None
 
 
+def test_the_benchmarks_install_as_splitlora_bench_not_as_a_top_level_benchmarks():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    packages = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert "splitlora_bench*" in packages and not any(p.startswith("benchmarks") for p in packages)
+    assert project["project"]["scripts"]["splitlora-bench"] == "splitlora_bench.cli:main"
+
+
 def test_nothing_but_the_benchmarks_import_them():
     root = Path(__file__).resolve().parent.parent
     offenders = [str(p.relative_to(root)) for pkg in ("common", "splitlora_server", "splitlora_client")
                  for p in (root / pkg).rglob("*.py")
-                 if "import benchmarks" in p.read_text() or "from benchmarks" in p.read_text()]
+                 if "import splitlora_bench" in p.read_text() or "from splitlora_bench" in p.read_text()]
     assert offenders == []
 
 
@@ -201,3 +220,13 @@ def test_aggregation(smoke: BenchConfig):
         else:
             assert max(errors) < 1e-5
     assert sum(result["runs"][3]["shard_sizes"]) == sum(result["runs"][0]["shard_sizes"])
+def test_generate(smoke: BenchConfig):
+    cfg = dataclasses.replace(smoke, generate_tokens=3, generate_prompts=2, generate_sessions=[1, 2])
+    run_benchmarks(cfg, ["generate"])
+    result = _result(cfg, "generate")
+    (row,) = result["table"]
+    assert row["decode_split_ms"] > 0 and row["decode_local_ms"] > 0 and row["ratio"] > 0
+    assert row["bytes_per_token"] > 4 * 128  # at least the (1, 128) activations of one new token went up
+    throughput = result["results"][0]["throughput"]
+    assert [(r["batching"], r["sessions"]) for r in throughput] == [("off", 1), ("off", 2), ("on", 1), ("on", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in throughput)

@@ -72,8 +72,7 @@ def test_each_side_reads_only_its_own_tensors(family: str, side: str, monkeypatc
         assert owned == []
         assert not [n for n, _ in part.named_parameters() if _server_owned(n, family)]
     else:
-        tie = {"model.embed_tokens.weight"} if family == "qwen2" else {"transformer.wte.weight"} \
-            if family == "gpt2" else set()
+        tie = {part.family.tied_head[1]} if part.family.ties_head(part.config) else set()  # Qwen2, Gemma, GPT-2
         assert set(read) - set(owned) <= tie
     assert all(not p.is_meta for p in part.parameters())
 

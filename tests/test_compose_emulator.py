@@ -75,6 +75,14 @@ def test_what_cannot_be_emulated_is_refused(tmp_path: Path, text: str, message: 
         _project(tmp_path, text).start_order()
 
 
+def test_services_of_a_profile_run_only_when_it_is_active(tmp_path: Path) -> None:
+    text = ("services: {a: {command: [x]}, b: {command: [y], profiles: [extra], depends_on: [a]},"
+            " c: {image: z, profiles: [other]}}")
+    (tmp_path / "p.yml").write_text(text)
+    assert list(load_project(tmp_path / "p.yml", {}).services) == ["a"]  # c's missing command is never looked at
+    assert load_project(tmp_path / "p.yml", {}, profiles=["extra"]).start_order() == ["a", "b"]
+
+
 def test_paths_are_rewritten_only_where_they_are_whole(tmp_path: Path) -> None:
     paths = PathMap({"/out": tmp_path / "o", "/out/deep": tmp_path / "d", "/data/train.txt": tmp_path / "t.txt"})
     assert paths.rewrite("/out/x") == f"{tmp_path}/o/x" and paths.rewrite("/out/deep/y") == f"{tmp_path}/d/y"

@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from compose_emulator import load_project
 from tests.support.compose import certs_command_available, parse_errors, uses_tls_flags, without_tls_flags
@@ -62,14 +63,15 @@ def test_the_services_agree_with_each_other() -> None:
     assert "server" in _flag(certs, "--server-names").split(",")
     assert _flag(certs, "--clients").split(",") == list(CLIENTS)
     lora = [a for a in server if a.startswith("--lora")]
+    assert lora  # the server plans them
     for name in CLIENTS:
         client = services[name]
         argv = client.argv
         assert client.depends_on == {"server": "service_healthy"}
         assert _flag(argv, "--server") == f"server:{port}" and _flag(argv, "--client-id") == name
         assert _flag(argv, "--tls-cert") == f"/certs/{name}.pem" and _flag(argv, "--tls-key") == f"/certs/{name}.key"
-        for flag in lora:  # the handshake refuses a client whose LoRA config differs from the server's
-            assert _flag(argv, flag) == _flag(server, flag), (name, flag)
+        for flag in [*lora, "--split-layer"]:  # taken from the server's plan: a client gives none of them
+            assert flag not in argv, (name, flag)
         shard = next(m for m in client.mounts if m.target == _flag(argv, "--data"))
         assert shard.kind == "bind" and shard.read_only and (DOCKER / shard.source).is_file()
         assert shard.source.endswith(f"{name}.txt")
@@ -138,3 +140,59 @@ def test_demo_data_matches_its_generator(tmp_path: Path) -> None:
     spec.loader.exec_module(module)
     for path in module.write(tmp_path):
         assert path.read_bytes() == (DOCKER / "data" / path.name).read_bytes(), "run scripts/make_demo_data.py"
+
+
+def _binds(service: dict) -> dict[str, Path]:
+    """target -> host path of a service's relative bind mounts."""
+    pieces = [v.split(":") for v in service["volumes"]]
+    return {p[1]: DOCKER / p[0] for p in pieces if p[0].startswith(".")}
+
+
+def test_monitoring_profile_scrapes_the_server_and_provisions_the_dashboard() -> None:
+    raw = PROJECT.raw["services"]
+    monitoring = {n for n, s in raw.items() if s.get("profiles")}
+    assert monitoring == {"prometheus", "grafana"} and all(raw[n]["profiles"] == ["monitoring"] for n in monitoring)
+    assert not monitoring & set(PROJECT.services)  # a plain `up` leaves them out
+    prometheus, grafana = raw["prometheus"], raw["grafana"]
+    assert all(re.search(r":v?\d+\.\d+\.\d+$", s["image"]) for s in (prometheus, grafana))  # pinned
+    config_path = "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load(_binds(prometheus)[config_path].read_text())
+    targets = [t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert targets == [f"server:{_flag(PROJECT.services['server'].argv, '--metrics-port')}"]
+    assert f"--config.file={config_path}" in prometheus["command"]
+    binds = _binds(grafana)
+    provisioning = binds["/etc/grafana/provisioning"]
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((provisioning / "dashboards" / "splitlora.yml").read_text())["providers"][0]
+    dashboards = [t for t in binds if t.startswith(provider["options"]["path"] + "/") and t.endswith(".json")]
+    assert [binds[t].name for t in dashboards] == ["splitlora-dashboard.json"]
+    assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == dashboards[0]
+
+
+def _exported_metric_names() -> set[str]:
+    """Sample names the split server's and the aggregator's collectors expose (counters get `_total`)."""
+    from splitlora_server.aggregator.service import AggregatorService
+    from splitlora_server.ops.metrics import AggregatorCollector, SplitServerCollector
+    from splitlora_server.registry import Registry
+    from splitlora_server.rounds.coordinator import RoundCoordinator
+    from splitlora_server.rounds.gate import Quorum
+
+    registry = Registry(3, 5, RoundCoordinator(2, Quorum(3)))
+    families = [*SplitServerCollector(registry).collect(), *AggregatorCollector(
+        AggregatorService(3, 2, None)).collect()]
+    return {f.name + ("_total" if f.type == "counter" else "") for f in families}
+
+
+def test_dashboard_queries_only_metrics_the_roles_export() -> None:
+    dashboard = json.loads((DOCKER / "monitoring" / "splitlora-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\bsplitlora_\w+", e)}
+    exported = _exported_metric_names()
+    assert used <= exported, used - exported
+    # steps/s, loss, per-client bytes and errors, round progress: each has a panel
+    for name in ("splitlora_client_steps_total", "splitlora_client_loss", "splitlora_client_received_bytes_total",
+                 "splitlora_client_sent_bytes_total", "splitlora_client_errors_total", "splitlora_round_current"):
+        assert name in used, name
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and dashboard["uid"] == "splitlora"

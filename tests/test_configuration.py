@@ -158,12 +158,33 @@ def test_help_lists_help_and_defaults(capsys: pytest.CaptureFixture[str]) -> Non
     out = " ".join(capsys.readouterr().out.split())
     for fragment in [
         "Index of the layer where the model is split. (default: 3)",
-        "--split-layer", "--use-amp, --no-use-amp", "-m MODEL, --model MODEL",
-        "Learning rate. (default: 0.0001)", "(default: q_proj,v_proj)", "(default: None)",
-        "{cpu,cuda}", "{float32,bfloat16}", "--server", "100% private. (default: '')",
-        "Shuffle the data. (default: True)",
+        "--split-layer", "--use-amp Use mixed precision.", "-m MODEL, --model MODEL",
+        "Learning rate. (default: 0.0001)", "(default: q_proj,v_proj)", "Random seed; none for random. --limit",
+        "{cpu,cuda}", "{float32,bfloat16}", "--server", "100% private. --rounds",
+        "--shuffle, --no-shuffle Shuffle the data. (default: on)",
     ]:
         assert fragment in out, fragment
+    for noise in ("(default: '')", "(default: None)", "--no-use-amp", "(default: False)"):
+        assert noise not in out, noise
+
+
+@dataclass
+class Grouped(DemoConfig):
+    """The same options in --help sections."""
+
+    HELP_GROUPS = {"model": "essentials", "rounds": "schedule", "lr": "schedule", "token": "transport security"}
+
+
+def test_help_sections_start_with_what_matters(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="demo")
+    add_arguments(parser, Grouped)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    out = capsys.readouterr().out
+    starts = [out.index(title + ":") for title in ("essentials", "schedule", "transport security", "advanced")]
+    assert starts == sorted(starts)
+    assert out.index("Model name or path.") < out.index("schedule:") < out.index("Number of federated rounds.") \
+        < out.index("advanced:") < out.index("Index of the layer where the model is split.")
 
 
 def test_secret_masking() -> None:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from benchmarks.privacy_wire import Capture, forward_steps
+from splitlora_bench.privacy_wire import Capture, forward_steps
 from common.config.engine import ConfigError
 from common.defenses import ActivationDefense, DefenseSettings, clip_rows, distance_correlation, gaussian_epsilon
 from common.split.parts import SplitPart

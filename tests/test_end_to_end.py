@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from benchmarks.procs import BIN
+from splitlora_bench.procs import BIN
 
 TRAINING = ["--rounds", "2", "--local-steps", "6", "--batch-size", "4", "--learning-rate", "1e-2",
             "--warmup-steps", "1", "--seed", "0", "--lora-targets", "c_attn,c_fc"]

@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from benchmarks.procs import BIN
+from splitlora_bench.procs import BIN
 from common.lora import ADAPTER_CONFIG, load_adapter_state
 from common.residuals import ResidualFolder, split_residuals
 from common.split.parts import LoraSettings, SplitPart

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.fingerprint import compute_fingerprint, differences
+from common.plan import apply_plan, options_json
 from common.split.parts import LoraSettings
 from splitlora_client.options import TrainConfig
 from splitlora_server.options import ServeConfig
@@ -41,8 +42,9 @@ def _labels(diff: list[str]) -> list[str]:
 def test_client_and_server_compute_the_same_fingerprint(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     """Each role computes it from its own config and its own copy of the checkpoint."""
     server_copy = shutil.copytree(tiny_gpt2_dir, tmp_path / "server-copy")
-    client_cfg = TrainConfig(model=str(tiny_gpt2_dir), split_layer=SPLIT_LAYER)
+    client_cfg = TrainConfig(model=str(tiny_gpt2_dir), split_layer=SPLIT_LAYER)  # pins the split layer only
     server_cfg = ServeConfig(model=str(server_copy), split_layer=SPLIT_LAYER, lora_targets=["c_attn"])
+    apply_plan(client_cfg, options_json(server_cfg))  # the rest comes with the server's plan
     on_client = compute_fingerprint(client_cfg.model, client_cfg.split_layer, client_cfg.lora_settings())
     on_server = compute_fingerprint(server_cfg.model, server_cfg.split_layer, server_cfg.lora_settings())
     assert on_client == on_server

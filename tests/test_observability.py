@@ -41,12 +41,12 @@ def test_status_prints_clients_round_rate_bytes_and_last_error(busy_server: Harn
     assert _exit_code(["status", "--server", busy_server.address, "--insecure"]) == 0
     out = capsys.readouterr().out
     head, columns, *rows = out.strip().splitlines()
-    assert head.startswith(f"server {busy_server.address}: training, round 1/2, 2 steps,") and "steps/s" in head
+    assert head.startswith(f"server {busy_server.address}: training, round 0 of 0-1, 2 steps,") and "steps/s" in head
     assert "0/2 clients connected" in head
     assert columns.split()[:4] == ["client", "connected", "round", "steps"] and "last error" in columns
     alice = next(r for r in rows if r.startswith("alice"))
     bob = next(r for r in rows if r.startswith("bob"))
-    assert alice.split()[:4] == ["alice", "no", "1", "2"] and alice.rstrip().endswith("-")
+    assert alice.split()[:4] == ["alice", "no", "0", "2"] and alice.rstrip().endswith("-")
     assert "KiB" in alice  # bytes in and out
     assert "FAILED_PRECONDITION: step 2 is out of order" in bob
 
@@ -84,7 +84,7 @@ def test_format_status_before_any_client_and_per_client_rates() -> None:
     reply = spb.StatusReply(round=3, rounds=3, steps=9, finished=True, clients=[
         spb.ClientStatus(client_id="a", round=3, steps=9, last_loss=float("nan"), bytes_in=2048, bytes_out=10)])
     text = format_status(reply, "h:1", rates={"a": 1.5})
-    assert "finished, round 3/3" in text and "1.50" in text and "2.0 KiB" in text and "10 B" in text
+    assert "finished, all 3 rounds done" in text and "1.50" in text and "2.0 KiB" in text and "10 B" in text
     assert [human_bytes(n) for n in (0, 1536, 5 << 20)] == ["0 B", "1.5 KiB", "5.0 MiB"]
 
 

@@ -48,12 +48,27 @@ def test_every_role_refuses_to_start_without_tls_or_insecure(main, argv, capsys)
     (["serve", "--tls-cert", "/nonexistent.pem", "--tls-key", "x.key"], "--tls-cert: file /nonexistent.pem does not"),
     (["aggregate", "--insecure", "--tokens-file", "/nonexistent.yaml"], "tokens_file: /nonexistent.yaml does not"),
     (["serve", "--insecure", "--aggregation", "trimmed-mean", "--clients", "3"],
-     "trims no client; raise --trim-fraction to at least 0.333"),
+     "trims no client; raise --trim-fraction to at least 0.334"),
+    (["serve", "--insecure", "--aggregation", "trimmed-mean", "--clients", "2"],
+     "trimmed-mean needs at least 3 clients (it drops one at each end of every coordinate); with 2 use "
+     "--aggregation median or fedavg"),
     (["certs", "--output", "x", "--clients", "alice,admin"], "'admin' is reserved"),
     (["certs", "--output", "x", "--clients", "a b"], "not a valid client id"),
 ])
 def test_incomplete_or_contradictory_security_settings_are_named(argv, phrase, capsys) -> None:
     assert phrase in config_error(server_main, argv, capsys)
+
+
+@pytest.mark.parametrize("clients", [3, 4, 5, 6, 7, 9, 11])
+def test_the_advised_trim_fraction_is_accepted(clients: int) -> None:
+    from common.config.engine import ConfigError
+    from splitlora_server.options import AggregationOptions
+
+    options = AggregationOptions(aggregation="trimmed-mean", trim_fraction=0.0)
+    with pytest.raises(ConfigError, match="raise --trim-fraction to at least") as refused:
+        options.validate_aggregation(clients)
+    options.trim_fraction = float(str(refused.value).rsplit(" ", 1)[-1])
+    options.validate_aggregation(clients)  # the value the message advises is one that works
 
 
 def test_client_contradictions_are_named(capsys) -> None:

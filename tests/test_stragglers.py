@@ -85,10 +85,10 @@ def test_the_real_client_left_behind_rejoins_by_itself(builtin_model_dir: Path, 
 
     release, original = threading.Event(), SplitSession.send
 
-    def send(self, step, rnd, *args):
+    def send(self, step, rnd, *args, **kwargs):
         if self.client_id == "c" and step == 1:
             assert release.wait(30)  # c stalls before its second step
-        return original(self, step, rnd, *args)
+        return original(self, step, rnd, *args, **kwargs)
 
     monkeypatch.setattr(SplitSession, "send", send)
     side = ClientSide(builtin_model_dir)

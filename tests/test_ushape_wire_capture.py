@@ -8,12 +8,12 @@ from pathlib import Path
 import grpc
 import torch
 from google.protobuf.message import Message
-from transformers import AutoTokenizer
 
 import splitlora_client.trainer as trainer
-from benchmarks.privacy_wire import Capture
+from splitlora_bench.privacy_wire import Capture
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import decode_tensor
+from splitlora_client.local import load_local
 from splitlora_client.options import TrainConfig
 from splitlora_server.app import start_server
 from splitlora_server.options import ServeConfig
@@ -41,10 +41,11 @@ def _train(tmp: Path, split_mode: str) -> tuple[Capture, TrainConfig]:
     running = start_server(ServeConfig(port=0, clients=1, rounds=2, local_steps=2, batch_size=4, warmup_steps=1,
                                        output=str(tmp / "server"), insecure=True, **u))
     cfg = TrainConfig(server=f"127.0.0.1:{running.port}", client_id="solo", output=str(tmp / "solo"),
-                      progress=False, builtin_examples=8, insecure=True, **u)
+                      progress=False, builtin_examples=8, insecure=True)  # the split mode, K and J: the server's plan
     try:
         trainer.train(cfg, observe=lambda channel: grpc.intercept_channel(channel, capture))
         assert running.wait_finished()
+        assert (cfg.split_mode, cfg.top_blocks, cfg.split_layer) == (split_mode, u["top_blocks"], 2)
     finally:
         running.stop(grace=0)
     return capture, cfg
@@ -52,9 +53,8 @@ def _train(tmp: Path, split_mode: str) -> tuple[Capture, TrainConfig]:
 
 def _windows(cfg: TrainConfig, n: int = 4) -> set[bytes]:
     """Byte patterns of every run of n consecutive target ids of the client's data, as int32 and int64."""
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.model_dir()), local_files_only=True)
     out = set()
-    for ids, labels in trainer.load_private_data(cfg, tokenizer, 512):
+    for ids, labels in load_local(cfg).encoded(512):
         targets = [t for t in labels if t >= 0]
         for i in range(len(targets) - n + 1):
             window = torch.tensor(targets[i:i + n])
@@ -64,7 +64,7 @@ def _windows(cfg: TrainConfig, n: int = 4) -> set[bytes]:
 
 def _leaks(capture: Capture, cfg: TrainConfig, vocab: int) -> list[str]:
     windows, found = _windows(cfg), []
-    for method, msg in capture.sent:
+    for method, msg in capture.messages():
         raw = msg.SerializeToString()
         if any(w in raw for w in windows):
             found.append(f"{method}: target token ids in the bytes")
@@ -84,7 +84,7 @@ def test_u_shape_server_receives_no_label_logit_or_token_id(tmp_path: Path) -> N
     capture, cfg = _train(tmp_path / "u", "u-shape")
     methods = [m for m, _ in capture.sent]
     assert any(m.endswith("/Train") for m in methods) and any(m.endswith("/Submit") for m in methods)
-    frames = [msg.WhichOneof("kind") for m, msg in capture.sent if m.endswith("/Train")]
+    frames = [msg.WhichOneof("kind") for m, msg in capture.messages() if m.endswith("/Train")]
     assert frames.count("forward") == frames.count("top_grad") == 4  # 2 rounds x 2 steps, two exchanges each
     vocab = int(trainer.SplitPart(cfg.model_dir(), "client", 2).vocab_size)
     assert _leaks(capture, cfg, vocab) == []

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import tensor_pb2 as tpb
-from common.wire import Reassembler, WireError, chunked, decode_tensor, encode_tensor
+from common.wire import (CODEC_NAMES, Reassembler, WireError, chunked, codec_from_name, decode_tensor, encode_tensor,
+                         serialized)
+from splitlora_server.frames import FrameLimits, decode_step
 from tests.support.servers import ClientSide, grad_of, join, running_server, train_ok, valid_forward
 
 CODECS = {"float32": tpb.CODEC_RAW, "float16": tpb.CODEC_FLOAT16, "bfloat16": tpb.CODEC_BFLOAT16,
@@ -64,6 +69,64 @@ def test_bad_byte_counts_and_scales_are_refused():
         decode_tensor(cut)
 
 
+def _torch_casts(x: torch.Tensor, codec: int) -> torch.Tensor:
+    """What the codecs computed with torch ops before they moved to numpy: the reference."""
+    if codec != tpb.CODEC_INT8:
+        wire = {tpb.CODEC_RAW: x.dtype, tpb.CODEC_FLOAT16: torch.float16, tpb.CODEC_BFLOAT16: torch.bfloat16}[codec]
+        return x.to(wire).to(x.dtype)
+    rows = x.float().reshape(x.shape[0], -1)
+    scales = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return (torch.round(rows / scales[:, None]).clamp(-127, 127).to(torch.int8).float() * scales[:, None]
+            ).reshape(x.shape).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("codec", list(CODECS.values()))
+def test_numpy_codecs_equal_torch_casts_bit_for_bit(dtype: torch.dtype, codec: int):
+    g = torch.Generator().manual_seed(0)
+    scale = 10.0 ** torch.randint(-40 if dtype != torch.float16 else -7, 4, (4, 250), generator=g).float()
+    x = torch.cat([torch.randn(4, 250, generator=g) * scale, torch.tensor([[0.0, -0.0, 1e-40, 6e4]] * 4)], 1)
+    x = x.to(dtype)
+    out = decode_tensor(encode_tensor(x, codec))
+    assert out.dtype == dtype and torch.equal(out, _torch_casts(x, codec))
+
+
+_METADATA_OPS = {"aten::lift_fresh", "aten::empty", "aten::as_strided", "aten::view", "aten::reshape",
+                 "aten::_reshape_alias", "aten::alias", "aten::detach", "detach", "aten::_unsafe_view",
+                 "aten::resolve_conj", "aten::resolve_neg",  # no data touched
+                 "aten::to"}  # Tensor.numpy()'s .cpu() of a CPU tensor; a real conversion shows as aten::_to_copy
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller element-wise ops never open a parallel region
+
+
+@pytest.mark.parametrize("codec", list(CODECS.values()))
+def test_the_handler_path_runs_no_parallel_torch_op(codec: int):
+    """Decoding a step frame and encoding its answer (the gRPC handler thread's work) touch a hidden-sized
+    tensor only with metadata ops: the finiteness check and the codecs run in numpy on the raw buffers, so the
+    handler thread never gets an OpenMP team of its own beside the compute thread's."""
+    batch, seq, width = 4, 64, 768
+    hidden = torch.randn(batch, seq, width)
+    frame = spb.StepForward(step=0, round=0, hidden=encode_tensor(hidden, codec),
+                            attention_mask=encode_tensor(torch.ones(batch, seq, dtype=torch.uint8)),
+                            labels=encode_tensor(torch.randint(0, 100, (batch, seq), dtype=torch.int32)),
+                            position_ids=encode_tensor(torch.arange(seq, dtype=torch.int32).repeat(batch, 1)))
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step = decode_step(frame, FrameLimits(width, 1000, batch, seq, 1024), codec)
+        encode_tensor(hidden, codec)
+    assert step.hidden.shape == hidden.shape
+    large = {e.name for e in prof.events() if any(s and math.prod(s) >= _GRAIN for s in e.input_shapes)}
+    assert large <= _METADATA_OPS, f"torch ops on hidden-sized tensors: {sorted(large - _METADATA_OPS)}"
+
+
+def test_non_finite_values_are_refused_in_every_dtype():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for bad in (float("nan"), float("inf")):
+            t = torch.ones(3, 5, dtype=dtype)
+            t[1, 2] = bad
+            with pytest.raises(WireError, match="NaN or Inf"):
+                decode_tensor(encode_tensor(t), name="hidden")
+            assert torch.isnan(decode_tensor(encode_tensor(t), require_finite=False)[1, 2]) == (bad != bad)
+
+
 def test_chunked_frames_reassemble_and_refuse_disorder():
     frame = spb.ClientFrame(forward=spb.StepForward(step=3, hidden=encode_tensor(_activations())))
     pieces = list(chunked([frame], spb.ClientFrame, 100_000))
@@ -77,6 +140,46 @@ def test_chunked_frames_reassemble_and_refuse_disorder():
     assert list(chunked([frame], spb.ClientFrame, 10 << 20)) == [frame]  # small frames travel whole
 
 
+class _Collect:
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.generic = handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = handlers
+
+
+def test_frames_are_serialized_once_by_construction(builtin_model_dir: Path, tmp_path: Path):
+    """The Train stream has no serializers on either side: each frame is serialized once by the sender
+    (`serialized`), which counts its bytes with len(), and parsed once by the receiver; nothing serializes
+    a frame only to measure it."""
+    from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
+    from splitlora_server.service import add_to_server
+    from splitlora_client.session import SplitSession
+    from tests.support.servers import server_fingerprint
+
+    collected = _Collect()
+    add_to_server(sgrpc.SplitTrainingServicer(), collected)
+    train = collected.handlers["Train"]
+    assert train.request_deserializer is None and train.response_serializer is None
+    assert collected.handlers["Join"].request_deserializer is not None  # the other methods as generated
+    frame = spb.ClientFrame(forward=spb.StepForward(step=3, hidden=encode_tensor(_activations())))
+    assert serialized(frame, spb.ClientFrame, 10 << 20) == [frame.SerializeToString()]
+    pieces = serialized(frame, spb.ClientFrame, 100_000)
+    parts = Reassembler(max_bytes=1 << 30)
+    assert spb.ClientFrame.FromString([parts.add(spb.ClientFrame.FromString(p).part) for p in pieces][-1]) == frame
+    side = ClientSide(builtin_model_dir)
+    batch = side.batch(4)
+    with running_server(builtin_model_dir, tmp_path, clients=1) as server:
+        session = SplitSession(server.channel, "c")
+        session.join(server_fingerprint(server), [tpb.CODEC_RAW])
+        queued: list = []
+        session._open()
+        session._requests.put = queued.append  # what the stream would carry
+        sent = session.send(0, 0, side.hidden(batch), batch["attention_mask"], batch["labels"], batch["position_ids"])
+        assert queued and all(isinstance(q, bytes) for q in queued) and sent == sum(map(len, queued))
+        session.close()
+
+
 def test_codec_is_negotiated_and_used_for_both_directions(builtin_model_dir: Path, tmp_path: Path):
     side = ClientSide(builtin_model_dir)
     with running_server(builtin_model_dir, tmp_path / "a", codecs=["float32", "int8"]) as server:
@@ -87,7 +190,7 @@ def test_codec_is_negotiated_and_used_for_both_directions(builtin_model_dir: Pat
         client = join(server, "c", codecs=[tpb.CODEC_INT8])
         forward = valid_forward(side, 0, 3, codec=tpb.CODEC_INT8)
         reply = train_ok(server, client.metadata, forward)[0]
-    assert reply.grad.codec == tpb.CODEC_INT8 and reply.bytes_received == forward.ByteSize()
+    assert reply.grad.codec == tpb.CODEC_INT8 and reply.bytes_received == spb.ClientFrame(forward=forward).ByteSize()
     with running_server(builtin_model_dir, tmp_path / "c", clients=1) as server:
         client = join(server, "c")
         exact_reply = train_ok(server, client.metadata, valid_forward(side, 0, 3))[0]
@@ -112,3 +215,12 @@ def test_the_client_sends_integer_tensors_compactly(builtin_model_dir: Path, tmp
     tokens = batch["attention_mask"].numel()
     wide = step_forward(0, 0, hidden, batch, tpb.CODEC_INT8).ByteSize()  # int64 mask, labels and positions
     assert wide - result.bytes_sent >= 14.9 * tokens  # 1 + 4 + 4 bytes a token instead of 3 x 8
+
+
+@pytest.mark.parametrize("codec", sorted(set(CODEC_NAMES) - {"raw"}))
+@pytest.mark.parametrize("float32", [False, True])
+def test_a_zero_dimensional_tensor_decodes_with_every_codec(codec: str, float32: bool) -> None:
+    """numpy arithmetic on a 0-d array gives a numpy scalar: decoding must still give a tensor (a fuzzed frame
+    found this as an UNKNOWN status)."""
+    out = decode_tensor(encode_tensor(torch.tensor(1.5), codec_from_name(codec)), float32=float32)
+    assert out.shape == () and abs(float(out) - 1.5) < 0.02

@@ -144,40 +144,84 @@ def flag_name(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
+ADVANCED = "advanced"
+# the order sections appear in --help: what every run needs first, the rest after (others in order of appearance)
+GROUP_ORDER = ("essentials", "schedule", "LoRA", "transport security", "federation", ADVANCED)
+
+
+def help_group(cls: type, name: str) -> str:
+    """The --help section of field `name` of `cls`: the first `HELP_GROUPS` mapping (class attribute, subclasses
+    first) that names it, else the `HELP_GROUP` of the class that declares it, else advanced."""
+    for klass in cls.__mro__:
+        groups = vars(klass).get("HELP_GROUPS") or {}
+        if name in groups:
+            return groups[name]
+    declaring = [k for k in cls.__mro__ if name in vars(k).get("__annotations__", {})]
+    return vars(declaring[-1]).get("HELP_GROUP", ADVANCED) if declaring else ADVANCED
+
+
+def _help_text(field: dataclasses.Field, spec: _Spec) -> str:
+    """The field's help with its choices and default; no default shown when it is empty (nothing to say)."""
+    default = _default(field)
+    text = field.metadata.get("help", "")
+    if spec.choices is not None and spec.is_list:
+        text += f" (choices: {', '.join(str(c) for c in spec.choices)})"
+    if default is dataclasses.MISSING:
+        text += " (required)"
+    elif "default_text" in field.metadata:
+        text += f" (default: {field.metadata['default_text']})"
+    elif not (spec.base is bool or default in ("", None, []) or (field.metadata.get("secret") and default)):
+        text += f" (default: {_show(default)})"
+    elif spec.base is bool and default:
+        text += " (default: on)"
+    return text.replace("%", "%%")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per dataclass field; unset flags stay absent from the namespace."""
-    for name, (field, spec) in _specs(cls).items():
-        default = _default(field)
-        text = field.metadata.get("help", "")
-        if spec.choices is not None and spec.is_list:
-            text += f" (choices: {', '.join(str(c) for c in spec.choices)})"
-        if default is dataclasses.MISSING:
-            text += " (required)"
-        else:
-            text += f" (default: {'***' if field.metadata.get('secret') and default else _show(default)})"
-        flags = [f for f in (field.metadata.get("short"), flag_name(field)) if f]
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
-        if field.metadata.get("positional"):  # a required positional argument named by its metavar
-            flags = []
-            kwargs.pop("default")
-        if spec.base is bool and not spec.is_list:
+    """Add one flag per dataclass field, in --help sections (see `help_group`); unset flags stay absent from the
+    namespace. A bool that defaults to off is one flag (`--insecure`); one that defaults to on has `--no-X`."""
+    specs = _specs(cls)
+    used = list(dict.fromkeys(help_group(cls, n) for n in specs))
+    titles = [g for g in GROUP_ORDER if g in used and g != ADVANCED] + [g for g in used if g not in GROUP_ORDER]
+    titles += [ADVANCED] if ADVANCED in used else []
+    sections = {title: parser.add_argument_group(title) for title in titles}
+    listed = [n for klass in cls.__mro__ for n in (vars(klass).get("HELP_GROUPS") or {})]  # named first, in order
+    order = sorted(specs, key=lambda n: (listed.index(n) if n in listed else len(listed), list(specs).index(n)))
+    for name in order:
+        field, spec = specs[name]
+        _add_field(sections[help_group(cls, name)], name, field, spec)
+
+
+def _add_field(parser: Any, name: str, field: dataclasses.Field, spec: _Spec) -> None:
+    flags = [f for f in (field.metadata.get("short"), flag_name(field)) if f]
+    kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help_text(field, spec)}
+    if field.metadata.get("positional"):  # a required positional argument named by its metavar
+        flags = []
+        kwargs.pop("default")
+    if spec.base is bool and not spec.is_list:
+        if _default(field):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
+            kwargs["action"] = "store_true"
+            # `--no-X` of an off-by-default flag still works (scripts, YAML habits) without cluttering --help
+            parser.add_argument("--no-" + flag_name(field)[2:], dest=name, action="store_false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    else:
 
-            def convert(raw: str, spec: _Spec = spec) -> Any:
-                try:
-                    return _convert(raw, spec, cli=True)
-                except ValueError as exc:
-                    raise argparse.ArgumentTypeError(str(exc)) from None
+        def convert(raw: str, spec: _Spec = spec) -> Any:
+            try:
+                return _convert(raw, spec, cli=True)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
 
-            kwargs["type"] = convert
-            if "metavar" in field.metadata:
-                kwargs["metavar"] = field.metadata["metavar"]
-            elif spec.choices is not None and not spec.is_list:
-                kwargs["metavar"] = "{" + ",".join(str(c) for c in spec.choices) + "}"
-            elif spec.is_list:
-                kwargs["metavar"] = "A,B,..."
-        parser.add_argument(*flags, **kwargs)
+        kwargs["type"] = convert
+        if "metavar" in field.metadata:
+            kwargs["metavar"] = field.metadata["metavar"]
+        elif spec.choices is not None and not spec.is_list:
+            kwargs["metavar"] = "{" + ",".join(str(c) for c in spec.choices) + "}"
+        elif spec.is_list:
+            kwargs["metavar"] = "A,B,..."
+    parser.add_argument(*flags, **kwargs)
 
 
 def _load_yaml(path: str | os.PathLike[str], specs: dict[str, Any]) -> dict[str, Any]:

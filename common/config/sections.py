@@ -9,21 +9,35 @@ from common.config.engine import ConfigError, option
 from common.split.parts import DTYPES, LoraSettings
 from common.weights import looks_local, resolve_model_dir
 
+SPLIT_MODES = ("standard", "u-shape")
+
 
 @dataclass
 class ModelOptions:
     """Which model, where it is cut, and the LoRA adapters on it."""
 
+    HELP_GROUP = "LoRA"  # --help section of the options below, except:
+    HELP_GROUPS = {"model": "essentials", "split_layer": "essentials", "dtype": "advanced"}
+
     model: str = option("", "Local Hugging Face model directory (config.json + safetensors), or a hub id (needs "
                             "a network). Empty: the built-in tiny GPT-2, created once under $SPLITLORA_HOME.")
     split_layer: int = option(3, "Blocks [0, K) run on the client, [K, L) on the server.")
+    split_mode: str = option("standard", "standard: the server holds blocks [K, L) and the head and receives the "
+                                         "labels; u-shape: the client also holds blocks [L-J, L), the final norm "
+                                         "and the head, and labels, logits and loss never leave it.",
+                             choices=list(SPLIT_MODES))
+    top_blocks: int = option(0, "u-shape mode: J, the last blocks the client runs after the server's (J >= 0).")
     dtype: str = option("float32", "dtype of the frozen base weights; LoRA weights stay float32.",
                         choices=sorted(DTYPES))
     lora_r: int = option(4, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = option(0.1, "Dropout on the LoRA input.")
     lora_targets: list[str] = option([], "Module names to adapt, comma-separated (empty: the family's default, "
-                                         "c_attn for GPT-2).")
+                                         "c_attn for GPT-2; `all-linear`: every linear layer but the output "
+                                         "layer, as in peft). A module on one side only (embeddings, head) is "
+                                         "adapted where it is.")
+    lora_rslora: bool = option(False, "rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    lora_dora: bool = option(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output feature).")
 
     def model_dir(self) -> Path:
         """The model directory: local as given, a hub snapshot, or the built-in tiny model when empty."""
@@ -31,7 +45,13 @@ class ModelOptions:
 
     def lora_settings(self) -> LoraSettings:
         """The LoRA settings as the split code takes them."""
-        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets),
+                            rslora=self.lora_rslora, dora=self.lora_dora)
+
+    @property
+    def u_shape(self) -> bool:
+        """Whether the labels stay on the client (docs/privacy.md)."""
+        return self.split_mode == "u-shape"
 
     def validate_model(self) -> None:
         """Checks shared by every role that loads a model."""
@@ -39,38 +59,16 @@ class ModelOptions:
             raise ConfigError(f"model: {self.model} is not a directory (give a local Hugging Face model directory)")
         if self.split_layer < 1:
             raise ConfigError(f"split_layer must be at least 1, got {self.split_layer}")
-        if self.lora_r < 1:
-            raise ConfigError(f"lora_r must be at least 1, got {self.lora_r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-
-
-SPLIT_MODES = ("standard", "u-shape")
-
-
-@dataclass
-class SplitModeOptions:
-    """Where the labels live: with the server's head (standard) or on the client (u-shape, docs/privacy.md)."""
-
-    split_mode: str = option("standard", "standard: the server holds blocks [K, L) and the head and receives the "
-                                         "labels; u-shape: the client also holds blocks [L-J, L), the final norm "
-                                         "and the head, and labels, logits and loss never leave it.",
-                             choices=list(SPLIT_MODES))
-    top_blocks: int = option(0, "u-shape mode: J, the last blocks the client runs after the server's (J >= 0).")
-
-    @property
-    def u_shape(self) -> bool:
-        """Whether the labels stay on the client."""
-        return self.split_mode == "u-shape"
-
-    def validate_split_mode(self) -> None:
-        """J >= 0, and only in u-shape mode."""
         if self.split_mode not in SPLIT_MODES:
             raise ConfigError(f"split_mode must be one of {list(SPLIT_MODES)}, got {self.split_mode!r}")
         if self.top_blocks < 0:
             raise ConfigError(f"top_blocks must be >= 0, got {self.top_blocks}")
         if self.top_blocks and not self.u_shape:
             raise ConfigError("top_blocks needs --split-mode u-shape")
+        if self.lora_r < 1:
+            raise ConfigError(f"lora_r must be at least 1, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 # Keepalive pings every 30 s find dead peers during long waits (a FetchGlobal can wait a whole round); the

@@ -4,9 +4,9 @@ from __future__ import annotations
 from common.split.base import ModelFamily, UnsupportedModelError
 from common.split.gpt2 import GPT2Family
 from common.split.gpt_neox import GPTNeoXFamily
-from common.split.llama_like import LlamaFamily, MistralFamily, Qwen2Family
+from common.split.decoder_families import DECODER_FAMILIES
 
-FAMILIES: tuple[ModelFamily, ...] = (GPT2Family(), LlamaFamily(), Qwen2Family(), MistralFamily(), GPTNeoXFamily())
+FAMILIES: tuple[ModelFamily, ...] = (GPT2Family(), GPTNeoXFamily(), *DECODER_FAMILIES)
 
 __all__ = ["FAMILIES", "ModelFamily", "UnsupportedModelError", "family_for", "supported_model_types"]
 

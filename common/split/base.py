@@ -1,11 +1,20 @@
 """The interface every model family implements so a model can be cut into a client and a server part."""
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+
+@functools.cache
+def cache_keyword(fn: Callable[..., Any]) -> str:
+    """The keyword a transformers function or layer `forward` takes the KV cache by: `cache` in transformers 5
+    (where `past_key_values` still works, with a FutureWarning), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 class UnsupportedModelError(ValueError):
@@ -55,6 +64,11 @@ class ModelFamily(ABC):
     def num_layers(self, config: Any) -> int:
         """Number of transformer blocks in the full model."""
         return int(config.num_hidden_layers)
+
+    def checkpoint_source(self, name: str, config: Any) -> Any:
+        """Where a checkpoint that lacks parameter `name` under its own name keeps it: another name, a `Fused`
+        (several tensors built into one, e.g. per-expert weights), or None (nowhere else)."""
+        return None
 
     def ties_head(self, config: Any) -> bool:
         """Whether this checkpoint's LM head is the token embedding matrix."""

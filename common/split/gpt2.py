@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from common.split.base import ModelFamily
+from common.split.base import ModelFamily, cache_keyword
 
 
 class GPT2Family(ModelFamily):
@@ -29,7 +29,7 @@ class GPT2Family(ModelFamily):
     def block_context(self, model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
                       position_ids: torch.Tensor, cache: Any = None, first_layer: int = 0) -> dict[str, Any]:
         mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=cache, position_ids=position_ids,
+                                  position_ids=position_ids, **{cache_keyword(create_causal_mask): cache},
                                   **({"layer_idx": first_layer} if cache is not None else {}))
         return {"attention_mask": mask, "position_ids": position_ids, "cache": cache}
 

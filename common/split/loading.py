@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.split import ModelFamily, family_for
+from common.split.experts import Fused
 from common.split.segment import Segment, Side, SplitError, as_segment, check_split_layer  # noqa: F401 (re-exported)
 from common.weights import CheckpointError, CheckpointIndex, resolve_model_dir
 
@@ -74,9 +75,26 @@ def checkpoint_name(name: str, model: nn.Module, family: ModelFamily, index: Che
     raise CheckpointError(f"{index.model_dir}: tensor {name} not found in the checkpoint (tried {candidates})")
 
 
-def _side_names(config: Any, family: ModelFamily, index: CheckpointIndex, model: nn.Module) -> dict[str, str]:
+def _source(name: str, config: Any, model: nn.Module, family: ModelFamily, index: CheckpointIndex,
+            tied: bool) -> str | Fused:
+    """The checkpoint tensor(s) that hold parameter `name`: its own (or aliased) name, else the family's source."""
+    try:
+        return checkpoint_name(name, model, family, index, tied)
+    except CheckpointError:
+        other = family.checkpoint_source(name, config)
+        parts = [other] if isinstance(other, str) else list(other.parts) if other is not None else []
+        if not parts or any(p not in index for p in parts):
+            raise
+        return other
+
+
+def _side_names(config: Any, family: ModelFamily, index: CheckpointIndex, model: nn.Module) -> dict[str, str | Fused]:
     tied = family.ties_head(config)
-    return {n: checkpoint_name(n, model, family, index, tied) for n, _ in model.named_parameters()}
+    return {n: _source(n, config, model, family, index, tied) for n, _ in model.named_parameters()}
+
+
+def _tensor_names(sources: dict[str, str | Fused]) -> list[str]:
+    return sorted({p for s in sources.values() for p in ([s] if isinstance(s, str) else s.parts)})
 
 
 def side_tensor_names(model_dir: str | Path, part: Side | Segment, split_layer: int | None = None) -> list[str]:
@@ -84,7 +102,7 @@ def side_tensor_names(model_dir: str | Path, part: Side | Segment, split_layer: 
     config = load_config(model_dir)
     family = family_for(config.model_type)
     model = skeleton(config, family, as_segment(part, split_layer, family.num_layers(config)))
-    return sorted(set(_side_names(config, family, CheckpointIndex(model_dir), model).values()))
+    return _tensor_names(_side_names(config, family, CheckpointIndex(model_dir), model))
 
 
 def load_segment(model_dir: str | Path, config: Any, family: ModelFamily, segment: Segment, dtype: torch.dtype,
@@ -92,9 +110,10 @@ def load_segment(model_dir: str | Path, config: Any, family: ModelFamily, segmen
     """The pruned model of one segment with its base weights read from the checkpoint straight onto `device`."""
     index = CheckpointIndex(model_dir)
     model = skeleton(config, family, segment)
-    names = _side_names(config, family, index, model)
-    loaded = index.load(sorted(set(names.values())), dtype, device)
-    model.load_state_dict({n: loaded[c] for n, c in names.items()}, strict=False, assign=True)
+    sources = _side_names(config, family, index, model)
+    loaded = index.load(_tensor_names(sources), dtype, device)
+    state = {n: loaded[s] if isinstance(s, str) else s.build([loaded[p] for p in s.parts]) for n, s in sources.items()}
+    model.load_state_dict(state, strict=False, assign=True)
     if any(p.is_meta for p in model.parameters()):
         raise CheckpointError(f"{model_dir}: some weights of {segment} were not in the checkpoint")
     return model.to(device).requires_grad_(False)  # buffers (rotary tables) follow the weights

@@ -1,10 +1,9 @@
-"""One part of the split model (`SplitPart`, a `Segment` of blocks) and the LoRA settings every part shares."""
+"""One part of the split model (`SplitPart`, a `Segment` of blocks), with LoRA where the shared settings' targets
+are in its blocks."""
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,38 +12,14 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from common.split import ModelFamily, family_for
+from common.split import family_for
 from common.split.loading import DTYPES, load_config, load_segment, side_tensor_names
+from common.split.lora_settings import LoraSettings, side_lora_config
 from common.split.segment import Segment, Side, SplitError, as_segment, check_split_layer
 from common.weights import resolve_model_dir
 
 __all__ = ["DTYPES", "LoraSettings", "Segment", "Side", "SplitError", "SplitPart", "check_split_layer", "load_config",
            "resolve_model_dir", "side_tensor_names"]
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyper-parameters; `targets` empty means the family's defaults."""
-
-    r: int = 4
-    alpha: int = 32
-    dropout: float = 0.1
-    targets: tuple[str, ...] = field(default_factory=tuple)
-
-    def resolved(self, family: ModelFamily) -> "LoraSettings":
-        """These settings with the family's default targets filled in."""
-        return LoraSettings(self.r, self.alpha, self.dropout, tuple(self.targets) or family.default_lora_targets)
-
-    def peft_config(self, family: ModelFamily) -> LoraConfig:
-        """The peft LoraConfig both sides and the exported adapter use."""
-        s = self.resolved(family)
-        return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.targets),
-                          fan_in_fan_out=family.fan_in_fan_out, bias="none")
-
-    def sha256(self, family: ModelFamily) -> str:
-        """Hash of the resolved settings, for the handshake fingerprint."""
-        data = asdict(self.resolved(family))
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 class SplitPart(nn.Module):
@@ -78,10 +53,16 @@ class SplitPart(nn.Module):
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft
             torch.manual_seed(lora_seed)
-            self.peft = get_peft_model(base, lora.peft_config(self.family))
+            self._lora_config = side_lora_config(lora, self.family, self.config, base,
+                                                 f"{self.side} part, {self.segment}")
+            self.peft = get_peft_model(base, self.lora_config())
         for name, param in self.peft.named_parameters():
             if "lora_" in name and param.dtype != torch.float32:
                 param.data = param.data.float()  # adapters train in float32 whatever the base dtype
+
+    def lora_config(self) -> LoraConfig:
+        """A fresh copy of this part's peft LoraConfig (the whole model's targets; those in this part match)."""
+        return copy.deepcopy(self._lora_config)
 
     @property
     def side(self) -> Side:

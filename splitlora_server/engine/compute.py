@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from common.loss import IGNORE_INDEX, causal_lm_loss
 from common.optim import optimizer_step
 from common.split.parts import SplitPart
+from common.split.router import RouterRecorder
 from splitlora_server.engine.jobs import Step, StepOutcome
 
 Span = tuple[int, int, int]  # a step's rows in a stack: first row, end row, its own sequence length
@@ -76,28 +77,55 @@ class Pending:
     spans: list[Span]
     results: list[tuple[float, int]]  # per step: loss, target tokens
     counted: int             # losses backpropagated through the heads (those with tokens and a finite value)
+    router: "RouterTerms | None" = None  # mixture of experts with the auxiliary loss on
+
+
+@dataclass
+class RouterTerms:
+    """The router auxiliary loss of a group: per step its value and the client's probabilities (leaves whose
+    gradient goes back to the client), and the sum over the counted steps (backpropagated through the blocks)."""
+
+    values: list[float]
+    client_probs: list[torch.Tensor]
+    counted: torch.Tensor | None = None
 
 
 def forward(part: SplitPart, steps: Sequence[Step], label_smoothing: float) -> Pending:
     """Blocks over the (stacked) steps, head and loss per step, each counted loss backpropagated to the
-    blocks' output (which frees its logits before the next step's are made)."""
+    blocks' output (which frees its logits before the next step's are made). With a router auxiliary loss, each
+    step's term (over its own tokens and the client's statistics) joins its loss."""
     stacked, spans = stack(steps) if len(steps) > 1 else (steps[0], [(0, steps[0].rows, steps[0].hidden.shape[1])])
     device = part.device
     hidden = stacked.hidden.detach().to(device).requires_grad_(True)
-    out = part.run_blocks(hidden.to(part.base_dtype), stacked.attention_mask.to(device),
-                          stacked.position_ids.to(device))
+    with RouterRecorder(part, stacked.attention_mask.to(device)) as routers:
+        out = part.run_blocks(hidden.to(part.base_dtype), stacked.attention_mask.to(device),
+                              stacked.position_ids.to(device))
     top = out.detach().requires_grad_(True)
     if stacked.top_grad is not None:  # u-shape: the client computed the loss; its gradient at the top cut is given
         top.grad = stacked.top_grad.to(device, out.dtype)
         return Pending(hidden, out, top, spans, [(0.0, 0)] * len(spans), len(spans))
     labels, results, counted = stacked.labels.to(device), [], 0
-    for a, b, t in spans:
-        loss, tokens = causal_lm_loss(part.family.head(part.base, top[a:b, :t]), labels[a:b, :t], label_smoothing)
-        if tokens and torch.isfinite(loss):
+    router = RouterTerms([], []) if routers.aux else None
+    normalizer = steps[0].step_tokens if len(steps) == 1 and steps[0].pipelined else None  # a micro-batch's share
+    for step, (a, b, t) in zip(steps, spans):
+        loss, tokens = causal_lm_loss(part.family.head(part.base, top[a:b, :t]), labels[a:b, :t], label_smoothing,
+                                      normalizer)
+        aux = _router_term(router, routers, step, (a, b, t)) if router else None
+        total = loss if aux is None else loss + aux
+        if tokens and torch.isfinite(total):
             loss.backward()
             counted += 1
-        results.append((float(loss.detach()), tokens))
-    return Pending(hidden, out, top, spans, results, counted)
+            if aux is not None:
+                router.counted = aux if router.counted is None else router.counted + aux
+        results.append((float(total.detach()), tokens))
+    return Pending(hidden, out, top, spans, results, counted, router)
+
+
+def _router_term(terms: RouterTerms, routers: RouterRecorder, step: Step, span: Span) -> torch.Tensor:
+    aux, probs = routers.aux_term(step.router, span)
+    terms.values.append(float(aux.detach()))
+    terms.client_probs.append(probs)
+    return aux
 
 
 @torch.no_grad()
@@ -111,9 +139,15 @@ def probe(part: SplitPart, step: Step) -> torch.Tensor:
 
 
 def backward(pending: Pending) -> None:
-    """The counted losses' gradient through the blocks, down to the cut activations."""
-    if pending.counted:
+    """The counted losses' gradient through the blocks, down to the cut activations (and, with a router
+    auxiliary loss, to the client's routing probabilities)."""
+    if not pending.counted:
+        return
+    aux = pending.router.counted if pending.router else None
+    if aux is None:
         pending.out.backward(pending.top.grad)
+    else:
+        torch.autograd.backward([pending.out, aux], [pending.top.grad, torch.ones_like(aux)])
 
 
 def grads_finite(params: Sequence[torch.Tensor]) -> bool:
@@ -134,7 +168,13 @@ def update(params: Sequence[torch.Tensor], opt: torch.optim.Optimizer, sched: to
 
 
 def outcomes(pending: Pending) -> list[StepOutcome]:
-    """Each step's answer: its gradient at the cut (without padding), its loss and its target tokens."""
+    """Each step's answer: its gradient at the cut (without padding), its loss and its target tokens (and, with
+    a router auxiliary loss, the gradient for the client's routing probabilities and the term's value)."""
     grad = pending.hidden.grad if pending.hidden.grad is not None else torch.zeros_like(pending.hidden)
-    return [StepOutcome(grad=g.detach().float().cpu(), loss=loss, tokens=tokens)
-            for g, (loss, tokens) in zip(split_rows(grad, pending.spans), pending.results)]
+    answers = [StepOutcome(grad=g.detach().float().cpu(), loss=loss, tokens=tokens)
+               for g, (loss, tokens) in zip(split_rows(grad, pending.spans), pending.results)]
+    if pending.router:
+        for answer, probs, value in zip(answers, pending.router.client_probs, pending.router.values):
+            answer.router_grad = (probs.grad if probs.grad is not None else torch.zeros_like(probs)).detach().cpu()
+            answer.aux_loss = value
+    return answers

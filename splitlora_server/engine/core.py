@@ -23,11 +23,13 @@ from common.split.parts import SplitPart
 from splitlora_server.engine import compute
 from splitlora_server.engine.batching import BatchPolicy, BatchSettings
 from splitlora_server.engine.jobs import Backward, Call, Forward, Job, Step, Update
+from splitlora_server.engine.micro import MicroAccumulator
 from splitlora_server.engine.slots import SHARED, AdapterMode, Slot, Slots
-from splitlora_server.engine.state import ServerState
+from splitlora_server.engine.state import ServerState, SlotState
 
 __all__ = ["SHARED", "AdapterMode", "ServerEngine", "Step"]
 log = logging.getLogger(__name__)
+_WAKE = Call(lambda: None)  # wakes an idle worker for a job of `call_when_idle`; never run
 
 
 class ServerEngine:
@@ -46,9 +48,11 @@ class ServerEngine:
         self.policy = BatchPolicy(self.batching)
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._carry: collections.deque[Job] = collections.deque()  # run before the queue: continuations, leftovers
+        self._idle: collections.deque[Call] = collections.deque()  # `call_when_idle`: when nothing else waits
         self._thread = threading.Thread(target=self._work, name="splitlora-engine", daemon=True)
         self.steps_done = self._steps_here = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # client steps per computation
+        self._micro = MicroAccumulator()  # pipelined steps between their micro-batches
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -67,9 +71,11 @@ class ServerEngine:
         return self
 
     def stop(self) -> None:
-        """Finish queued jobs and stop the worker."""
+        """Finish queued jobs and stop the worker; jobs of `call_when_idle` not run by then fail."""
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        while self._idle:
+            self._idle.popleft().future.set_exception(RuntimeError("the server engine stopped"))
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the worker thread after every job queued before it."""
@@ -77,9 +83,36 @@ class ServerEngine:
         self._jobs.put(job)
         return job.future
 
+    def call_when_idle(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the worker thread once no other job waits (generation behind training steps)."""
+        job = Call(fn)
+        self._idle.append(job)
+        if self._jobs.empty():  # a busy worker finds it when the queue runs dry; an idle one needs waking
+            self._jobs.put(_WAKE)
+        return job.future
+
+    def _next(self) -> Job:
+        """The next job: continuations first, then the queue, then (when nothing waits) `call_when_idle` jobs."""
+        while (job := self._carry.popleft() if self._carry else self._take()) is _WAKE:
+            pass
+        return job
+
+    def _take(self) -> Job:
+        try:
+            return self._jobs.get_nowait()
+        except queue.Empty:
+            return self._idle.popleft() if self._idle else self._jobs.get()
+
+    def boundary_snapshot(self, key: str = SHARED) -> tuple[int, SlotState | None]:
+        """(engine thread) The round the boundary snapshots start, and the snapshot of adapter `key` there: the
+        model of the last closed round while the next one already trains (validation during training)."""
+        return self._slots.boundary_round, self._slots.snapshots.get(key)
+
     def submit_step(self, step: Step) -> Future:
-        """Queue one training step (forward, backward, update); the future resolves to a StepOutcome."""
-        job = Forward(step)
+        """Queue one training step (forward, backward, update), or one micro-batch of a pipelined step (its update
+        waits for the last one); the future resolves to a StepOutcome. Micro-batches are never stacked with other
+        clients' steps: a stacked group takes one optimizer step for all its members."""
+        job = Forward(step, alone=step.pipelined)
         self._jobs.put(job)
         return job.future
 
@@ -93,7 +126,7 @@ class ServerEngine:
         return self.call(run)
 
     def _work(self) -> None:
-        while (job := self._carry.popleft() if self._carry else self._jobs.get()) is not None:
+        while (job := self._next()) is not None:
             if isinstance(job, Forward):
                 self._forward(self.policy.collect(job, self._jobs, self._carry))
             elif isinstance(job, Backward):
@@ -114,7 +147,8 @@ class ServerEngine:
             return
         steps = [job.step for job in group]
         if len(steps) == 1:
-            seed_torch(self.seed, "server", steps[0].client_id, steps[0].step)
+            first = steps[0]
+            seed_torch(self.seed, "server", first.client_id, first.step, *([first.micro] if first.micro else []))
         else:
             seed_torch(self.seed, "server-batch", *(f"{s.client_id}@{s.step}" for s in steps))
 
@@ -132,6 +166,8 @@ class ServerEngine:
     def _update(self, job: Update) -> None:
         steps = [j.step for j in job.group]
         slot = self._slots.of(steps[0].client_id)
+        if steps[0].pipelined and not self._micro_update(steps[0], slot, job):
+            return
         if len(steps) > 1 and not compute.grads_finite(slot.params):
             raise FloatingPointError("the combined gradient of a batch is not finite")  # each step alone, next
         for _ in steps:
@@ -143,6 +179,16 @@ class ServerEngine:
         self.batch_sizes[len(steps)] += 1
         for forward, outcome in zip(job.group, compute.outcomes(job.pending)):
             forward.future.set_result(outcome)
+
+    def _micro_update(self, step: Step, slot: Slot, job: Update) -> bool:
+        """A micro-batch's gradient joins its step's sum; True after the last one (the update goes on with the
+        whole step's gradient), else the micro-batch is answered at once."""
+        self._micro.hold(step.client_id, step.step, step.micro, slot.params, job.pending.counted)
+        if step.micro + 1 < step.micro_count:
+            job.group[0].future.set_result(compute.outcomes(job.pending)[0])
+            return False
+        job.pending.counted = min(self._micro.release(step.client_id, slot.params), 1)  # one update for the step
+        return True
 
     def _guarded(self, group: list[Forward], fn: Callable[[], None]) -> None:
         """Run one stage of a group; if it fails, a single step gets the error and a batch is retried step by step

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import torch
 
+from common.split.router import RouterStats
+
 
 @dataclass
 class Step:
@@ -22,7 +24,16 @@ class Step:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor | None  # None in u-shape mode: the labels stay on the client
+    router: RouterStats | None = None  # the client layers' router statistics (mixture of experts, aux loss on)
+    micro: int = 0        # pipelined steps: this micro-batch's index, of micro_count, whose loss is divided by
+    micro_count: int = 1  # step_tokens (the target tokens of the whole step); see engine.micro
+    step_tokens: int = 0
     top_grad: torch.Tensor | None = None  # u-shape mode: the client's dLoss/dHidden at the top cut
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether this is one micro-batch of a step sent in several."""
+        return self.micro_count > 1
 
     @property
     def rows(self) -> int:
@@ -37,6 +48,8 @@ class StepOutcome:
     grad: torch.Tensor
     loss: float
     tokens: int
+    router_grad: torch.Tensor | None = None  # d loss / d the client's routing probabilities (when it sent them)
+    aux_loss: float = 0.0                    # the router's auxiliary loss term (included in loss)
 
 
 @dataclass

@@ -81,7 +81,7 @@ class Slots:
         self.snapshots[client_id] = self.by_key[client_id].capture(self.part)
 
     def _new(self, key: str, name: str) -> Slot:
-        self.part.peft.add_adapter(name, self.part.lora.peft_config(self.part.family))
+        self.part.peft.add_adapter(name, self.part.lora_config())
         self.by_key[key] = Slot(self.part, name, self.optim, self.freeze_a)
         return self.by_key[key]
 

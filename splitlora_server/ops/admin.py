@@ -21,6 +21,8 @@ from common.tls import open_channel as open_tls_channel
 class ConnectOptions(ClientTlsOptions):
     """Where the server is and how to reach it: TLS (with the admin certificate for mutual TLS) or plaintext."""
 
+    HELP_GROUPS = {"server": "essentials"}
+
     server: str = option("127.0.0.1:50051", "Address host:port of the split server (or aggregator for health).")
     timeout: float = option(10.0, "Seconds to wait for the answer.")
 

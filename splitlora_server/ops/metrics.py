@@ -152,8 +152,8 @@ def start_metrics_server(host: str, port: int, *collectors: Collector) -> Metric
 
 
 def metrics_for(host: str, port: int, registry: Registry | None = None,
-                aggregator: AggregatorService | None = None, refusals: RefusalBook | None = None
-                ) -> MetricsServer | None:
+                aggregator: AggregatorService | None = None, refusals: RefusalBook | None = None,
+                *more: Collector | None) -> MetricsServer | None:
     """The `--metrics-port` option: None when 0 (off), else an endpoint for the given server parts."""
     if not port:
         return None
@@ -164,4 +164,5 @@ def metrics_for(host: str, port: int, registry: Registry | None = None,
         collectors.append(AggregatorCollector(aggregator))
     if refusals is not None:
         collectors.append(RefusalCollector(refusals))
+    collectors.extend(c for c in more if c is not None)
     return start_metrics_server(host, port, *collectors)

@@ -11,6 +11,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from common.config.engine import ConfigError, option
+from common.reach import explain_admin_error
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.rpc.splitlora.v1 import split_pb2_grpc as sgrpc
 from splitlora_server.ops.admin import ConnectOptions, open_channel
@@ -47,25 +48,36 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def round_text(current: int, rounds: int) -> str:
+    """Rounds are numbered from 0 everywhere (logs, metrics, progress bar, status): 'round 1 of 0-4'."""
+    if current >= rounds:
+        return f"all {rounds} rounds done"
+    return f"round {current} of 0-{rounds - 1}"
+
+
 def format_status(reply: spb.StatusReply, server: str, rates: dict[str, float] | None = None) -> str:
     """The status as a header line and one aligned row per client; `rates`: per-client steps/s, if known."""
     state = "finished" if reply.finished else "training"
-    current = min(reply.round + 1, reply.rounds) if reply.rounds else 0
-    head = (f"server {server}: {state}, round {current}/{reply.rounds}, {reply.steps} steps, "
+    head = (f"server {server}: {state}, {round_text(reply.round, reply.rounds)}, {reply.steps} steps, "
             f"{reply.steps_per_second:.2f} steps/s, server adapter {reply.server_adapter_mode or '-'}, "
             f"{sum(c.connected for c in reply.clients)}/{len(reply.clients)} clients connected")
+    more = (f"generation: {reply.generation_sessions} sessions, {human_bytes(reply.generation_cache_bytes)} of "
+            f"key/value cache, {reply.generation_tokens} positions computed")
+    if reply.validation_round >= 0 and not math.isnan(reply.validation_loss):
+        more += f"; validation loss {reply.validation_loss:.4f} after round {reply.validation_round}"
     rows = [_COLUMNS]
     for c in reply.clients:
         rate = (rates or {}).get(c.client_id)
-        rows.append((c.client_id, "yes" if c.connected else "no", str(min(c.round + 1, reply.rounds)), str(c.steps),
+        rows.append((c.client_id, "yes" if c.connected else "no",
+                     "done" if c.round >= reply.rounds else str(c.round), str(c.steps),
                      "-" if rate is None else f"{rate:.2f}",
                      "-" if math.isnan(c.last_loss) else f"{c.last_loss:.4f}",
                      human_bytes(c.bytes_in), human_bytes(c.bytes_out), c.last_error or "-"))
     if len(rows) == 1:
-        return "\n".join([head, "(no client has joined yet)", *_refusal_lines(reply)])
+        return "\n".join([head, more, "(no client has joined yet)", *_refusal_lines(reply)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
-    return "\n".join([head, *(line.rstrip() for line in lines), *_refusal_lines(reply)])
+    return "\n".join([head, *(line.rstrip() for line in lines), more, *_refusal_lines(reply)])
 
 
 def _refusal_lines(reply: spb.StatusReply) -> list[str]:
@@ -88,7 +100,7 @@ def run(cfg: StatusConfig) -> int:
             try:
                 reply = fetch_status(channel, cfg.timeout)
             except grpc.RpcError as err:
-                print(f"splitlora-server status: {cfg.server}: {err.code().name}: {err.details()}",
+                print(f"splitlora-server status: {explain_admin_error(err, 'status', cfg.server, cfg, cfg.timeout)}",
                       file=sys.stderr, flush=True)
                 return 1
             now, steps = time.monotonic(), {c.client_id: c.steps for c in reply.clients}

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.procs import BIN, free_port  # noqa: F401 (free_port: for the fault tests)
+from splitlora_bench.procs import BIN, free_port  # noqa: F401 (free_port: for the fault tests)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

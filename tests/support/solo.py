@@ -13,11 +13,13 @@ from splitlora_server.app import start_server
 from splitlora_server.options import ServeConfig
 
 
-def solo_run(out: Path, seed: int, **client: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Train 2 rounds x 3 steps with client "solo" (extra TrainConfig fields in `client`); return its final
-    adapter and the exported whole-model adapter."""
-    running = start_server(ServeConfig(port=0, clients=1, rounds=2, local_steps=3, batch_size=4, warmup_steps=1,
-                                       learning_rate=5e-3, seed=seed, output=str(out / "server"), insecure=True))
+def solo_run(out: Path, seed: int, serve: dict[str, Any] | None = None, **client: Any
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train 2 rounds x 3 steps with client "solo" (extra ServeConfig fields in `serve`, TrainConfig fields in
+    `client`); return its final adapter and the exported whole-model adapter."""
+    running = start_server(ServeConfig(**{"port": 0, "clients": 1, "rounds": 2, "local_steps": 3, "batch_size": 4,
+                                          "warmup_steps": 1, "learning_rate": 5e-3, "seed": seed,
+                                          "output": str(out / "server"), "insecure": True, **(serve or {})}))
     try:
         client_path = train(TrainConfig(server=f"127.0.0.1:{running.port}", client_id="solo", seed=seed,
                                         output=str(out / "solo"), progress=False, builtin_examples=32,

@@ -34,6 +34,11 @@ class SplitTrainingStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.GetPlan = channel.unary_unary(
+                '/splitlora.v1.SplitTraining/GetPlan',
+                request_serializer=splitlora_dot_v1_dot_split__pb2.PlanRequest.SerializeToString,
+                response_deserializer=splitlora_dot_v1_dot_split__pb2.Plan.FromString,
+                _registered_method=True)
         self.Join = channel.unary_unary(
                 '/splitlora.v1.SplitTraining/Join',
                 request_serializer=splitlora_dot_v1_dot_split__pb2.JoinRequest.SerializeToString,
@@ -43,6 +48,11 @@ class SplitTrainingStub:
                 '/splitlora.v1.SplitTraining/Train',
                 request_serializer=splitlora_dot_v1_dot_split__pb2.ClientFrame.SerializeToString,
                 response_deserializer=splitlora_dot_v1_dot_split__pb2.ServerFrame.FromString,
+                _registered_method=True)
+        self.FetchServerAdapter = channel.unary_stream(
+                '/splitlora.v1.SplitTraining/FetchServerAdapter',
+                request_serializer=splitlora_dot_v1_dot_split__pb2.ServerAdapterRequest.SerializeToString,
+                response_deserializer=splitlora_dot_v1_dot_split__pb2.AdapterPiece.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/splitlora.v1.SplitTraining/Status',
@@ -59,6 +69,14 @@ class SplitTrainingStub:
 class SplitTrainingServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def GetPlan(self, request, context):
+        """First half of the handshake: the run's plan (split layer, LoRA settings, schedule, initial client adapter),
+        so that a client loads and checks everything local before it takes an enrolment slot. Enrols nobody.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Join(self, request, context):
         """Handshake: identity, model agreement and the training schedule.
         """
@@ -69,6 +87,14 @@ class SplitTrainingServicer:
     def Train(self, request_iterator, context):
         """One ClientFrame per training step; the server answers each with one ServerFrame.
         Call metadata: `x-splitlora-client-id` and `x-splitlora-session` (from JoinReply).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchServerAdapter(self, request, context):
+        """When training has ended: the final server adapter (safetensors, in pieces), so that every client holds the
+        whole-model adapter. Refused with PERMISSION_DENIED when the server keeps its adapter private.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,6 +117,11 @@ class SplitTrainingServicer:
 
 def add_SplitTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=splitlora_dot_v1_dot_split__pb2.PlanRequest.FromString,
+                    response_serializer=splitlora_dot_v1_dot_split__pb2.Plan.SerializeToString,
+            ),
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
                     request_deserializer=splitlora_dot_v1_dot_split__pb2.JoinRequest.FromString,
@@ -100,6 +131,11 @@ def add_SplitTrainingServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=splitlora_dot_v1_dot_split__pb2.ClientFrame.FromString,
                     response_serializer=splitlora_dot_v1_dot_split__pb2.ServerFrame.SerializeToString,
+            ),
+            'FetchServerAdapter': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchServerAdapter,
+                    request_deserializer=splitlora_dot_v1_dot_split__pb2.ServerAdapterRequest.FromString,
+                    response_serializer=splitlora_dot_v1_dot_split__pb2.AdapterPiece.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -121,6 +157,33 @@ def add_SplitTrainingServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class SplitTraining:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitlora.v1.SplitTraining/GetPlan',
+            splitlora_dot_v1_dot_split__pb2.PlanRequest.SerializeToString,
+            splitlora_dot_v1_dot_split__pb2.Plan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Join(request,
@@ -166,6 +229,33 @@ class SplitTraining:
             '/splitlora.v1.SplitTraining/Train',
             splitlora_dot_v1_dot_split__pb2.ClientFrame.SerializeToString,
             splitlora_dot_v1_dot_split__pb2.ServerFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchServerAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitlora.v1.SplitTraining/FetchServerAdapter',
+            splitlora_dot_v1_dot_split__pb2.ServerAdapterRequest.SerializeToString,
+            splitlora_dot_v1_dot_split__pb2.AdapterPiece.FromString,
             options,
             channel_credentials,
             insecure,

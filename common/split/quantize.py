@@ -1,0 +1,67 @@
+"""A quantized frozen base under float32 LoRA: the client's embeddings and block weights in int8 (torchao's
+weight-only int8, which has CPU kernels), its adapters trained in float32 on top.
+
+Only frozen `nn.Linear` and `nn.Embedding` weights are quantized (Llama-style families: every projection and
+the embeddings; GPT-2: its embeddings, its blocks being `Conv1D`, which torchao does not quantize). LoRA's own
+layers and norms stay as they are. The checkpoint on disk is untouched, so the fingerprint still identifies it.
+4-bit: torchao's int4 weight-only layouts need a CUDA device (no CPU kernel in the torchao this project
+pins), so `int4` is refused on the CPU with that reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from torch import nn
+
+QUANTIZATIONS = ("none", "int8", "int4")
+INSTALL_HINT = "pip install 'splitlora[quantization]' (torchao)"
+
+
+class QuantizationError(ValueError):
+    """A quantization that cannot be applied here; the message says why."""
+
+
+def _frozen_weight(module: nn.Module, name: str) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding)) and "lora_" not in name and \
+        not module.weight.requires_grad
+
+
+def check_quantization(mode: str, device: str = "cpu") -> None:
+    """Raise QuantizationError when `mode` cannot run on `device` here (unknown, int4 on the CPU, no torchao)."""
+    if mode not in QUANTIZATIONS:
+        raise QuantizationError(f"quantization {mode!r} is not one of {', '.join(QUANTIZATIONS)}")
+    if mode == "int4" and not str(device).startswith("cuda"):
+        raise QuantizationError("int4: torchao's 4-bit weight-only kernels need a CUDA device; on the CPU use int8")
+    if mode != "none" and importlib.util.find_spec("torchao") is None:
+        raise QuantizationError(f"quantization {mode} needs torchao: {INSTALL_HINT}")
+
+
+def quantize_frozen(model: nn.Module, mode: str, device: str = "cpu") -> int:
+    """Quantize the frozen Linear/Embedding weights of `model` in place (`none`: nothing); return how many."""
+    check_quantization(mode, device)
+    if mode == "none":
+        return 0
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    chosen = {name for name, module in model.named_modules() if _frozen_weight(module, name)}
+    config = Int8WeightOnlyConfig() if mode == "int8" else Int4WeightOnlyConfig(group_size=128)
+    quantize_(model, config, filter_fn=lambda module, fqn: fqn in chosen)
+    return len(chosen)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (quantized tensors counted by their own storage)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        for inner in _storages(t):
+            key = inner.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += inner.untyped_storage().nbytes()
+    return total
+
+
+def _storages(t):
+    names, _ = t.__tensor_flatten__() if hasattr(t, "__tensor_flatten__") else ([], None)
+    if not names:
+        return [t]
+    return [s for name in names for s in _storages(getattr(t, name))]

@@ -1,0 +1,4 @@
+"""`python -m splitlora_bench` is `splitlora-bench`."""
+from splitlora_bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""A quantized frozen base on the client (torchao int8 weight-only, LoRA in float32 on top): less memory, close
+outputs, LoRA gradients, and training through real gRPC with a loss close to the unquantized client's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config.engine import ConfigError
+from common.split.parts import LoraSettings, SplitPart
+from common.split.quantize import QuantizationError, quantize_frozen, weight_bytes
+from splitlora_client.options import TrainConfig
+from tests.support.families import VOCAB, checkpoint_dir
+from tests.support.solo import solo_run
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    return ids, torch.ones_like(ids), torch.arange(9).repeat(2, 1)
+
+
+def test_int8_client_part_holds_less_and_computes_close_with_float32_lora():
+    part = SplitPart(checkpoint_dir("llama"), "client", 2, LoraSettings(4, 8, 0.0, ()))
+    full = weight_bytes(part)
+    reference = part(*_inputs()).detach()
+    assert quantize_frozen(part, "int8") == 15  # the embeddings and 7 projections in each of 2 blocks
+    assert weight_bytes(part) < 0.4 * full
+    hidden = part(*_inputs())
+    assert (hidden - reference).abs().max() < 0.02 * reference.abs().max()
+    hidden.sum().backward()
+    lora = {n: p for n, p in part.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n and p.dtype == torch.float32 and p.grad is not None for n, p in lora.items())
+
+
+def test_int4_and_unknown_modes_are_refused_with_the_reason():
+    with pytest.raises(QuantizationError, match="need a CUDA device"):
+        quantize_frozen(torch.nn.Linear(4, 4), "int4")
+    with pytest.raises(QuantizationError, match="not one of none, int8, int4"):
+        quantize_frozen(torch.nn.Linear(4, 4), "fp3")
+    with pytest.raises(ConfigError, match="client_quantization: int4"):
+        TrainConfig(insecure=True, client_quantization="int4").validate()
+
+
+def _losses(out: Path) -> list[float]:
+    lines = (out / "solo" / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r.get("event") == "step"]
+
+
+def test_an_int8_client_trains_through_the_server_close_to_float32(tmp_path: Path, builtin_model_dir: Path):
+    """The same run with the client's embeddings in int8 (the built-in GPT-2's blocks are Conv1D, which torchao
+    leaves alone): the server accepts its fingerprint, it trains, and every step's loss is close."""
+    exact_client, _ = solo_run(tmp_path / "none", seed=5)
+    int8_client, _ = solo_run(tmp_path / "int8", seed=5, client_quantization="int8")
+    plain, quantized = _losses(tmp_path / "none"), _losses(tmp_path / "int8")
+    assert len(plain) == len(quantized) == 6
+    assert all(abs(q - p) < 0.01 * p for p, q in zip(plain, quantized))
+    assert quantized[-1] < quantized[0]  # it learns
+    assert any(not torch.equal(exact_client[k], int8_client[k]) for k in exact_client)  # it did run quantized
