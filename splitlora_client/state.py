@@ -17,7 +17,8 @@ from peft import PeftModel
 
 from common.atomic import Tensors
 from common.data import BatchStream
-from common.lora import AdapterError, adapter_state, load_adapter_state
+from common.lora import AdapterError, adapter_state
+from common.split.ushape import load_client_adapter
 from common.residuals import ResidualFolder, split_residuals
 from common.state.optimizer import load_optimizer_state, load_scheduler_state, optimizer_state, scheduler_state
 from common.state.snapshots import CheckpointDir, check_same_run
@@ -66,12 +67,7 @@ class ClientState:
 
     def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
         """Load a whole client adapter (as `local_adapter` returns it) into the part(s), checked per part."""
-        if self.top is None:
-            load_adapter_state(self.peft, state)
-            return
-        bottom_keys = set(adapter_state(self.peft))
-        load_adapter_state(self.peft, {k: v for k, v in state.items() if k in bottom_keys})
-        load_adapter_state(self.top, {k: v for k, v in state.items() if k not in bottom_keys})
+        load_client_adapter(self.peft, self.top, state)
 
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
         """Load a round's global adapter, folding its residuals (fedex) into the base weights; other tensors a

@@ -190,7 +190,8 @@ def _join(cfg: TrainConfig, session: SplitSession, channel: Any, options: list, 
     return reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel
 
 
-def _validator(cfg: TrainConfig, part: SplitPart, tokenizer, sched, fingerprint) -> RoundValidator | None:
+def _validator(cfg: TrainConfig, part: SplitPart, tokenizer, sched, fingerprint,
+               top: SplitPart | None = None) -> RoundValidator | None:
     """The --eval-data validator of this run (on a channel of its own), or None without held-out data."""
     if not cfg.eval_data:
         return None
@@ -198,7 +199,7 @@ def _validator(cfg: TrainConfig, part: SplitPart, tokenizer, sched, fingerprint)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     channel = open_channel(cfg.server, cfg, cfg.grpc_options())
     return RoundValidator(part, channel, cfg.client_id, encoded, sched.batch_size, pad_id, fingerprint,
-                          cfg.eval_every, sched.rounds)
+                          cfg.eval_every, sched.rounds, top)
 
 
 def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
@@ -252,7 +253,7 @@ def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
     bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
                unit="step", dynamic_ncols=True)
     loop = _Loop(cfg, sched, part, params, optim, opt, lr_sched, StepPreparer(part, batches, cfg.seed, cfg.client_id),
-                 rounds, metrics, bar, _validator(cfg, part, tokenizer, sched, join_args[0]), top,
+                 rounds, metrics, bar, _validator(cfg, part, tokenizer, sched, join_args[0], top_part), top,
                  ActivationDefense(cfg.defense_settings()))
     try:
         with logging_redirect_tqdm():  # log lines go above the progress bar instead of through it

@@ -221,6 +221,9 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     segment = u_shape_parts(model_dir, cfg.split_layer, cfg.top_blocks)[1] if cfg.u_shape else "server"
     part = SplitPart(model_dir, segment, cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
                      gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.u_shape and router_aux(part.family, part.config) is not None:
+        raise ValueError("--split-mode u-shape does not support a mixture-of-experts router auxiliary loss "
+                         "(output_router_logits in the model config): turn it off or use --split-mode standard")
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora, cfg.u_shape, cfg.top_blocks)
     planned = options_json(cfg)
     initial = load_initial_adapter(cfg.init_adapter, part, fingerprint, planned) if cfg.init_adapter else None
