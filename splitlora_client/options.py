@@ -68,7 +68,10 @@ class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions, Th
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
-        unpinned_copy(self).validate_model()
+        unpinned = unpinned_copy(self)
+        if self.split_mode is None and self.top_blocks:  # J pinned alone: the mode is the plan's, checked there
+            unpinned.split_mode = "u-shape"
+        unpinned.validate_model()
         try:
             self.defense_settings().check()
         except ValueError as err:

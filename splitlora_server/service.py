@@ -83,6 +83,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if diff:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "the client's model does not match the server's: " + "; ".join(diff))
+        if request.micro_batches > 1 and self.top is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, USHAPE_PIPELINING)
         try:
             record = self.registry.join(request.client_id)
         except Refused as refused:
@@ -91,8 +93,6 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if not 1 <= micro <= self.schedule.batch_size:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"micro_batches {micro} must be between 1 and the "
                                                             f"batch size {self.schedule.batch_size}")
-        if micro > 1 and self.top is not None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, USHAPE_PIPELINING)
         record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
         self.engine.add_client(record.client_id).result()
         with record.step_lock:  # after any step of its old stream still in flight
