@@ -174,6 +174,21 @@ def client_parts(cfg: TrainConfig, model_dir: Path, lora, seed: int) -> tuple[Sp
             SplitPart(model_dir, top, None, lora, cfg.dtype, lora_seed=seed))
 
 
+def _ready_to_train(parts: list[SplitPart], cfg: TrainConfig, reply: Any, log: ContextLogger) -> None:
+    """Quantize the parts' frozen base (--client-quantization), put them in training mode and, with ffa, freeze
+    LoRA A (only B trains, A stays as initialised)."""
+    for part in parts:
+        if cfg.client_quantization != "none":
+            count = quantize_frozen(part, cfg.client_quantization)
+            log.info("frozen base in %s: %d weights quantized, %.1f MB held", cfg.client_quantization, count,
+                     weight_bytes(part) / 1e6)
+        part.train()
+        if reply.aggregation and freezes_lora_a(reply.aggregation):
+            for name, param in part.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(False)
+
+
 def _join(cfg: TrainConfig, session: SplitSession, channel: Any, options: list, fingerprint: Any,
           log: ContextLogger) -> tuple[Any, tuple, agrpc.AggregatorStub, bool]:
     """Join the server on `session`; return the Join reply, the join arguments (for rejoining), the aggregator's
@@ -225,16 +240,7 @@ def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
     plan.load_initial_adapter(part)
     reply, join_args, aggregator, shared_channel = _join(cfg, session, channel, options, fingerprint, log)
     sched = reply.schedule
-    for held in [part] + ([top_part] if top_part is not None else []):
-        if cfg.client_quantization != "none":
-            count = quantize_frozen(held, cfg.client_quantization)
-            log.info("frozen base in %s: %d weights quantized, %.1f MB held", cfg.client_quantization, count,
-                     weight_bytes(held) / 1e6)
-        held.train()
-    if reply.aggregation and freezes_lora_a(reply.aggregation):  # ffa: only B trains, A stays as initialised
-        for name, param in [*part.named_parameters(), *(top_part.named_parameters() if top_part is not None else [])]:
-            if "lora_A" in name:
-                param.requires_grad_(False)
+    _ready_to_train([part] + ([top_part] if top_part is not None else []), cfg, reply, log)
     batches = BatchStream(local.encoded(sched.max_seq_len), sched.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
     optim = OptimSettings(sched.learning_rate, sched.weight_decay, sched.warmup_steps,
                           sched.rounds * sched.local_steps, sched.max_grad_norm)

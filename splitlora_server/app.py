@@ -183,6 +183,17 @@ class EngineRoundEnd(RoundListener):
         return self.engine.close_round(rnd, weights, self.registry.roster())
 
 
+def _server_part(cfg: ServeConfig, model_dir: Path, lora) -> SplitPart:
+    """The server's part: blocks [K, L) and the head, or in u-shape mode blocks [K, L-J) (docs/privacy.md)."""
+    segment = u_shape_parts(model_dir, cfg.split_layer, cfg.top_blocks)[1] if cfg.u_shape else "server"
+    part = SplitPart(model_dir, segment, cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
+                     gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.u_shape and router_aux(part.family, part.config) is not None:
+        raise ValueError("--split-mode u-shape does not support a mixture-of-experts router auxiliary loss "
+                         "(output_router_logits in the model config): turn it off or use --split-mode standard")
+    return part
+
+
 def _engine(cfg: ServeConfig, part: SplitPart, checkpoints: ServerCheckpoints) -> ServerEngine:
     """The started engine of the server part, with its optimizer schedule and round-end checkpoint."""
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
@@ -218,12 +229,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     stop = stop if stop is not None else threading.Event()
     apply_threads("server", cfg.torch_threads, cfg.device, cfg.max_workers)
     model_dir, lora = cfg.model_dir(), cfg.lora_settings()
-    segment = u_shape_parts(model_dir, cfg.split_layer, cfg.top_blocks)[1] if cfg.u_shape else "server"
-    part = SplitPart(model_dir, segment, cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
-                     gradient_checkpointing=cfg.gradient_checkpointing)
-    if cfg.u_shape and router_aux(part.family, part.config) is not None:
-        raise ValueError("--split-mode u-shape does not support a mixture-of-experts router auxiliary loss "
-                         "(output_router_logits in the model config): turn it off or use --split-mode standard")
+    part = _server_part(cfg, model_dir, lora)
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora, cfg.u_shape, cfg.top_blocks)
     planned = options_json(cfg)
     initial = load_initial_adapter(cfg.init_adapter, part, fingerprint, planned) if cfg.init_adapter else None

@@ -138,7 +138,7 @@ def test_u_shape_two_clients_over_mutual_tls_through_console_scripts(tmp_path: P
     server, port = _start(tmp_path, "server", ["serve", "--clients", "2", "--output", str(tmp_path / "server"),
                                                 "--finish-grace-seconds", "10", *_server_tls(certs), *TRAINING,
                                                 *u_shape], env)
-    _wait_all([*_clients(port, tmp_path, env, certs, *u_shape), server])
+    _wait_all([*_clients(port, tmp_path, env, certs), server])  # the clients take the mode and J from the plan
     for name in ("alice", "bob"):
         losses = _losses(tmp_path / name / "metrics.jsonl")
         assert sorted(losses) == [0, 1] and all(len(v) == 6 for v in losses.values())
@@ -148,6 +148,8 @@ def test_u_shape_two_clients_over_mutual_tls_through_console_scripts(tmp_path: P
     assert any(".h.5." in k for k in alice) and any(".h.0." in k for k in alice)  # bottom and top on the client
     assert not any(".h.3." in k for k in alice) and any(".h.3." in k for k in exported)  # the middle: the server's
     assert all(torch.equal(alice[k], exported[k]) for k in alice)
+    whole = load_file(str(tmp_path / "alice" / "adapter" / "adapter_model.safetensors"))  # handed to the client
+    assert set(whole) == set(exported)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_model_dir),
                                       tmp_path / "server" / "adapter")
     assert len([n for n, _ in model.named_parameters() if "lora_" in n]) == len(exported)
