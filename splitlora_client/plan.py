@@ -37,7 +37,8 @@ def take_plan(cfg: TrainConfig, session: SplitSession) -> ClientPlan:
     plan = session.get_plan(cfg.join_timeout, cfg)
     taken = apply_plan(cfg, plan.model_options_json)
     cfg.validate_model()
-    log.info("plan of %s: split layer %d, LoRA r=%d alpha=%g targets %s (taken from the server: %s)", cfg.server,
-             cfg.split_layer, cfg.lora_r, cfg.lora_alpha, ",".join(cfg.lora_targets) or "(the family's default)",
+    log.info("plan of %s: split layer %d (%s%s), LoRA r=%d alpha=%g targets %s (taken from the server: %s)",
+             cfg.server, cfg.split_layer, cfg.split_mode, f", J={cfg.top_blocks}" if cfg.u_shape else "", cfg.lora_r,
+             cfg.lora_alpha, ",".join(cfg.lora_targets) or "(the family's default)",
              ", ".join(taken) or "none, every option pinned")
     return ClientPlan(plan)

@@ -109,7 +109,7 @@ def test_gpt2_tokenizer_and_four_flag_clients_over_mutual_tls(gpt2_model: Path, 
     assert {tuple(v.shape) for k, v in exported.items() if "c_attn.lora_A" in k} == {(8, 32)}  # the plan's rank
     base = AutoModelForCausalLM.from_pretrained(gpt2_model)
     for name, out in zip(("alice", "bob"), outputs):
-        assert "plan of localhost" in out and "taken from the server: split_layer, lora_r" in out
+        assert "plan of localhost" in out and "taken from the server: split_layer, split_mode, top_blocks, lora_r" in out
         steps = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert sorted({r["round"] for r in steps if r["event"] == "step"}) == [0, 1]
         whole = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
