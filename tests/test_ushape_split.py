@@ -75,7 +75,8 @@ def test_batched_u_shape_group_equals_single_steps(tiny_gpt2_dir: Path) -> None:
         mask = torch.ones(n, seq, dtype=torch.int64)
         mask[0, seq - 2:] = 0
         steps.append(Step(f"c{n}", 0, torch.randn(n, seq, 32, generator=gen), mask,
-                          torch.arange(seq).expand(n, seq).clone(), None, torch.randn(n, seq, 32, generator=gen)))
+                          torch.arange(seq).expand(n, seq).clone(), None,
+                          top_grad=torch.randn(n, seq, 32, generator=gen)))
     middle.peft.zero_grad()
     together = compute.forward(middle, steps, 0.0)
     compute.backward(together)
