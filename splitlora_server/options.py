@@ -157,6 +157,7 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         self.validate_tls()
         self.validate_auth()
         self.validate_aggregation(self.clients)
+        self.validate_split_range()
         if self.device == "auto":  # resolved here so that the logged effective config shows the choice
             import torch
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,6 +182,23 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         unknown = [c for c in self.codecs if c not in CODEC_NAMES]
         if unknown or not self.codecs:
             raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
+
+
+    def validate_split_range(self) -> None:
+        """What per-client split points (--split-range) do not combine with, and why."""
+        low, high = self.split_bounds()
+        if high == low:
+            return
+        refused = [("--aggregator", bool(self.aggregator), "the blocks trained on both sides are averaged with "
+                    "the server's copies, so the aggregator must run in the server's process (leave it empty)"),
+                   ("--aggregation fedex", self.aggregation == "fedex", "fedex's residuals of blocks trained on "
+                    "both sides would have to be folded on both sides, which is not implemented (use fedavg, ffa, "
+                    "median or trimmed-mean)"),
+                   ("--init-adapter", bool(self.init_adapter), "an initial adapter is handed out for one split "
+                    "layer only")]
+        for flag, active, why in refused:
+            if active:
+                raise ConfigError(f"--split-range {self.split_range} cannot be combined with {flag}: {why}")
 
 
 @dataclass
