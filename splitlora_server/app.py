@@ -242,7 +242,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     aux = router_aux(part.family, part.config)
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions,
                          num_experts=aux.num_experts if aux else 0)
-    generation = build_generation(cfg, engine, limits, auth, fingerprint)
+    generation = build_generation(cfg, engine, limits, auth, fingerprint, ranges.fingerprints)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
                                    aggregation=cfg.aggregation, micro_batches=cfg.micro_batches,

@@ -10,7 +10,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from common.faults import fault_point
-from common.fingerprint import differences
+from common.fingerprint import check_split_layer_of
 from common.limits import negotiated_chunk, too_small
 from common.redact import shown
 from common.router_wire import encode_backward
@@ -108,16 +108,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
 
     def _check_fingerprint(self, fingerprint: spb.Fingerprint, context: grpc.ServicerContext) -> int:
         """The client's split layer, once its fingerprint matches the server's for that split layer."""
-        expected = self.fingerprints.get(fingerprint.split_layer)
-        if expected is None and len(self.fingerprints) > 1:
-            low, high = min(self.fingerprints), max(self.fingerprints)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"split layer {fingerprint.split_layer} is outside the server's --split-range {low}:{high}; "
-                          f"choose one in it (splitlora-client train --split-layer K, or auto with --max-memory)")
-        diff = differences(expected or self.fingerprint, fingerprint)
-        if diff:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "the client's model does not match the server's: " + "; ".join(diff))
+        problem = check_split_layer_of(self.fingerprints, fingerprint)
+        if problem:
+            kind, why = problem
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT if kind == "range" else grpc.StatusCode.FAILED_PRECONDITION,
+                          why)
         return int(fingerprint.split_layer)
 
     def _negotiate(self, offered: list[int]) -> int:
