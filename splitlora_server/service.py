@@ -98,7 +98,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             if partial:
                 self.engine.rollback(record.client_id, start).result()
         log.info("client %s joined (codec %s, split layer %d): starts round %d%s", record.client_id,
-                 codec_name(record.codec), split_layer, start, " (its partial progress in it is undone)" if partial else "",
+                 codec_name(record.codec), split_layer, start,
+                 " (its partial progress in it is undone)" if partial else "",
                  extra={"client": record.client_id, "round": start})
         return spb.JoinReply(session=record.session, schedule=self.schedule,
                              aggregator_address=self.aggregator_address, codec=record.codec,

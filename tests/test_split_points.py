@@ -45,69 +45,115 @@ def _unsplit(model_dir: Path, part: SplitPart, client: dict, server: dict, tmp: 
     return model.eval()
 
 
-def _step(h, joined, part: SplitPart, step: int, batch: dict) -> tuple[float, torch.Tensor]:
+def _step(h, joined, part: SplitPart, step: int, batch: dict) -> float:
+    """One step through the server: the client's gradients are left in its parameters; returns the loss."""
     hidden = part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
     reply = train_ok(h, joined.metadata, step_forward(step, 0, hidden.detach(), batch))[0]
     hidden.backward(decode_tensor(reply.grad, name="grad"))
-    return reply.loss, reply
+    return reply.loss
+
+
+def _train_round(h, model_dir: Path, tmp: Path) -> tuple[dict, dict, list[float], dict]:
+    """Round 0 for a client at K=1 ("low") and one at K=3 ("high"), every step checked against the unsplit model
+    on its last step; returns the clients' adapters, the server's copies before the close, the sample weights
+    and the global adapter."""
+    parts, joined, opts = {}, {}, {}
+    for k, cid in ((1, "low"), (3, "high")):
+        joined[k] = join(h, cid, fingerprint_for(str(model_dir), k, h.config.lora_settings()))
+        parts[k] = _client(h, model_dir, k).eval()
+        opts[k] = torch.optim.AdamW([p for p in parts[k].parameters() if p.requires_grad], lr=1e-2)
+    engine = h.running.engine
+    for step in range(3):
+        for k, cid in ((1, "low"), (3, "high")):
+            batch = padded_batch(96, lengths=ROWS[k], seed=10 * step + k)
+            server_before, client_before = engine.adapter_of(cid), adapter_state(parts[k].peft)
+            opts[k].zero_grad()
+            loss = _step(h, joined[k], parts[k], step, batch)
+            if step == 2:  # the unsplit model with the same adapters: the same loss and client gradients
+                _check_exact(model_dir, parts[k], client_before, server_before, batch, loss, tmp / f"ref{k}")
+            opts[k].step()
+    server_copies = {cid: engine.adapter_of(cid) for cid in ("low", "high")}
+    stub = agrpc.AggregatorStub(h.channel)
+    samples = {1: 3 * len(ROWS[1]), 3: 3 * len(ROWS[3])}
+    clients = {k: adapter_state(parts[k].peft) for k in (1, 3)}
+    for k, cid in ((1, "low"), (3, "high")):
+        submit_adapter(stub, cid, 0, samples[k], clients[k])
+    glob, n, total = fetch_global(stub, "low", 0, timeout=30)
+    assert (n, total) == (2, samples[1] + samples[3])
+    engine.call(lambda: None).result()  # the round end's engine job is done
+    return clients, server_copies, [float(samples[1]), float(samples[3])], glob
+
+
+def _check_exact(model_dir: Path, part: SplitPart, client: dict, server: dict, batch: dict, loss: float,
+                 tmp: Path) -> None:
+    model = _unsplit(model_dir, part, client, server, tmp)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    ref, _ = causal_lm_loss(logits, batch["labels"], 0.0)
+    ref.backward()
+    assert abs(ref.item() - loss) < 1e-5
+    ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    mine = {n: p.grad for n, p in part.peft.named_parameters() if p.requires_grad}
+    assert mine and all(g is not None for g in mine.values())
+    for name, grad in mine.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=0)
+    assert any(g.abs().sum() > 0 for n, g in mine.items() if "lora_A" in n)
+
+
+def _mean(first: dict, second: dict, blocks: range, w: list[float]) -> dict:
+    """The sample-weighted mean of two adapters' `blocks`."""
+    return fedavg([in_blocks(first, LAYERS, blocks), in_blocks(second, LAYERS, blocks)], w)
+
+
+def _assert_close(got: dict, expected: dict) -> None:
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=1e-7, rtol=0)
 
 
 def test_clients_with_different_split_layers_train_exactly_and_average_per_block(tiny_gpt2_dir: Path,
                                                                                   tmp_path: Path) -> None:
     with running_server(tiny_gpt2_dir, tmp_path / "server", **RANGE) as h:
-        parts, joined, opts = {}, {}, {}
-        for k, cid in ((1, "low"), (3, "high")):
-            joined[k] = join(h, cid, fingerprint_for(str(tiny_gpt2_dir), k, h.config.lora_settings()))
-            parts[k] = _client(h, tiny_gpt2_dir, k).eval()
-            opts[k] = torch.optim.AdamW([p for p in parts[k].parameters() if p.requires_grad], lr=1e-2)
-        engine = h.running.engine
-        for step in range(3):
-            for k, cid in ((1, "low"), (3, "high")):
-                batch = padded_batch(96, lengths=ROWS[k], seed=10 * step + k)
-                server_before = engine.adapter_of(cid)
-                client_before = adapter_state(parts[k].peft)
-                opts[k].zero_grad()
-                loss, _ = _step(h, joined[k], parts[k], step, batch)
-                if step < 2:
-                    opts[k].step()
-                    continue
-                # the unsplit model with the same adapters: the same loss and client gradients
-                model = _unsplit(tiny_gpt2_dir, parts[k], client_before, server_before, tmp_path / f"ref{k}")
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               position_ids=batch["position_ids"]).logits
-                ref, _ = causal_lm_loss(logits, batch["labels"], 0.0)
-                ref.backward()
-                assert abs(ref.item() - loss) < 1e-5
-                ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-                mine = {n: p.grad for n, p in parts[k].peft.named_parameters() if p.requires_grad}
-                assert mine and all(g is not None for g in mine.values())
-                for name, grad in mine.items():
-                    torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=0)
-                assert any(g.abs().sum() > 0 for n, g in mine.items() if "lora_A" in n)
-                opts[k].step()
-        server_copies = {cid: engine.adapter_of(cid) for cid in ("low", "high")}
-        stub = agrpc.AggregatorStub(h.channel)
-        samples = {1: 3 * len(ROWS[1]), 3: 3 * len(ROWS[3])}
-        clients = {k: adapter_state(parts[k].peft) for k in (1, 3)}
-        for k, cid in ((1, "low"), (3, "high")):
-            submit_adapter(stub, cid, 0, samples[k], clients[k])
-        glob, n, total = fetch_global(stub, "low", 0, timeout=30)
-        assert (n, total) == (2, samples[1] + samples[3])
+        clients, copies, w, glob = _train_round(h, tiny_gpt2_dir, tmp_path)
         # block 0: both clients; blocks 1-2: the high client's own copy and the low client's server copy
-        w = [float(samples[1]), float(samples[3])]
-        expected = {**fedavg([in_blocks(clients[1], LAYERS, range(0, 1)), in_blocks(clients[3], LAYERS, range(0, 1))], w),
-                    **fedavg([in_blocks(server_copies["low"], LAYERS, range(1, 3)),
-                              in_blocks(clients[3], LAYERS, range(1, 3))], w)}
+        expected = {**_mean(clients[1], clients[3], range(0, 1), w), **_mean(copies["low"], clients[3], range(1, 3), w)}
         assert set(glob) == set(expected)
-        for key, value in expected.items():
-            torch.testing.assert_close(glob[key], value, atol=1e-7, rtol=0)
+        _assert_close(glob, expected)
         # the server took the combined blocks 1-2 into every copy and averaged block 3 over both copies
-        h.running.engine.call(lambda: None).result()
-        block3 = fedavg([in_blocks(server_copies[c], LAYERS, range(3, 4)) for c in ("low", "high")], w)
+        block3 = fedavg([in_blocks(copies[c], LAYERS, range(3, 4)) for c in ("low", "high")], w)
         for cid in ("low", "high"):
-            after = engine.adapter_of(cid)
-            for key, value in {**in_blocks(expected, LAYERS, range(1, 3)), **block3}.items():
-                torch.testing.assert_close(after[key], value, atol=1e-7, rtol=0)
+            _assert_close(h.running.engine.adapter_of(cid), {**in_blocks(expected, LAYERS, range(1, 3)), **block3})
+
+
+def test_a_shared_server_adapter_counts_as_everyone_who_trained_it_there(tiny_gpt2_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    with running_server(tiny_gpt2_dir, tmp_path / "server", **{**RANGE, "server_adapter_mode": "shared",
+                                                              "max_batch_clients": 2}) as h:
+        clients, copies, w, glob = _train_round(h, tiny_gpt2_dir, tmp_path)
+        shared = copies["low"]
+        # blocks 1-2: the high client's copy and the shared one, which the low client (K=1) trained there
+        expected = {**_mean(clients[1], clients[3], range(0, 1), w), **_mean(shared, clients[3], range(1, 3), w)}
+        assert set(glob) == set(expected)
+        _assert_close(glob, expected)
+        after = h.running.engine.adapter_of("low")
+        _assert_close(after, {**in_blocks(expected, LAYERS, range(1, 3)), **in_blocks(shared, LAYERS, range(3, 4))})
+
+
+def test_batching_stacks_only_steps_of_the_same_split_layer() -> None:
+    import queue
+    from collections import deque
+
+    from splitlora_server.engine.batching import BatchPolicy, BatchSettings
+    from splitlora_server.engine.jobs import Forward
+    from tests.support.steps import random_step
+
+    steps = [random_step(c, i) for i, c in enumerate(("a", "b", "c"))]
+    steps[0].start, steps[1].start, steps[2].start = 1, 3, 1
+    jobs: queue.Queue = queue.Queue()
+    for step in steps[1:]:
+        jobs.put(Forward(step))
+    carry: deque = deque()
+    group = BatchPolicy(BatchSettings(max_clients=3)).collect(Forward(steps[0]), jobs, carry)
+    assert [j.step.client_id for j in group] == ["a"] and [j.step.client_id for j in carry] == ["b"]
 
 
 def test_the_server_runs_and_trains_only_the_blocks_from_the_clients_split_layer(tiny_gpt2_dir: Path) -> None:

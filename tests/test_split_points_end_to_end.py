@@ -1,5 +1,6 @@
 """Per-client split points end to end, as processes: a server allowing split layers 2..4 of the built-in model,
-alice pinned at K=2 and bob choosing `auto` from a memory budget (which fits K=4). A run killed during the close
+alice pinned at K=2 (sending each step as two micro-batches) and bob choosing `auto` from a memory budget (which
+fits K=4). A run killed during the close
 of round 1 (server) and after a submission (alice) ends bit-identical to an uninterrupted one; the exported
 whole-model adapter loads with peft on the unsplit model and scores a batch as each client's trained pipeline."""
 from __future__ import annotations
@@ -26,7 +27,7 @@ EXACT = LoraSettings(dropout=0.0)
 def _clients(tmp: Path, port: int, model_dir: Path, faults: dict[str, list[str]]) -> list[procs.Role]:
     seq = min(512, int(load_config(model_dir).n_positions))
     budget = estimate_memory(model_dir, 4, EXACT, "float32", 4, seq).total  # exactly what K=4 needs
-    return [procs.client(tmp, "alice", port, "--split-layer", "2", faults=faults.get("alice")),
+    return [procs.client(tmp, "alice", port, "--split-layer", "2", "--micro-batches", "2", faults=faults.get("alice")),
             procs.client(tmp, "bob", port, "--split-layer", "auto", "--max-memory", str(budget),
                          faults=faults.get("bob"))]
 

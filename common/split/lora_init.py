@@ -32,7 +32,8 @@ def init_lora_per_module(peft: PeftModel, seed: int, adapter: str = "default") -
             continue
         weight = lora_a[adapter].weight
         drawn = torch.empty(weight.shape, dtype=torch.float32)
-        nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=torch.Generator().manual_seed(module_seed(seed, name)))
+        generator = torch.Generator().manual_seed(module_seed(seed, name))
+        nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
         weight.copy_(drawn.to(weight.dtype))
         count += 1
     return count

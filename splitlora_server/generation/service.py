@@ -39,7 +39,8 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
         self.scheduler, self.store, self.limits = scheduler, store, limits
         self.fingerprint = fingerprint
         # per-client split points: one fingerprint per allowed split layer
-        self.fingerprints = fingerprints or ({fingerprint.split_layer: fingerprint} if fingerprint is not None else None)
+        self.fingerprints = fingerprints or ({fingerprint.split_layer: fingerprint} if fingerprint is not None
+                                             else None)
         self.codecs = {codec_from_name(c) for c in codecs}
         self.chunk_bytes, self.max_message_bytes = chunk_bytes, max_message_bytes
         self.auth = auth or Authenticator()
