@@ -226,6 +226,10 @@ class AggregateConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOpti
         """Reject settings that cannot work."""
         self.validate_rounds(self.clients)
         self.validate_model()
+        if self.split_bounds()[1] > self.split_bounds()[0]:
+            raise ConfigError("--split-range: per-client split points average the split server's copies of the "
+                              "blocks trained on both sides with the clients' adapters, so the aggregator runs in "
+                              "the split server's process (splitlora-server serve without --aggregator)")
         for name in ("clients", "rounds", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

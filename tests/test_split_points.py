@@ -203,6 +203,11 @@ def test_a_split_layer_outside_the_range_is_refused_and_the_server_keeps_serving
         assert h.status().clients == []
         assert join(h, "near", fingerprint_for(str(tiny_gpt2_dir), 3, h.config.lora_settings())).reply.session
         assert [c.client_id for c in h.status().clients] == ["near"]
+        with pytest.raises(grpc.RpcError) as changed:  # a client keeps its split layer for the whole run
+            join(h, "near", fingerprint_for(str(tiny_gpt2_dir), 1, h.config.lora_settings()))
+        assert changed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "trains with split layer 3 in this run; it cannot change to 1" in changed.value.details()
+        assert join(h, "near", fingerprint_for(str(tiny_gpt2_dir), 3, h.config.lora_settings())).reply.session
 
 
 def test_a_client_choice_the_range_does_not_allow_is_refused_before_joining(tiny_gpt2_dir: Path, tmp_path: Path,
@@ -236,3 +241,19 @@ def test_auto_takes_the_largest_split_layer_that_fits(tiny_gpt2_dir: Path) -> No
     assert choose_split_layer("auto", 2, (1, 3), sizes[2], estimate)[0] == 3
     assert choose_split_layer("auto", 2, (1, 3), sizes[0], estimate)[0] == 1
     assert choose_split_layer(None, 2, (1, 3), None, estimate) == (2, None)
+
+
+def test_options_that_do_not_combine_with_a_split_range_are_refused_naming_them() -> None:
+    from common.config.engine import ConfigError
+    from splitlora_server.options import AggregateConfig, ServeConfig
+
+    base = {"insecure": True, "split_range": "1:3", "split_layer": 2}
+    for extra, message in (({"aggregation": "fedex"}, "cannot be combined with --aggregation fedex"),
+                           ({"aggregator": "127.0.0.1:1"}, "cannot be combined with --aggregator"),
+                           ({"split_range": "3:1"}, "split_range must be K_MIN:K_MAX"),
+                           ({"split_range": "2:3", "split_layer": 1}, "split_layer 1 is outside --split-range 2:3")):
+        with pytest.raises(ConfigError, match=message):
+            ServeConfig(**{**base, **extra}).validate()
+    ServeConfig(**base).validate()
+    with pytest.raises(ConfigError, match="the aggregator runs in the split server's process"):
+        AggregateConfig(**base).validate()
