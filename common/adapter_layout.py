@@ -20,7 +20,7 @@ from peft import get_peft_model, get_peft_model_state_dict
 
 from common.split import family_for
 from common.split.loading import load_config, skeleton
-from common.split.segment import Segment, Side
+from common.split.segment import Segment, Side, u_shape_segments
 from common.split.parts import LoraSettings
 
 Layout = dict[str, tuple[int, ...]]
@@ -43,15 +43,25 @@ class LayoutError(ValueError):
     """An upload does not have the layout of the run's adapter; the message says how."""
 
 
-def adapter_layout(model_dir: str | Path, side: Side, split_layer: int, lora: LoraSettings) -> Layout:
-    """Keys and shapes of one side's LoRA adapter, as `common.lora.adapter_state` names them."""
+def adapter_layout(model_dir: str | Path, side: Side, split_layer: int, lora: LoraSettings,
+                   top_blocks: int | None = None) -> Layout:
+    """Keys and shapes of one side's LoRA adapter, as `common.lora.adapter_state` names them; with `top_blocks`
+    (u-shape mode), the client's adapter covers its bottom and its top blocks [L-J, L)."""
     config = load_config(model_dir)
     family = family_for(config.model_type)
-    base = skeleton(config, family, Segment.of_side(side, split_layer, family.num_layers(config)))
-    with init_empty_weights(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft = get_peft_model(base, lora.peft_config(family))
-    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft).items()}
+    num_layers = family.num_layers(config)
+    segments = [Segment.of_side(side, split_layer, num_layers)]
+    if top_blocks is not None and side == "client":
+        bottom, _, top = u_shape_segments(split_layer, top_blocks, num_layers)
+        segments = [bottom, top] if top.layers else [bottom]  # the head alone has no adapter
+    layout: Layout = {}
+    for segment in segments:
+        base = skeleton(config, family, segment)
+        with init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft = get_peft_model(base, lora.peft_config(family))
+        layout.update({k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft).items()})
+    return layout
 
 
 def layout_bytes(layout: Layout) -> int:

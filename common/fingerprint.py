@@ -18,7 +18,7 @@ _FIELDS = {
     "family": "model family", "config_sha256": "base model config", "index_sha256": "checkpoint tensor index",
     "client_weights_sha256": "client-side base weights", "split_layer": "split layer",
     "lora_sha256": "LoRA config", "num_layers": "number of layers", "hidden_size": "hidden size",
-    "vocab_size": "vocabulary size",
+    "vocab_size": "vocabulary size", "split_mode": "split mode", "top_blocks": "client top blocks (J)",
 }
 
 
@@ -28,8 +28,10 @@ def config_sha256(config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def compute_fingerprint(model_dir: str | Path, split_layer: int, lora: LoraSettings) -> spb.Fingerprint:
-    """The fingerprint of a checkpoint cut at `split_layer`; the same on the client and on the server."""
+def compute_fingerprint(model_dir: str | Path, split_layer: int, lora: LoraSettings, u_shape: bool = False,
+                        top_blocks: int = 0) -> spb.Fingerprint:
+    """The fingerprint of a checkpoint cut at `split_layer` (and, `u_shape`, at L - `top_blocks`); the same on the
+    client and on the server. Standard mode leaves split_mode empty."""
     config = load_config(model_dir)
     family = family_for(config.model_type)
     index = CheckpointIndex(model_dir)
@@ -37,7 +39,8 @@ def compute_fingerprint(model_dir: str | Path, split_layer: int, lora: LoraSetti
         family=family.name, config_sha256=config_sha256(config), index_sha256=index.index_sha256(),
         client_weights_sha256=index.bytes_sha256(side_tensor_names(model_dir, "client", split_layer)),
         split_layer=split_layer, lora_sha256=lora.sha256(family), num_layers=family.num_layers(config),
-        hidden_size=int(config.hidden_size), vocab_size=int(config.vocab_size))
+        hidden_size=int(config.hidden_size), vocab_size=int(config.vocab_size),
+        split_mode="u-shape" if u_shape else "", top_blocks=top_blocks if u_shape else 0)
 
 
 def check_split_layer_of(expected: dict[int, spb.Fingerprint], got: spb.Fingerprint) -> tuple[str, str] | None:
@@ -58,6 +61,8 @@ def differences(expected: spb.Fingerprint, got: spb.Fingerprint) -> list[str]:
     out = []
     for name, label in _FIELDS.items():
         want, have = getattr(expected, name), getattr(got, name)
+        if name == "split_mode":
+            want, have = want or "standard", have or "standard"
         if want != have:
             show = (lambda v: str(v)[:12]) if name.endswith("sha256") else (lambda v: str(v)[:64])  # bounded echo
             out.append(f"{label}: server {show(want)}, client {show(have)}")

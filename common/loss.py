@@ -36,3 +36,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: 
     total = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
                             reduction="sum")
     return total / normalizer, tokens
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy (no label smoothing) over the target tokens, and their number (evaluation:
+    the sums of several batches give the mean over all of them)."""
+    total, tokens = causal_lm_loss(logits, labels, normalizer=1)
+    return float(total.detach()), tokens

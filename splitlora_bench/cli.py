@@ -1,4 +1,4 @@
-"""`splitlora-bench overhead|wire|scaling|time-to-target|edge-link|aggregation|generate|all --out DIR`."""
+"""`splitlora-bench overhead|wire|scaling|time-to-target|edge-link|aggregation|generate|privacy|all --out DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "aggregation": ("splitlora_bench.bench_aggregation", "FedAvg, ffa and fedex on IID and non-IID partitions"),
     "generate": ("splitlora_bench.bench_generate", "split generation: decode latency against one process, prefill, "
                  "bytes per token, server tokens/s with concurrent sessions, batching off and on"),
+    "privacy": ("splitlora_bench.bench_privacy", "inversion and label attacks on the real wire, defenses and their cost"),
 }
 REMODEL = ("splitlora_bench.bench_time_to_target", "redo time-to-target's modeled times from its JSON with --profiles")
 

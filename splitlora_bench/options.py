@@ -86,6 +86,19 @@ class BenchConfig:
     edge_steps: int = option(12, "Steps per client of each `edge-link` run.")
     edge_repeats: int = option(2, "Runs of every `edge-link` configuration.")
 
+    privacy_split_layers: list[int] = option([1, 4], "Split layers K of `privacy` (the first also runs int8, "
+                                                     "u-shape).")
+    privacy_codecs: list[str] = option(["float32", "int8"], "Codecs of `privacy` (undefended, at the first K).")
+    privacy_noise: list[float] = option([0.5, 2.0], "Noise multipliers sigma of `privacy` (std = sigma x C, C the "
+                                                    "median per-token norm of h_K on public text).")
+    privacy_nopeek: list[float] = option([1.0, 4.0], "NoPeek distance-correlation weights of `privacy`.")
+    privacy_top_blocks: int = option(1, "J of the u-shape runs of `privacy`.")
+    privacy_steps: int = option(12, "Training steps of each `privacy` run (the same budget for every setting).")
+    privacy_sequences: int = option(16, "Captured sequences each `privacy` attack reconstructs.")
+    privacy_public_lines: int = option(512, "Public lines the `privacy` attacker trains its decoder on.")
+    privacy_decoder_steps: int = option(300, "Training steps of the learning-based inversion decoder.")
+    privacy_opt_steps: int = option(150, "Steps of the optimization-based inversion.")
+
     def validate(self) -> None:
         """Reject settings that cannot work."""
         for name in ("eval_examples", "batch_size", "overhead_steps", "wire_rounds", "wire_local_steps", "clients",

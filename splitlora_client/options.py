@@ -7,6 +7,7 @@ from pathlib import Path
 
 from common.config.engine import ConfigError, option
 from common.config.sections import ModelOptions, TransportOptions
+from common.defenses import DefenseSettings
 from common.plan import pinnable, unpinned_copy
 from common.split.quantize import QUANTIZATIONS, QuantizationError, check_quantization
 from common.threads import ThreadOptions
@@ -65,17 +66,29 @@ class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions, Th
     eval_every: int = option(1, "With --eval-data: evaluate after every this many rounds (and after the last).")
     progress: bool = option(True, "Show a progress bar.")
     tensorboard: bool = option(False, "Also write TensorBoard scalars to OUTPUT/tensorboard (needs tensorboardX).")
+    defense_clip: float = option(0.0, "Activation defense: clip each token's cut activation to this L2 norm before "
+                                      "sending (0: off). See docs/privacy.md.")
+    defense_noise: float = option(0.0, "Activation defense: add Gaussian noise of std NOISE x CLIP to each clipped "
+                                       "activation (needs --defense-clip; 0: off).")
+    defense_nopeek: float = option(0.0, "NoPeek: weight of the distance-correlation loss between the input "
+                                        "embeddings and the sent activations (0: off).")
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
         choice = parse_split_choice(self.split_layer)
-        checked = unpinned_copy(self)
-        checked.split_layer = choice if isinstance(choice, int) else ModelOptions.split_layer
-        checked.validate_model()
+        unpinned = unpinned_copy(self)
+        unpinned.split_layer = choice if isinstance(choice, int) else ModelOptions.split_layer
+        if self.split_mode is None and self.top_blocks:  # J pinned alone: the mode is the plan's, checked there
+            unpinned.split_mode = "u-shape"
+        unpinned.validate_model()
         if self.max_memory:
             parse_memory(self.max_memory)
         if choice == AUTO and not self.max_memory:
             raise ConfigError("--split-layer auto needs --max-memory (this client's memory budget, e.g. 2GiB)")
+        try:
+            self.defense_settings().check()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.validate_transport()
         self.validate_tls()
         self.validate_threads()
@@ -106,6 +119,10 @@ class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions, Th
             raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
         if self.tensorboard and not tensorboard_available():
             raise ConfigError(TENSORBOARD_HINT)
+
+    def defense_settings(self) -> DefenseSettings:
+        """The activation defenses this client applies before sending."""
+        return DefenseSettings(self.defense_clip, self.defense_noise, self.defense_nopeek)
 
     @property
     def output_dir(self) -> Path:

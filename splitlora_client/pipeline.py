@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from common.defenses import ActivationDefense
 from common.loss import target_tokens
 from common.split.router import RouterRecorder, RouterStats, backward_through_cut, router_aux
 from splitlora_client.prefetch import Prepared, StepPreparer
@@ -32,12 +33,17 @@ def micro_rows(rows: int, count: int) -> list[slice]:
 
 
 def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared, rnd: int, count: int,
-                   while_waiting: Callable[[], None] | None = None, part: Any = None) -> StepResult:
+                   while_waiting: Callable[[], None] | None = None, part: Any = None,
+                   defense: ActivationDefense | None = None) -> StepResult:
     """Run a prepared step through the server as `count` micro-batches and backpropagate every gradient into the
     client part (the caller takes the optimizer step); return the step's loss, tokens and bytes. `part`: the
-    client part, whose router statistics travel with the step when its model has a router auxiliary loss."""
+    client part, whose router statistics travel with the step when its model has a router auxiliary loss.
+    `defense`: the activation defenses applied to each micro-batch before it is sent (docs/privacy.md)."""
+    defense = defense or ActivationDefense()
     step, batch = prepared.step, prepared.batch
     with_router = part is not None and router_aux(part.family, part.config) is not None
+    if with_router and defense.settings.nopeek:
+        raise ValueError("--defense-nopeek is not supported with a mixture-of-experts router auxiliary loss")
     slices = micro_rows(int(batch["input_ids"].shape[0]), 1 if with_router else count)
     step_tokens = target_tokens(batch["labels"]) if len(slices) > 1 else 0
     phases = dict.fromkeys(("forward", "send", "wait", "backward"), 0.0)
@@ -60,6 +66,7 @@ def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared
         else:
             hidden = prep.forward(prepared, rows)
             routers.append(None)
+        hidden = defense.apply(hidden, batch["attention_mask"][rows])  # before anything is sent
         lap("forward")
         sent += session.send(step, rnd, hidden.detach(), batch["attention_mask"][rows], batch["labels"][rows],
                              batch["position_ids"][rows], routers[i], micro=i, micro_count=len(slices),
@@ -73,7 +80,10 @@ def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared
     for i, hidden in enumerate(cuts):
         result = session.receive(step, micro=i)
         lap("wait")  # the wire, the server's work and decoding the answer, as far as not overlapped
-        backward_through_cut(hidden, result.grad, routers[i], result.router_grad)
+        if defense.settings.nopeek:  # with NoPeek's loss term on this micro-batch's rows
+            defense.backward(part or prep.part, {k: v[slices[i]] for k, v in batch.items()}, hidden, result.grad)
+        else:
+            backward_through_cut(hidden, result.grad, routers[i], result.router_grad)
         lap("backward")
         cuts[i] = routers[i] = None  # its graph is freed
         loss, tokens, received = loss + result.loss, tokens + result.tokens, received + result.bytes_received

@@ -65,7 +65,8 @@ def _choose(cfg: TrainConfig, choice: int | str | None, schedule: spb.Schedule) 
     model_dir, lora = cfg.model_dir(), cfg.lora_settings()
 
     def estimate(layer: int) -> MemoryEstimate:
-        return estimate_memory(model_dir, layer, lora, cfg.dtype, schedule.batch_size, schedule.max_seq_len)
+        return estimate_memory(model_dir, layer, lora, cfg.dtype, schedule.batch_size, schedule.max_seq_len,
+                               cfg.top_blocks if cfg.u_shape else None)
 
     k, found = choose_split_layer(choice, int(cfg.split_layer), cfg.split_bounds(), budget, estimate)
     if found is not None:

@@ -104,23 +104,34 @@ class SplitSession:
         """Send one step's activations; return the gradient at the cut and the loss."""
         return self.receive(step, self.send(step, rnd, hidden, attention_mask, labels, position_ids, router))
 
-    def send(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-             position_ids: torch.Tensor, router: RouterStats | None = None, micro: int = 0, micro_count: int = 1,
-             step_tokens: int = 0) -> int:
-        """Queue one step's frame (in pieces if large) without waiting; return the bytes it takes. `router`: the
-        client layers' router statistics, for a mixture-of-experts model with the auxiliary loss on. A pipelined
-        step is sent as `micro_count` frames, micro-batch `micro` of a step with `step_tokens` target tokens."""
+    def send(self, step: int, rnd: int, hidden: torch.Tensor, attention_mask: torch.Tensor,
+             labels: torch.Tensor | None, position_ids: torch.Tensor, router: RouterStats | None = None,
+             micro: int = 0, micro_count: int = 1, step_tokens: int = 0) -> int:
+        """Queue one step's frame (in pieces if large) without waiting; return the bytes it takes. `labels` None:
+        u-shape mode, the frame carries none. `router`: the client layers' router statistics, for a
+        mixture-of-experts model with the auxiliary loss on. A pipelined step is sent as `micro_count` frames,
+        micro-batch `micro` of a step with `step_tokens` target tokens."""
         if self.reply is None:
             raise RuntimeError("join before training")
-        if self._call is None:
-            self._open()
         codec = self.reply.codec
         # the integer tensors in their smallest exact types (the server widens them): 9 bytes a token, not 24
-        frame = spb.ClientFrame(forward=spb.StepForward(
+        forward = spb.StepForward(
             step=step, round=rnd, hidden=encode_tensor(hidden, codec),
-            attention_mask=encode_tensor(attention_mask.to(torch.uint8)), labels=encode_tensor(labels.to(torch.int32)),
+            attention_mask=encode_tensor(attention_mask.to(torch.uint8)),
             position_ids=encode_tensor(position_ids.to(torch.int32)), micro=micro, micro_count=micro_count,
-            step_tokens=step_tokens, router=None if router is None else encode_stats(router)))
+            step_tokens=step_tokens, router=None if router is None else encode_stats(router))
+        if labels is not None:
+            forward.labels.CopyFrom(encode_tensor(labels.to(torch.int32)))
+        return self._put(spb.ClientFrame(forward=forward))
+
+    def send_top_grad(self, step: int, grad: torch.Tensor, micro: int = 0) -> int:
+        """U-shape mode: queue a step's (micro-batch's) gradient at the top cut; return the bytes it takes."""
+        grad_msg = encode_tensor(grad, self.reply.codec)
+        return self._put(spb.ClientFrame(top_grad=spb.StepTopGrad(step=step, grad=grad_msg, micro=micro)))
+
+    def _put(self, frame: spb.ClientFrame) -> int:
+        if self._call is None:
+            self._open()
         sent = 0
         for piece in serialized(frame, spb.ClientFrame, self.reply.chunk_bytes or (4 << 20)):
             sent += len(piece)
@@ -129,13 +140,25 @@ class SplitSession:
 
     def receive(self, step: int, sent: int = 0, micro: int = 0) -> StepResult:
         """Wait for the server's answer to `step` (micro-batch `micro` of it), sent with `send`."""
+        back, received = self._read(step, "backward", micro)
+        grad = decode_tensor(back.grad, name="grad")
+        router_grad, aux = decode_backward(back.router) if back.HasField("router") else (None, 0.0)
+        return StepResult(grad, back.loss, back.tokens, sent, received, router_grad, aux)
+
+    def receive_top(self, step: int, micro: int = 0) -> tuple[torch.Tensor, int]:
+        """U-shape mode: wait for the server blocks' output at the top cut of `step` (micro-batch `micro`);
+        return it and its bytes."""
+        top, received = self._read(step, "top", micro)
+        return decode_tensor(top.hidden, name="top hidden"), received
+
+    def _read(self, step: int, kind: str, micro: int):
         try:
-            return self._receive(step, sent, micro)
+            return self._receive(step, kind, micro)
         except grpc.RpcError as err:
             raise_if_too_large(err, "split server", "splitlora-server serve")
             raise
 
-    def _receive(self, step: int, sent: int, micro: int) -> StepResult:
+    def _receive(self, step: int, kind: str, micro: int):
         parts, received = Reassembler(max_bytes=1 << 34), 0
         for raw in self._responses:
             received += len(raw)
@@ -145,13 +168,13 @@ class SplitSession:
                 if data is None:
                     continue
                 out = spb.ServerFrame.FromString(data)
-            back = out.backward
-            if (back.step, back.micro) != (step, micro):
-                raise RuntimeError(f"server answered step {back.step} micro-batch {back.micro} while step {step} "
+            if out.WhichOneof("kind") != kind:
+                raise RuntimeError(f"server answered {out.WhichOneof('kind')} while {kind} of step {step} was awaited")
+            msg = getattr(out, kind)
+            if (msg.step, msg.micro) != (step, micro):
+                raise RuntimeError(f"server answered step {msg.step} micro-batch {msg.micro} while step {step} "
                                    f"micro-batch {micro} was awaited")
-            grad = decode_tensor(back.grad, name="grad")
-            router_grad, aux = decode_backward(back.router) if back.HasField("router") else (None, 0.0)
-            return StepResult(grad, back.loss, back.tokens, sent, received, router_grad, aux)
+            return msg, received
         raise ConnectionError("the server closed the training stream")
 
     def close(self) -> None:

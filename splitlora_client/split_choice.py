@@ -5,8 +5,9 @@ server's `--split-range`), or `--split-layer auto`: the largest K in the range w
 The estimate counts what the client holds while it trains at the plan's batch size and sequence length: the
 frozen base (embeddings and blocks [0, K)) in its dtype; the LoRA weights, their gradients and AdamW's two moments
 (float32); and the float32 activations the backward pass keeps per block: about 6 x hidden + 2 x the MLP width
-values per token, and two attention maps (heads x seq x seq) per sequence. It is an estimate (allocator overhead,
-the Python process and the tokenizer are not in it): leave room.
+values per token, and two attention maps (heads x seq x seq) per sequence; in u-shape mode also the top blocks,
+the final norm and the head, and the logits with their gradient. It is an estimate (allocator overhead, the Python
+process and the tokenizer are not in it): leave room.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from common.config.engine import ConfigError
 from common.split import family_for
 from common.split.loading import DTYPES, load_config, skeleton
 from common.split.lora_settings import LoraSettings
-from common.split.segment import Segment
+from common.split.segment import Segment, u_shape_segments
 
 AUTO = "auto"
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
@@ -74,19 +75,27 @@ class MemoryEstimate:
 
 
 def estimate_memory(model_dir: str | Path, split_layer: int, lora: LoraSettings, dtype: str, batch: int,
-                    seq_len: int) -> MemoryEstimate:
-    """The estimate for the client part of `split_layer` (nothing is loaded: the model is built on meta)."""
+                    seq_len: int, top_blocks: int | None = None) -> MemoryEstimate:
+    """The estimate for the client part of `split_layer` (nothing is loaded: the model is built on meta); with
+    `top_blocks` J (u-shape), the client's top part too: blocks [L-J, L), the final norm, the head and its
+    logits."""
     config = load_config(model_dir)
     family = family_for(config.model_type)
-    base = skeleton(config, family, Segment(0, split_layer, embeds=True))
-    base_bytes = sum(p.numel() for p in base.parameters()) * DTYPES[dtype].itemsize
-    lora_values = sum(math.prod(shape) for shape in adapter_layout(model_dir, "client", split_layer, lora).values())
+    segments = [Segment(0, split_layer, embeds=True)]
+    if top_blocks is not None:
+        segments.append(u_shape_segments(split_layer, top_blocks, family.num_layers(config))[2])
+    params = sum(p.numel() for s in segments for p in skeleton(config, family, s).parameters())
+    base_bytes = params * DTYPES[dtype].itemsize
+    layout = adapter_layout(model_dir, "client", split_layer, lora, top_blocks)
+    lora_values = sum(math.prod(shape) for shape in layout.values())
     hidden = int(config.hidden_size)
     width = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
     heads = int(getattr(config, "num_attention_heads", 1))
     tokens = batch * seq_len
     per_block = 4 * (tokens * (6 * hidden + 2 * width) + 2 * batch * heads * seq_len * seq_len)
     activations = 4 * tokens * hidden + split_layer * per_block
+    if top_blocks is not None:  # the top blocks, and the logits with their gradient
+        activations += top_blocks * per_block + 2 * 4 * tokens * int(config.vocab_size)
     return MemoryEstimate(split_layer, base_bytes, 2 * 4 * lora_values, 2 * 4 * lora_values, activations)
 
 

@@ -17,7 +17,8 @@ from peft import PeftModel
 
 from common.atomic import Tensors
 from common.data import BatchStream
-from common.lora import AdapterError, adapter_state, load_adapter_state
+from common.lora import AdapterError, adapter_state
+from common.split.ushape import load_client_adapter
 from common.residuals import ResidualFolder, split_residuals
 from common.state.optimizer import load_optimizer_state, load_scheduler_state, optimizer_state, scheduler_state
 from common.state.snapshots import CheckpointDir, check_same_run
@@ -43,10 +44,11 @@ class ClientState:
     sched: torch.optim.lr_scheduler.LRScheduler
     batches: BatchStream
     folder: ResidualFolder  # fedex: the global residuals folded into the frozen base weights
+    top: PeftModel | None = None  # u-shape mode: the top part (blocks [L-J, L) and the head); one adapter with it
 
     def capture(self, samples: int = 0) -> Snapshot:
         """Copy the state; `samples`: examples trained on in the round just done (the submission's weight)."""
-        adapter = adapter_state(self.peft)
+        adapter = self.local_adapter()
         optim_tensors, optim_meta = optimizer_state(self.opt, "optim")
         return Snapshot({**{f"adapter.{k}": v for k, v in adapter.items()}, **optim_tensors},
                         {"adapter_keys": sorted(adapter), "optim": optim_meta, "sched": scheduler_state(self.sched),
@@ -54,22 +56,27 @@ class ClientState:
 
     def restore(self, snap: Snapshot) -> None:
         """Put a captured state back, exactly."""
-        load_adapter_state(self.peft, {k: snap.tensors[f"adapter.{k}"] for k in snap.meta["adapter_keys"]})
+        self.load_adapter({k: snap.tensors[f"adapter.{k}"] for k in snap.meta["adapter_keys"]})
         load_optimizer_state(self.opt, snap.tensors, snap.meta["optim"], "optim")
         load_scheduler_state(self.sched, snap.meta["sched"])
         self.batches.load_state_dict(snap.meta["data"])
 
     def local_adapter(self) -> dict[str, torch.Tensor]:
-        return adapter_state(self.peft)
+        """The client's adapter: its bottom part's, and in u-shape mode its top part's too (disjoint keys)."""
+        return {**adapter_state(self.peft), **(adapter_state(self.top) if self.top is not None else {})}
+
+    def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a whole client adapter (as `local_adapter` returns it) into the part(s), checked per part."""
+        load_client_adapter(self.peft, self.top, state)
 
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
         """Load a round's global adapter, folding its residuals (fedex) into the base weights; other tensors a
         strategy keeps in the global state are the aggregator's business."""
-        layout = adapter_state(self.peft)
+        layout = self.local_adapter()
         missing = sorted(set(layout) - set(state))
         if missing:
             raise AdapterError(f"the global adapter lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        load_adapter_state(self.peft, {k: state[k] for k in layout})
+        self.load_adapter({k: state[k] for k in layout})
         self.folder.fold(split_residuals(state)[1])
 
 

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -17,14 +17,16 @@ from common.data import BatchStream, encode, load_examples
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
 from common.logs import ContextLogger
-from common.lora import adapter_state, write_adapter_file
+from common.lora import write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
 from common.plan import options_json
 from common.provenance import provenance
 from common.residuals import ResidualFolder
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
+from common.defenses import ActivationDefense
 from common.split.parts import SplitPart
 from common.split.quantize import quantize_frozen, weight_bytes
+from common.split.ushape import u_shape_parts
 from common.threads import apply_threads
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
@@ -40,6 +42,7 @@ from splitlora_client.resume import RoundSync
 from splitlora_client.retry import Backoff, Reconnect, channel_options
 from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
+from splitlora_client.ushape import TopHead, u_step
 from splitlora_client.state import ClientCheckpoints, ClientState
 
 
@@ -90,6 +93,8 @@ class _Loop:
     metrics: MetricsLog
     bar: tqdm
     validator: RoundValidator | None = None  # --eval-data
+    top: TopHead | None = None  # u-shape mode: the client's top part (the loss is computed here)
+    defense: ActivationDefense = ActivationDefense()
 
     def local_steps(self, rnd: int) -> int:
         """Train the local steps of round `rnd` through the server; return the samples they used."""
@@ -104,8 +109,13 @@ class _Loop:
             prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
                 if cfg.overlap and local + 1 < sched.local_steps else None
             self.opt.zero_grad(set_to_none=True)  # nothing left from a step a lost connection cut short
-            result = self.rounds.step(step, lambda session: pipelined_step(
-                session, prep, prepared, rnd, session.reply.micro_batches or 1, prepare_next, part=self.part))
+            if self.top is None:
+                result = self.rounds.step(step, lambda session: pipelined_step(
+                    session, prep, prepared, rnd, session.reply.micro_batches or 1, prepare_next, part=self.part,
+                    defense=self.defense))
+            else:
+                result = self.rounds.step(step, lambda session: u_step(
+                    session, prep, prepared, rnd, self.top, self.defense, prepare_next))
             fault_point("client", "step", step)
             updating = time.perf_counter()
             optimizer_step(params, self.opt, self.lr_sched, self.optim.max_grad_norm)
@@ -154,6 +164,18 @@ class _Loop:
                 self.metrics.write(event="rejoin", client=cfg.client_id, round=rnd, reason=str(why))
 
 
+def client_parts(cfg: TrainConfig, model_dir: Path, lora, seed: int) -> tuple[SplitPart, SplitPart | None]:
+    """The client's bottom part (embeddings, blocks [0, K)) and, in u-shape mode, its top part (blocks [L-J, L),
+    final norm, head), not yet in training mode."""
+    low, high = cfg.split_bounds()  # per-client split points: LoRA drawn per module, as on the server
+    each = {"lora_seed": seed, "per_module_init": high > low}
+    if not cfg.u_shape:
+        return SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, **each), None
+    bottom, _, top = u_shape_parts(model_dir, cfg.split_layer, cfg.top_blocks)
+    return (SplitPart(model_dir, bottom, None, lora, cfg.dtype, **each),
+            SplitPart(model_dir, top, None, lora, cfg.dtype, **each))
+
+
 def _join(cfg: TrainConfig, session: SplitSession, channel: Any, options: list, fingerprint: Any,
           log: ContextLogger) -> tuple[Any, tuple, agrpc.AggregatorStub, bool]:
     """Join the server on `session`; return the Join reply, the join arguments (for rejoining), the aggregator's
@@ -170,7 +192,8 @@ def _join(cfg: TrainConfig, session: SplitSession, channel: Any, options: list, 
     return reply, (fingerprint, codecs), agrpc.AggregatorStub(agg_channel), agg_channel is channel
 
 
-def _validator(cfg: TrainConfig, part: SplitPart, tokenizer, sched, fingerprint) -> RoundValidator | None:
+def _validator(cfg: TrainConfig, part: SplitPart, tokenizer, sched, fingerprint,
+               top: SplitPart | None = None) -> RoundValidator | None:
     """The --eval-data validator of this run (on a channel of its own), or None without held-out data."""
     if not cfg.eval_data:
         return None
@@ -178,45 +201,50 @@ def _validator(cfg: TrainConfig, part: SplitPart, tokenizer, sched, fingerprint)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     channel = open_channel(cfg.server, cfg, cfg.grpc_options())
     return RoundValidator(part, channel, cfg.client_id, encoded, sched.batch_size, pad_id, fingerprint,
-                          cfg.eval_every, sched.rounds)
+                          cfg.eval_every, sched.rounds, top)
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
     """Run every round of split training for this client; return the path of its client adapter (the whole-model
     adapter, when the server hands out its part, is in `--output/adapter/`).
 
     Losing the server (or the aggregator) is not an error: the client backs off, joins again and resumes from
-    its checkpoint of the round the server restarts it at; a restarted client does the same from its --output."""
+    its checkpoint of the round the server restarts it at; a restarted client does the same from its --output.
+    `observe(channel)` may wrap the server channel (e.g. `grpc.intercept_channel`: the privacy benchmark records
+    what the server receives)."""
+    log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
     log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
     apply_threads(f"client {cfg.client_id}", cfg.torch_threads)
     local = load_local(cfg)  # before any contact: a client that fails on its own files takes no slot
     options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
     channel = open_channel(cfg.server, cfg, options)
+    channel = observe(channel) if observe is not None else channel
     session = SplitSession(channel, cfg.client_id, cfg.max_message_bytes, cfg.micro_batches, address=cfg.server)
-    plan = take_plan(cfg, session)  # the split layer and LoRA options from the server, unless pinned here
+    plan = take_plan(cfg, session)  # the split layer, split mode and LoRA options from the server, unless pinned
     model_dir, lora, tokenizer = local.model_dir, cfg.lora_settings(), local.tokenizer
-    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
-    low, high = cfg.split_bounds()  # per-client split points: LoRA drawn per module, as on the server
-    part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=plan.schedule.seed,
-                     per_module_init=high > low)
+    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora, cfg.u_shape, cfg.top_blocks)
+    part, top_part = client_parts(cfg, model_dir, lora, plan.schedule.seed)
     plan.load_initial_adapter(part)
     reply, join_args, aggregator, shared_channel = _join(cfg, session, channel, options, fingerprint, log)
     sched = reply.schedule
-    if cfg.client_quantization != "none":
-        count = quantize_frozen(part, cfg.client_quantization)
-        log.info("frozen base in %s: %d weights quantized, %.1f MB held", cfg.client_quantization, count,
-                 weight_bytes(part) / 1e6)
-    part.train()
+    for held in [part] + ([top_part] if top_part is not None else []):
+        if cfg.client_quantization != "none":
+            count = quantize_frozen(held, cfg.client_quantization)
+            log.info("frozen base in %s: %d weights quantized, %.1f MB held", cfg.client_quantization, count,
+                     weight_bytes(held) / 1e6)
+        held.train()
     if reply.aggregation and freezes_lora_a(reply.aggregation):  # ffa: only B trains, A stays as initialised
-        for name, param in part.peft.named_parameters():
+        for name, param in [*part.named_parameters(), *(top_part.named_parameters() if top_part is not None else [])]:
             if "lora_A" in name:
                 param.requires_grad_(False)
     batches = BatchStream(local.encoded(sched.max_seq_len), sched.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
     optim = OptimSettings(sched.learning_rate, sched.weight_decay, sched.warmup_steps,
                           sched.rounds * sched.local_steps, sched.max_grad_norm)
-    params = [p for p in part.parameters() if p.requires_grad]
+    top = TopHead(top_part, sched.label_smoothing) if top_part is not None else None
+    params = [p for p in part.parameters() if p.requires_grad] + (top.params if top is not None else [])
     opt, lr_sched = build_optimizer(params, optim)
-    state = ClientState(part.peft, opt, lr_sched, batches, ResidualFolder(part.peft))
+    state = ClientState(part.peft, opt, lr_sched, batches, ResidualFolder(part.peft),
+                        top_part.peft if top_part is not None else None)
     out_dir = cfg.output_dir
     checkpoints = ClientCheckpoints(out_dir / "checkpoints", run_identity(cfg, sched, join_args[0]), state.capture())
     backoff = Backoff(cap=cfg.reconnect_backoff_max, budget=cfg.reconnect_timeout)
@@ -227,7 +255,8 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=sched.rounds * sched.local_steps, disable=not cfg.progress, desc=cfg.client_id,
                unit="step", dynamic_ncols=True)
     loop = _Loop(cfg, sched, part, params, optim, opt, lr_sched, StepPreparer(part, batches, cfg.seed, cfg.client_id),
-                 rounds, metrics, bar, _validator(cfg, part, tokenizer, sched, join_args[0]))
+                 rounds, metrics, bar, _validator(cfg, part, tokenizer, sched, join_args[0], top_part), top,
+                 ActivationDefense(cfg.defense_settings()))
     try:
         with logging_redirect_tqdm():  # log lines go above the progress bar instead of through it
             loop.run(reply.start_round)
@@ -237,7 +266,7 @@ def train(cfg: TrainConfig) -> Path:
         session.close()
     path = out_dir / CLIENT_ADAPTER_FILE
     made = provenance("client", fingerprint, options_json(cfg), str(model_dir))
-    client_state = {**adapter_state(part.peft), **state.folder.residuals}  # fedex: residuals too
+    client_state = {**state.local_adapter(), **state.folder.residuals}  # fedex: residuals too
     write_adapter_file(path, client_state, made.to_metadata())
     log.info("client adapter written to %s", path)
     receive_whole_adapter(session, plan.message, part, client_state, out_dir / "adapter", made, cfg.round_timeout)

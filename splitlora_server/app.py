@@ -27,6 +27,7 @@ from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.lora_settings import whole_model_lora_config
 from common.split.parts import SplitPart
 from common.split.router import router_aux
+from common.split.ushape import u_shape_parts
 from common.threads import apply_threads
 from common.tls import add_port
 from splitlora_server.admission import RPC_THREADS, Admission, AdmissionInterceptor, AdmissionOptions
@@ -44,6 +45,7 @@ from splitlora_server.registry import Registry
 from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator, RoundListener
 from splitlora_server.service import SplitTrainingService, add_to_server
 from splitlora_server.split_range import SplitRange, build_split_range
+from splitlora_server.ushape import TopCut
 
 log = logging.getLogger("splitlora.server")
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
@@ -224,9 +226,13 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     stop = stop if stop is not None else threading.Event()
     apply_threads("server", cfg.torch_threads, cfg.device, cfg.max_workers)
     model_dir, lora = cfg.model_dir(), cfg.lora_settings()
-    low, high = cfg.split_bounds()  # per-client split points: the server holds blocks [K_min, L)
-    part = SplitPart(model_dir, "server", low, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
+    low, high = cfg.split_bounds()  # per-client split points: the server holds blocks [K_min, L) (u-shape: L-J)
+    segment = u_shape_parts(model_dir, low, cfg.top_blocks)[1] if cfg.u_shape else "server"
+    part = SplitPart(model_dir, segment, low, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
                      gradient_checkpointing=cfg.gradient_checkpointing, per_module_init=high > low)
+    if cfg.u_shape and router_aux(part.family, part.config) is not None:
+        raise ValueError("--split-mode u-shape does not support a mixture-of-experts router auxiliary loss "
+                         "(output_router_logits in the model config): turn it off or use --split-mode standard")
     ranges = build_split_range(cfg, model_dir, part.family.layers_path, part.num_layers)
     fingerprint = ranges.default
     planned = options_json(cfg)
@@ -248,6 +254,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                                    aggregation=cfg.aggregation, micro_batches=cfg.micro_batches,
                                    status_extras=generation.status_fields,
                                    plan=_plan(cfg, planned, schedule, part, initial),
+                                   top=TopCut(cfg.top_blocks) if cfg.u_shape else None,
                                    fingerprints=ranges.fingerprints)
     server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
     add_to_server(service, server)
@@ -333,7 +340,8 @@ def aggregate(cfg: AggregateConfig) -> int:
     cfg.validate_tls()
     auth = build_authenticator(cfg.tokens_file, cfg.require_client_cert, "the aggregator")
     server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
-    layout = adapter_layout(cfg.model_dir(), "client", cfg.split_layer, cfg.lora_settings())
+    layout = adapter_layout(cfg.model_dir(), "client", cfg.split_layer, cfg.lora_settings(),
+                            cfg.top_blocks if cfg.u_shape else None)
     aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output), max_adapter_bytes=cfg.max_adapter_bytes,
                                    chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
                                    quorum=cfg.quorum(cfg.clients), layout=layout)

@@ -52,20 +52,28 @@ def _int_tensor(msg, name: str, shape: tuple[int, int], limits: FrameLimits) -> 
     return t.to(torch.int64)
 
 
-def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None = None, client_id: str = "") -> Step:
-    """Decode a StepForward of `client_id` (hidden in `codec`, the one negotiated at Join, when given) into the
-    engine's step; raise WireError naming the first problem found."""
-    if not frame.hidden.ByteSize():
-        raise WireError("hidden is missing")
-    hidden = decode_tensor(frame.hidden, name="hidden",
-                           max_elements=limits.max_batch * limits.max_seq_len * limits.hidden_size, float32=True)
-    if not hidden.is_floating_point():
-        raise WireError(f"hidden must be a float tensor, got {hidden.dtype}")
-    if codec is not None and (frame.hidden.codec or tpb.CODEC_RAW) != (codec or tpb.CODEC_RAW):
-        raise WireError(f"hidden is encoded as {codec_name(frame.hidden.codec)}, but {codec_name(codec)} was "
+def decode_activations(msg: tpb.Tensor, name: str, limits: FrameLimits, codec: int | None) -> torch.Tensor:
+    """A (batch, seq, hidden) float tensor of a frame, in the codec negotiated at Join (when given)."""
+    if not msg.ByteSize():
+        raise WireError(f"{name} is missing")
+    t = decode_tensor(msg, name=name, max_elements=limits.max_batch * limits.max_seq_len * limits.hidden_size,
+                      float32=True)
+    if not t.is_floating_point():
+        raise WireError(f"{name} must be a float tensor, got {t.dtype}")
+    if codec is not None and (msg.codec or tpb.CODEC_RAW) != (codec or tpb.CODEC_RAW):
+        raise WireError(f"{name} is encoded as {codec_name(msg.codec)}, but {codec_name(codec)} was "
                         "negotiated at Join")
-    if hidden.dim() != 3 or hidden.shape[-1] != limits.hidden_size:
-        raise WireError(f"hidden has shape {list(hidden.shape)}, expected (batch, seq, {limits.hidden_size})")
+    if t.dim() != 3 or t.shape[-1] != limits.hidden_size:
+        raise WireError(f"{name} has shape {list(t.shape)}, expected (batch, seq, {limits.hidden_size})")
+    return t
+
+
+def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None = None, client_id: str = "",
+                u_shape: bool = False) -> Step:
+    """Decode a StepForward of `client_id` (hidden in `codec`, the one negotiated at Join, when given) into the
+    engine's step; raise WireError naming the first problem found. In `u_shape` mode a frame carrying labels is
+    refused (labels stay on the client); in standard mode they are required."""
+    hidden = decode_activations(frame.hidden, "hidden", limits, codec)
     batch, seq = int(hidden.shape[0]), int(hidden.shape[1])
     if not 1 <= batch <= limits.max_batch:
         raise WireError(f"batch size {batch} is outside [1, {limits.max_batch}] (the server's --batch-size)")
@@ -79,6 +87,18 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     positions = _int_tensor(frame.position_ids, "position_ids", (batch, seq), limits)
     if positions.min() < 0 or positions.max() >= limits.max_positions:
         raise WireError(f"position_ids must be in [0, {limits.max_positions})")
+    if u_shape:
+        if frame.HasField("labels"):
+            raise WireError("labels are refused in u-shape mode: the labels, logits and loss stay on the client "
+                            "(a standard-mode client? the server runs --split-mode u-shape)")
+        if max(frame.micro_count, 1) > 1 or frame.micro:
+            raise WireError("a u-shape step is sent whole (micro_count 1): pipelined u-shape steps are not supported")
+        if frame.HasField("router"):
+            raise WireError("router statistics are refused in u-shape mode (the router's auxiliary loss is not "
+                            "supported there)")
+        return Step(client_id, frame.step, hidden, mask, positions, None)
+    if not frame.HasField("labels"):
+        raise WireError("labels is missing (a u-shape client? the server runs --split-mode standard)")
     labels = _int_tensor(frame.labels, "labels", (batch, seq), limits)
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= limits.vocab_size))
     if bad.any():

@@ -167,6 +167,12 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         if not 1 <= self.micro_batches <= self.batch_size:
             raise ConfigError(f"micro_batches must be between 1 and batch_size ({self.batch_size}), "
                               f"got {self.micro_batches}")
+        if self.u_shape and self.micro_batches > 1:
+            raise ConfigError("--split-mode u-shape and --micro-batches > 1 cannot be combined: u-shape steps are "
+                              "sent whole (docs/privacy.md)")
+        if self.u_shape and self.init_adapter:
+            raise ConfigError("--init-adapter is not supported with --split-mode u-shape yet (the client's top "
+                              "blocks and head would need their share of it)")
         for name in ("clients", "rounds", "local_steps", "batch_size", "max_seq_len", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -202,8 +208,8 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
 
 
 @dataclass
-class AggregateConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions, AggregationOptions,
-                      RoundOptions, AdmissionOptions):
+class AggregateConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
+                      AggregationOptions, RoundOptions, AdmissionOptions):
     """`splitlora-server aggregate`: the aggregator alone, for deployments where the split server must not
     see client adapters. Give it the model, split and LoRA flags of the run: the adapters it accepts must have
     the layout they define."""

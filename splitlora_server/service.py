@@ -20,12 +20,14 @@ from common.rpc.splitlora.v1 import tensor_pb2 as tpb
 from common.wire import Reassembler, WireError, codec_from_name, codec_name, encode_tensor, serialized
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.engine.core import ServerEngine
+from splitlora_server.engine.jobs import Step
 from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits, decode_step, max_frame_bytes
 from splitlora_server.handout import PRIVATE, FinalAdapter
 from splitlora_server.pipelining import MicroProgress
 from splitlora_server.registry import ClientRecord, Registry, invalid_client_id
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
+from splitlora_server.ushape import USHAPE_PIPELINING, TopCut
 
 log = logging.getLogger(__name__)
 CLIENT_ID_KEY = "x-splitlora-client-id"
@@ -43,7 +45,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
                  on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg",
                  status_extras: Callable[[], dict[str, Any]] | None = None, micro_batches: int = 1,
-                 plan: spb.Plan | None = None, fingerprints: dict[int, spb.Fingerprint] | None = None) -> None:
+                 plan: spb.Plan | None = None, top: TopCut | None = None,
+                 fingerprints: dict[int, spb.Fingerprint] | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
         # the fingerprint a client of each allowed split layer sends (per-client split points; else just one)
         self.fingerprints = fingerprints or {fingerprint.split_layer: fingerprint}
@@ -58,6 +61,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self.codecs = [codec_from_name(c) for c in codecs]
         self.aggregator_address = aggregator_address
         self.max_message_bytes, self.chunk_bytes = max_message_bytes, chunk_bytes
+        self.top = top  # u-shape mode: steps awaiting their top-cut gradient (None: standard mode)
         self.stopping = threading.Event()  # set on shutdown: calls are refused with UNAVAILABLE (retry)
         self._replies = 0
 
@@ -79,6 +83,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if chunk is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
         split_layer = self._check_fingerprint(request.fingerprint, context)
+        if request.micro_batches > 1 and self.top is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, USHAPE_PIPELINING)
         try:
             record = self.registry.join(request.client_id)
         except Refused as refused:
@@ -93,6 +99,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         record.split_layer = split_layer
         with record.step_lock:  # after any step of its old stream still in flight
+            if self.top is not None:
+                self.top.drop(record.client_id)  # a u-shape step of its old stream is abandoned (it changed nothing)
             record.micro_batches, record.micro = micro, MicroProgress()
             start, partial = self.registry.resume(record)
             if partial:
@@ -161,9 +169,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 frame = self._parse(record, raw, parts, context)
                 if frame is None:
                     continue
-                reply = self._step(record, frame.forward, context, step_bytes)
+                reply = self._step(record, frame, context, step_bytes)
                 step_bytes = 0
-                for out in serialized(spb.ServerFrame(backward=reply), spb.ServerFrame, record.chunk_bytes):
+                for out in serialized(reply, spb.ServerFrame, record.chunk_bytes):
                     record.bytes_out += len(out)
                     yield out
                 self._replies += 1
@@ -195,20 +203,45 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 frame = spb.ClientFrame.FromString(data)
             except (WireError, DecodeError) as err:
                 self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"bad frame part: {err}")
-            if frame.WhichOneof("kind") != "forward":
+            if frame.WhichOneof("kind") not in ("forward", "top_grad"):
                 self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
-                           "a reassembled frame must hold a StepForward")
-        elif kind != "forward":
-            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, "empty frame: set forward or part")
+                           "a reassembled frame must hold a StepForward or a StepTopGrad")
+        elif kind not in ("forward", "top_grad"):
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                       "empty frame: set forward, top_grad or part")
         return frame
 
-    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
-              ) -> spb.StepBackward:
+    def _step(self, record: ClientRecord, frame: spb.ClientFrame, context: grpc.ServicerContext, nbytes: int
+              ) -> spb.ServerFrame:
         with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
-            return self._step_locked(record, fwd, context, nbytes)
+            if frame.WhichOneof("kind") == "top_grad":
+                return spb.ServerFrame(backward=self._top_grad_locked(record, frame.top_grad, context, nbytes))
+            return self._step_locked(record, frame.forward, context, nbytes)
+
+    def _refuse(self, context: grpc.ServicerContext, record: ClientRecord, refused: Refused) -> None:
+        if self.top is not None:
+            self.top.drop(record.client_id)  # a refused u-shape step is forgotten: the probe changed nothing
+        self._fail(context, record, refused.code, refused.message)
+
+    def _top_grad_locked(self, record: ClientRecord, msg: spb.StepTopGrad, context: grpc.ServicerContext,
+                         nbytes: int) -> spb.StepBackward:
+        if self.top is None:
+            self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                       "a top-cut gradient (StepTopGrad) was sent, but the server runs --split-mode standard: it "
+                       "holds the head and computes the loss from the step's labels")
+        try:
+            step = self.top.take(record.client_id, msg, self.limits, record.codec)
+        except Refused as refused:
+            self._refuse(context, record, refused)
+        return self._train(record, step, self.registry.round_of(step.step), nbytes, context)
 
     def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
-                     ) -> spb.StepBackward:
+                     ) -> spb.ServerFrame:
+        if self.top is not None:
+            try:
+                self.top.check_none_awaited(record.client_id, fwd.step)
+            except Refused as refused:
+                self._refuse(context, record, refused)
         total = self.schedule.rounds * self.schedule.local_steps
         if fwd.step >= total:
             self._fail(context, record, grpc.StatusCode.OUT_OF_RANGE,
@@ -221,11 +254,32 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} belongs to round {self.registry.round_of(fwd.step)}, frame says {fwd.round}")
         try:
-            step = decode_step(fwd, self.limits, record.codec, record.client_id)
+            step = decode_step(fwd, self.limits, record.codec, record.client_id, u_shape=self.top is not None)
             step.start = record.split_layer
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
-        rnd = fwd.round
+        if self.top is not None:
+            return spb.ServerFrame(top=self._probe(record, step, fwd, context, nbytes))
+        return spb.ServerFrame(backward=self._train(record, step, fwd.round, nbytes, context))
+
+    def _probe(self, record: ClientRecord, step: Step, fwd: spb.StepForward, context: grpc.ServicerContext,
+               nbytes: int) -> spb.StepTop:
+        """U-shape, a step's first exchange: the server blocks' output at the top cut; the step is then awaited."""
+        try:
+            with self.rounds.open_for(record.client_id, fwd.round):
+                future = self.engine.probe(step)
+        except Refused as refused:
+            self._fail(context, record, refused.code, refused.message)
+        try:
+            top = future.result()
+        except Exception as err:  # a failure inside the engine is reported, never fatal to the server
+            self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
+        self.top.park(step)
+        return spb.StepTop(step=fwd.step, hidden=encode_tensor(top, record.codec), bytes_received=nbytes)
+
+    def _train(self, record: ClientRecord, step: Step, rnd: int, nbytes: int, context: grpc.ServicerContext
+               ) -> spb.StepBackward:
+        """Run a decoded step through the engine, account it and answer it (gradient at the bottom cut)."""
         try:
             record.micro.check(step, record.micro_batches)
             with self.rounds.open_for(record.client_id, rnd):  # no step overtakes a round close
@@ -235,19 +289,19 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         try:
             outcome = future.result()
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
-            self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
+            self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {step.step}: {err}")
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
-                       f"step {fwd.step} produced a non-finite loss; the update was skipped")
+                       f"step {step.step} produced a non-finite loss; the update was skipped")
         whole = record.micro.add(step, outcome.loss, outcome.tokens)  # the step's last (or only) micro-batch
-        if whole and self.registry.step_done(record, fwd.step, record.micro.loss, record.micro.tokens,
+        if whole and self.registry.step_done(record, step.step, record.micro.loss, record.micro.tokens,
                                              samples=record.micro.rows):
             try:  # the round may close here, before the reply: no client sees round r+1 early
                 self.rounds.arrive(record.client_id, rnd, FINISHED)
             except Refused as refused:
                 self._fail(context, record, refused.code, refused.message)
         router = None if outcome.router_grad is None else encode_backward(outcome.router_grad, outcome.aux_loss)
-        return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
+        return spb.StepBackward(step=step.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
                                 tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro, router=router)
 
     def FetchServerAdapter(self, request: spb.ServerAdapterRequest, context: grpc.ServicerContext

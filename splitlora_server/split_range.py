@@ -11,6 +11,7 @@ from common.adapter_layout import Layout, adapter_layout
 from common.fingerprint import compute_fingerprint
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.segment import check_split_layer
+from common.split.ushape import u_shape_parts
 from splitlora_server.engine.split_points import SplitPoints
 from splitlora_server.options import ServeConfig
 
@@ -35,11 +36,14 @@ class SplitRange:
 
 
 def build_split_range(cfg: ServeConfig, model_dir: Path, layers_path: str, num_layers: int) -> SplitRange:
-    """Fingerprints and layouts of every split layer in --split-range (only --split-layer without one)."""
+    """Fingerprints and layouts of every split layer in --split-range (only --split-layer without one); in u-shape
+    mode every K must leave the server at least one block below L-J."""
     low, high = cfg.split_bounds()
     check_split_layer(high, num_layers)
-    lora = cfg.lora_settings()
+    if cfg.u_shape:
+        u_shape_parts(model_dir, high, cfg.top_blocks)  # SplitError naming the blocks when K_max leaves none
+    lora, top = cfg.lora_settings(), cfg.top_blocks if cfg.u_shape else None
     layers = range(low, high + 1)
     return SplitRange(SplitPoints(low, high, layers_path),
-                      {k: compute_fingerprint(model_dir, k, lora) for k in layers},
-                      {k: adapter_layout(model_dir, "client", k, lora) for k in layers}, cfg.split_layer)
+                      {k: compute_fingerprint(model_dir, k, lora, cfg.u_shape, cfg.top_blocks) for k in layers},
+                      {k: adapter_layout(model_dir, "client", k, lora, top) for k in layers}, cfg.split_layer)

@@ -44,7 +44,8 @@ def _result(cfg: BenchConfig, name: str) -> dict:
 
 def test_the_command_line_knows_every_benchmark():
     parser = build_parser()
-    for name in ("overhead", "pipeline", "wire", "scaling", "time-to-target", "edge-link", "aggregation", "all"):
+    for name in ("overhead", "pipeline", "wire", "scaling", "time-to-target", "edge-link", "aggregation", "generate",
+                 "privacy", "all"):
         assert parser.parse_args([name, "--out", "x"])._run
 
 
@@ -86,6 +87,22 @@ def test_time_to_target(smoke: BenchConfig):
     assert {p.name for p in smoke.out_dir.glob("ttt-*.png")} == {
         "ttt-loss-vs-samples.png", "ttt-loss-vs-measured-time.png", "ttt-modeled-tiny-gpu-client-100mbit.png",
         "ttt-modeled-tiny-gpu-client-1gbit.png"}
+
+
+def test_privacy(smoke: BenchConfig, tmp_path: Path):
+    write_examples(tmp_path / "public.txt", synthetic_e2e(64, seed=9))
+    cfg = dataclasses.replace(smoke, out=str(tmp_path / "out"), pretrain_data=str(tmp_path / "public.txt"),
+                              privacy_split_layers=[2], privacy_codecs=["float32"], privacy_noise=[1.0],
+                              privacy_nopeek=[1.0], privacy_steps=2, privacy_sequences=4, privacy_public_lines=32,
+                              privacy_decoder_steps=20, privacy_opt_steps=5)
+    run_benchmarks(cfg, ["privacy"])
+    rows = _result(cfg, "privacy")["table"]
+    assert [(r["mode"], r["defense"].split()[0]) for r in rows] == [
+        ("standard", "off"), ("standard", "noise"), ("standard", "nopeek"), ("u-shape", "off"), ("u-shape", "noise")]
+    assert [r["labels_tok%"] for r in rows] == [100.0, 100.0, 100.0, 0.0, 0.0]  # u-shape sends no labels
+    assert all(0 <= r[m] <= 100 for r in rows for m in ("learn_tok%", "opt_tok%")) and all(r["val_loss"] > 0
+                                                                                         for r in rows)
+    assert (cfg.out_dir / "privacy.png").is_file()
 
 
 @pytest.mark.skipif(bool(netns_unavailable()), reason=netns_unavailable() or "")

@@ -45,11 +45,12 @@ def _start(tmp: Path, name: str, args: list[str], env: dict[str, str]) -> tuple[
     return proc, int(match.group(1))
 
 
-def _clients(port: int, tmp: Path, env: dict[str, str], certs: Path) -> list[subprocess.Popen]:
+def _clients(port: int, tmp: Path, env: dict[str, str], certs: Path, *extra: str) -> list[subprocess.Popen]:
     return [subprocess.Popen([str(BIN / "splitlora-client"), "train", "--server", f"localhost:{port}",
                               "--client-id", name, "--seed", str(i), "--output", str(tmp / name),
                               "--no-progress", "--lora-targets", "c_attn,c_fc", "--tls-ca", str(certs / "ca.pem"),
-                              "--tls-cert", str(certs / f"{name}.pem"), "--tls-key", str(certs / f"{name}.key")],
+                              "--tls-cert", str(certs / f"{name}.pem"), "--tls-key", str(certs / f"{name}.key"),
+                              *extra],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             for i, name in enumerate(("alice", "bob"))]
 
@@ -125,3 +126,28 @@ def test_separate_aggregator_then_export_command(tmp_path: Path, builtin_model_d
     assert all(torch.equal(exported[k], v) for k, v in {**alice, **server_half}.items())
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_model_dir), tmp_path / "export")
     assert sum("lora_" in n for n, _ in model.named_parameters()) == len(exported)
+
+
+def test_u_shape_two_clients_over_mutual_tls_through_console_scripts(tmp_path: Path, builtin_model_dir: Path):
+    """Labels stay home: the clients hold block 5 and the head (--split-mode u-shape --top-blocks 1), the loss is
+    theirs and falls, and the exported adapter of the three parts loads on the unsplit model."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    certs = tmp_path / "certs"
+    _make_certs(certs, env)
+    u_shape = ["--split-mode", "u-shape", "--top-blocks", "1"]
+    server, port = _start(tmp_path, "server", ["serve", "--clients", "2", "--output", str(tmp_path / "server"),
+                                                "--finish-grace-seconds", "10", *_server_tls(certs), *TRAINING,
+                                                *u_shape], env)
+    _wait_all([*_clients(port, tmp_path, env, certs, *u_shape), server])
+    for name in ("alice", "bob"):
+        losses = _losses(tmp_path / name / "metrics.jsonl")
+        assert sorted(losses) == [0, 1] and all(len(v) == 6 for v in losses.values())
+        assert sum(losses[1]) / 6 < sum(losses[0]) / 6, losses
+    exported = load_file(str(tmp_path / "server" / "adapter" / "adapter_model.safetensors"))
+    alice = load_file(str(tmp_path / "alice" / "client_adapter.safetensors"))
+    assert any(".h.5." in k for k in alice) and any(".h.0." in k for k in alice)  # bottom and top on the client
+    assert not any(".h.3." in k for k in alice) and any(".h.3." in k for k in exported)  # the middle: the server's
+    assert all(torch.equal(alice[k], exported[k]) for k in alice)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_model_dir),
+                                      tmp_path / "server" / "adapter")
+    assert len([n for n, _ in model.named_parameters() if "lora_" in n]) == len(exported)

@@ -9,6 +9,8 @@ from common.config.engine import ConfigError, option
 from common.split.parts import DTYPES, LoraSettings
 from common.weights import looks_local, resolve_model_dir
 
+SPLIT_MODES = ("standard", "u-shape")
+
 
 @dataclass
 class ModelOptions:
@@ -25,6 +27,11 @@ class ModelOptions:
                                   "client may choose (splitlora-client train --split-layer K or auto); the server "
                                   "holds blocks [K_MIN, L) and runs [K_i, L) for client i. Empty: every client "
                                   "uses --split-layer.", metavar="K_MIN:K_MAX")
+    split_mode: str = option("standard", "standard: the server holds blocks [K, L) and the head and receives the "
+                                         "labels; u-shape: the client also holds blocks [L-J, L), the final norm "
+                                         "and the head, and labels, logits and loss never leave it.",
+                             choices=list(SPLIT_MODES))
+    top_blocks: int = option(0, "u-shape mode: J, the last blocks the client runs after the server's (J >= 0).")
     dtype: str = option("float32", "dtype of the frozen base weights; LoRA weights stay float32.",
                         choices=sorted(DTYPES))
     lora_r: int = option(4, "LoRA rank.")
@@ -59,6 +66,11 @@ class ModelOptions:
             raise ConfigError(f"split_range must be K_MIN:K_MAX with 1 <= K_MIN <= K_MAX, got {self.split_range!r}")
         return bounds
 
+    @property
+    def u_shape(self) -> bool:
+        """Whether the labels stay on the client (docs/privacy.md)."""
+        return self.split_mode == "u-shape"
+
     def validate_model(self) -> None:
         """Checks shared by every role that loads a model."""
         if self.model and looks_local(self.model) and not Path(self.model).expanduser().is_dir():
@@ -68,6 +80,12 @@ class ModelOptions:
         low, high = self.split_bounds()
         if not low <= self.split_layer <= high:
             raise ConfigError(f"split_layer {self.split_layer} is outside --split-range {low}:{high}")
+        if self.split_mode not in SPLIT_MODES:
+            raise ConfigError(f"split_mode must be one of {list(SPLIT_MODES)}, got {self.split_mode!r}")
+        if self.top_blocks < 0:
+            raise ConfigError(f"top_blocks must be >= 0, got {self.top_blocks}")
+        if self.top_blocks and not self.u_shape:
+            raise ConfigError("top_blocks needs --split-mode u-shape")
         if self.lora_r < 1:
             raise ConfigError(f"lora_r must be at least 1, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -50,6 +50,9 @@ class SplitPart(nn.Module):
         self.device = torch.device(device)
         self.gradient_checkpointing = gradient_checkpointing
         base = load_segment(self.model_dir, self.config, self.family, self.segment, DTYPES[dtype], self.device)
+        if not self.segment.layers:  # the head alone (a u-shape client top with J = 0): nothing to adapt
+            self.peft, self._plain = None, base
+            return
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft
             torch.manual_seed(lora_seed)
@@ -78,8 +81,8 @@ class SplitPart(nn.Module):
 
     @property
     def base(self) -> nn.Module:
-        """The underlying (pruned) transformers model with LoRA layers injected."""
-        return self.peft.base_model.model
+        """The underlying (pruned) transformers model with LoRA layers injected (none on the head alone)."""
+        return self.peft.base_model.model if self.peft is not None else self._plain
 
     def layer_range(self) -> range:
         """Indices of the blocks this part runs."""

@@ -38,8 +38,10 @@ class Segment:
         raise SplitError(f"side {side!r} is not 'client' or 'server'")
 
     def check(self, num_layers: int) -> None:
-        """Refuse a segment outside the model's blocks, an empty one, or embeddings not at block 0."""
-        if not 0 <= self.start < self.end <= num_layers:
+        """Refuse a segment outside the model's blocks, an empty one (except the head alone), or embeddings not at
+        block 0."""
+        head_only = self.head and self.start == self.end == num_layers  # a u-shape client top with J = 0
+        if not (0 <= self.start < self.end <= num_layers or head_only):
             raise SplitError(f"segment blocks [{self.start}, {self.end}) are not a non-empty range inside "
                              f"[0, {num_layers}): the model has {num_layers} blocks")
         if self.embeds and self.start != 0:
@@ -51,6 +53,17 @@ class Segment:
     def layers(self) -> range:
         """Indices of the blocks this segment runs."""
         return range(self.start, self.end)
+
+
+def u_shape_segments(split_layer: int, top_blocks: int, num_layers: int) -> tuple[Segment, Segment, Segment]:
+    """The three parts of a label-private (U-shaped) split: the client's bottom `[0, K)` with the embeddings, the
+    server's middle `[K, L-J)` and the client's top `[L-J, L)` with the final norm and head (J may be 0)."""
+    check_split_layer(split_layer, num_layers)
+    if not 0 <= top_blocks <= num_layers - split_layer - 1:
+        raise SplitError(f"top blocks J={top_blocks} must be in [0, {num_layers - split_layer - 1}]: with split "
+                         f"layer {split_layer} of {num_layers} blocks the server needs at least one block")
+    top = num_layers - top_blocks
+    return Segment(0, split_layer, embeds=True), Segment(split_layer, top), Segment(top, num_layers, head=True)
 
 
 def check_split_layer(split_layer: int, num_layers: int) -> None:

@@ -14,8 +14,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from common.data import encode, load_examples
 from common.fingerprint import compute_fingerprint
-from common.lora import from_bytes, load_adapter_state
+from common.lora import from_bytes
 from common.split.parts import SplitPart
+from common.split.ushape import load_client_adapter, u_shape_parts
 from common.tls import open_channel
 from common.wire import codec_from_name
 from splitlora_client.generation.e2e_metrics import IMPLEMENTATIONS, e2e_scores, group_references
@@ -34,23 +35,33 @@ class SplitRunner:
         self.cfg = cfg
         model_dir = cfg.model_dir()
         lora = cfg.lora_settings()
-        self.fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
+        self.fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora, cfg.u_shape, cfg.top_blocks)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or str(model_dir), local_files_only=True)
         self.tokenizer.padding_side = "left"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
-        self.part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype).eval()
+        self.part, self.top = self._parts(model_dir, lora)
         adapter = cfg.adapter_file()
         if adapter is not None:
-            load_adapter_state(self.part.peft, from_bytes(adapter.read_bytes()))
+            load_client_adapter(self.part.peft, self.top.peft if self.top is not None else None,
+                                from_bytes(adapter.read_bytes()))
         self.channel = open_channel(cfg.server, cfg, cfg.grpc_options())
         self.codec = codec_from_name(cfg.codec)
-        self.model = SplitCausalLM(self.part, self._session, self.codec)
+        self.model = SplitCausalLM(self.part, self._session, self.codec, self.top)
+
+    def _parts(self, model_dir: Path, lora) -> tuple[SplitPart, SplitPart | None]:
+        """The client's part and, in u-shape mode, its top part (blocks [L-J, L), the final norm and the head)."""
+        cfg = self.cfg
+        if not cfg.u_shape:
+            return SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype).eval(), None
+        bottom, _, top = u_shape_parts(model_dir, cfg.split_layer, cfg.top_blocks)
+        return (SplitPart(model_dir, bottom, None, lora, cfg.dtype).eval(),
+                SplitPart(model_dir, top, None, lora, cfg.dtype).eval())
 
     def _session(self) -> RemoteSession:
         return RemoteSession(self.channel, self.cfg.client_id, self.cfg.server_adapter,
-                             chunk_bytes=self.cfg.chunk_bytes, vocab_size=self.part.vocab_size,
-                             fingerprint=self.fingerprint)
+                             reply="hidden" if self.top is not None else "logits", chunk_bytes=self.cfg.chunk_bytes,
+                             vocab_size=self.part.vocab_size, fingerprint=self.fingerprint)
 
     def complete(self, prompts: Sequence[str], decoding: DecodingOptions, streamer: BaseStreamer | None = None
                  ) -> list[tuple[str, int]]:
@@ -151,7 +162,7 @@ def evaluate(cfg: EvaluateConfig) -> int:
     try:
         encoded = [encode(runner.tokenizer, ex, cfg.max_seq_len) for ex in examples]
         result = validate(runner.part, runner.channel, cfg.client_id, encoded, cfg.batch_size, runner.pad_id,
-                          runner.fingerprint, cfg.server_adapter, codec=runner.codec)
+                          runner.fingerprint, cfg.server_adapter, codec=runner.codec, top=runner.top)
         summary = {"data": cfg.data, "examples": len(examples), "tokens": result.tokens, "loss": result.loss,
                    "perplexity": result.perplexity}
         paired = [ex for ex in examples if ex.context is not None]

@@ -2,7 +2,8 @@
 
 `SplitCausalLM.forward` runs the client part (embeddings + its blocks, its adapter, its own key/value cache),
 sends the new positions' activations to the server's inference session and returns the server's scores of the
-next token as `logits` of the last position. Every decoding strategy of `generate` (greedy, sampling, beam search,
+next token as `logits` of the last position (u-shape: the server answers its blocks' output of the new positions
+and the client's top part, with its own cache, computes the logits). Every decoding strategy of `generate` (greedy, sampling, beam search,
 stop strings, logits processors) then works unchanged and matches the unsplit model token for token; beam search's
 cache reordering is applied to the client's cache and sent to the server with the next step.
 """
@@ -24,10 +25,12 @@ class SplitCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "client"
     main_input_name = "input_ids"
 
-    def __init__(self, part: SplitPart, open_session: Callable[[], RemoteSession], codec: int = 1) -> None:
+    def __init__(self, part: SplitPart, open_session: Callable[[], RemoteSession], codec: int = 1,
+                 top: SplitPart | None = None) -> None:
         type(self).config_class = type(part.config)
         super().__init__(part.config)
         self.client = part.eval()
+        self.top = top.eval() if top is not None else None  # u-shape: the client's top blocks, norm and head
         self.open_session, self.codec = open_session, codec
         self.session: RemoteSession | None = None
         self._reorder: torch.Tensor | None = None
@@ -52,7 +55,19 @@ class SplitCausalLM(PreTrainedModel, GenerationMixin):
         self.bytes_sent += answer.bytes_sent
         self.bytes_received += answer.bytes_received
         self.steps += 1
-        return CausalLMOutputWithPast(logits=answer.scores[:, None, :], cache=cache)
+        return CausalLMOutputWithPast(logits=self._logits(answer.scores, attention_mask, position_ids, cache),
+                                      cache=cache)
+
+    @torch.no_grad()
+    def _logits(self, scores: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: Any) -> torch.Tensor:
+        """(rows, 1, vocab) scores of the next token: the server's, or in u-shape mode the top part's on the server's
+        hidden states of the new positions (its blocks keep their keys and values in the same cache: its layers
+        are indexed as in the whole model)."""
+        if self.top is None:
+            return scores[:, None, :]
+        blocks_cache = cache if len(self.top.layer_range()) else None
+        return self.top(scores, attention_mask, position_ids, cache=blocks_cache)[:, -1:, :].float()
 
     def _reorder_cache(self, cache: Any, beam_idx: torch.Tensor) -> Any:
         """Beam search: reorder the client's cache now and the server's with the next step."""

@@ -14,7 +14,8 @@ from common.rpc.splitlora.v1 import generation_pb2 as gpb
 from common.rpc.splitlora.v1 import generation_pb2_grpc as ggrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.parts import SplitPart
-from common.wire import encode_tensor
+from common.loss import summed_loss
+from common.wire import decode_tensor, encode_tensor
 from splitlora_client.generation.remote import ADAPTERS
 from splitlora_client.session import CLIENT_ID_KEY
 
@@ -34,14 +35,17 @@ class Validation:
 
 def validate(part: SplitPart, channel: grpc.Channel, client_id: str, encoded: Sequence[Encoded], batch_size: int,
              pad_id: int, fingerprint: spb.Fingerprint, adapter: str = "shared", round: int = -1, codec: int = 1,
-             timeout: float = 600.0) -> Validation:
+             timeout: float = 600.0, top: SplitPart | None = None) -> Validation:
     """Score `encoded` in batches through the split. With `round` >= 0 the server counts the result in that
-    round's sample-weighted validation loss of all clients."""
+    round's sample-weighted validation loss of all clients. `top`: u-shape, the client's top part: the labels stay
+    here, the server answers its blocks' output and the loss is computed on the client (the server counts none)."""
     if not encoded:
         raise ValueError("no examples to evaluate")
     stub = ggrpc.SplitGenerationStub(channel)
-    was_training = part.training
-    part.eval()
+    held = [p for p in (part, top) if p is not None]
+    was_training = [p.training for p in held]
+    for p in held:
+        p.eval()
     loss_sum, tokens = 0.0, 0
     try:
         for start in range(0, len(encoded), batch_size):
@@ -51,14 +55,28 @@ def validate(part: SplitPart, channel: grpc.Channel, client_id: str, encoded: Se
                 hidden = part(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
             request = gpb.ScoreRequest(adapter=ADAPTERS[adapter], hidden=encode_tensor(hidden, codec),
                                        attention_mask=encode_tensor(batch["attention_mask"]),
-                                       position_ids=encode_tensor(batch["position_ids"]),
-                                       labels=encode_tensor(batch["labels"]), round=round, samples=len(items),
-                                       last=start + batch_size >= len(encoded), fingerprint=fingerprint)
+                                       position_ids=encode_tensor(batch["position_ids"]), round=round,
+                                       samples=len(items), last=start + batch_size >= len(encoded),
+                                       fingerprint=fingerprint)
+            if top is None:
+                request.labels.CopyFrom(encode_tensor(batch["labels"]))
             reply = stub.Score(request, metadata=[(CLIENT_ID_KEY, client_id)], timeout=timeout)
-            loss_sum, tokens = loss_sum + reply.loss_sum, tokens + reply.tokens
+            batch_sum, batch_tokens = (reply.loss_sum, reply.tokens) if top is None else _top_loss(top, reply, batch)
+            loss_sum, tokens = loss_sum + batch_sum, tokens + batch_tokens
     finally:
-        part.train(was_training)
+        for p, mode in zip(held, was_training):
+            p.train(mode)
     return Validation(loss_sum / tokens if tokens else math.nan, tokens, len(encoded))
+
+
+@torch.no_grad()
+def _top_loss(top: SplitPart, reply: gpb.ScoreReply, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """U-shape: the summed loss of the batch's labels from the server's top-cut activations, on the client."""
+    if not reply.HasField("hidden"):
+        raise RuntimeError("the server answered a loss, not its top-cut activations: does it run --split-mode "
+                           "u-shape?")
+    logits = top(decode_tensor(reply.hidden, name="hidden"), batch["attention_mask"], batch["position_ids"])
+    return summed_loss(logits, batch["labels"])
 
 
 class RoundValidator:
@@ -66,8 +84,9 @@ class RoundValidator:
     the last), reported to the server for its sample-weighted loss of all clients."""
 
     def __init__(self, part: SplitPart, channel: grpc.Channel, client_id: str, encoded: Sequence[Encoded],
-                 batch_size: int, pad_id: int, fingerprint: spb.Fingerprint, every: int, rounds: int) -> None:
-        self.part, self.channel, self.client_id, self.encoded = part, channel, client_id, encoded
+                 batch_size: int, pad_id: int, fingerprint: spb.Fingerprint, every: int, rounds: int,
+                 top: SplitPart | None = None) -> None:
+        self.part, self.channel, self.client_id, self.encoded, self.top = part, channel, client_id, encoded, top
         self.batch_size, self.pad_id, self.fingerprint = batch_size, pad_id, fingerprint
         self.every, self.rounds = max(1, every), rounds
 
@@ -78,4 +97,4 @@ class RoundValidator:
     def run(self, closed_round: int) -> Validation:
         """Score the held-out data with the global model of `closed_round` (the client part holds it now)."""
         return validate(self.part, self.channel, self.client_id, self.encoded, self.batch_size, self.pad_id,
-                        self.fingerprint, round=closed_round)
+                        self.fingerprint, round=closed_round, top=self.top)

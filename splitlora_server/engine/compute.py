@@ -54,8 +54,14 @@ def stack(steps: Sequence[Step]) -> tuple[Step, list[Span]]:
                    hidden=torch.cat([_pad_seq(s.hidden, width, 0.0) for s in steps]),
                    attention_mask=torch.cat([_pad_seq(s.attention_mask, width, 0) for s in steps]),
                    position_ids=torch.cat([_pad_seq(s.position_ids, width, 0) for s in steps]),
-                   labels=torch.cat([_pad_seq(s.labels, width, IGNORE_INDEX) for s in steps]), start=steps[0].start)
+                   labels=_cat_padded([s.labels for s in steps], width, IGNORE_INDEX),
+                   top_grad=_cat_padded([s.top_grad for s in steps], width, 0.0), start=steps[0].start)
     return stacked, spans
+
+
+def _cat_padded(tensors: Sequence[torch.Tensor | None], width: int, value: float) -> torch.Tensor | None:
+    """The steps' tensors right-padded and concatenated; None when the steps do not carry this tensor."""
+    return None if tensors[0] is None else torch.cat([_pad_seq(t, width, value) for t in tensors])
 
 
 def split_rows(stacked: torch.Tensor, spans: Sequence[Span]) -> list[torch.Tensor]:
@@ -97,6 +103,9 @@ def forward(part: SplitPart, steps: Sequence[Step], label_smoothing: float) -> P
         out = part.run_blocks(hidden.to(part.base_dtype), stacked.attention_mask.to(device),
                               stacked.position_ids.to(device), start=steps[0].start)
     top = out.detach().requires_grad_(True)
+    if stacked.top_grad is not None:  # u-shape: the client computed the loss; its gradient at the top cut is given
+        top.grad = stacked.top_grad.to(device, out.dtype)
+        return Pending(hidden, out, top, spans, [(0.0, 0)] * len(spans), len(spans))
     labels, results, counted = stacked.labels.to(device), [], 0
     router = RouterTerms([], []) if routers.aux else None
     normalizer = steps[0].step_tokens if len(steps) == 1 and steps[0].pipelined else None  # a micro-batch's share
@@ -119,6 +128,16 @@ def _router_term(terms: RouterTerms, routers: RouterRecorder, step: Step, span: 
     terms.values.append(float(aux.detach()))
     terms.client_probs.append(probs)
     return aux
+
+
+@torch.no_grad()
+def probe(part: SplitPart, step: Step) -> torch.Tensor:
+    """U-shape, a step's first exchange: the blocks' output at the top cut, without a graph (the second exchange,
+    `forward` with the client's `top_grad`, recomputes it with the same random draws and backpropagates)."""
+    device = part.device
+    out = part.run_blocks(step.hidden.to(device, part.base_dtype), step.attention_mask.to(device),
+                          step.position_ids.to(device), start=step.start)
+    return out.float().cpu()
 
 
 def backward(pending: Pending) -> None:

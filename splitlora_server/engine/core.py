@@ -118,6 +118,15 @@ class ServerEngine:
         self._jobs.put(job)
         return job.future
 
+    def probe(self, step: Step) -> Future:
+        """U-shape: queue a step's first exchange (the blocks' output at the top cut, nothing trained); the step
+        itself follows with `submit_step` once the client sent its `top_grad`. Same random draws as that step."""
+        def run():
+            seed_torch(self.seed, "server", step.client_id, step.step)
+            self._slots.activate(step.client_id)
+            return compute.probe(self.part, step)
+        return self.call(run)
+
     def _work(self) -> None:
         while (job := self._next()) is not None:
             if isinstance(job, Forward):

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from common.lora import load_adapter_state
-from common.loss import IGNORE_INDEX
+from common.loss import summed_loss
 from common.split.parts import SplitPart
 
 
@@ -33,9 +33,9 @@ class StepInput:
 
 @dataclass
 class StepOutput:
-    """The last position's output of each row: logits with the head, else hidden states."""
+    """The last position's logits of each row with the head, else the hidden states of every new position."""
 
-    last: torch.Tensor            # (rows, vocab) or (rows, hidden), float32
+    last: torch.Tensor            # (rows, vocab) or (rows, new, hidden), float32
     cache_bytes: int
     cached_tokens: int
 
@@ -81,9 +81,11 @@ def boundary_adapter(part: SplitPart, state: dict[str, torch.Tensor]) -> str:
 
 
 def _last_output(part: SplitPart, hidden: torch.Tensor) -> torch.Tensor:
-    last = hidden[:, -1:, :]
-    out = part.family.head(part.base, last) if part.segment.head else last
-    return out[:, 0, :].float()
+    """The last position's logits with the head; without it (u-shape), every new position's hidden state: the
+    client's top blocks fill their own cache from them."""
+    if not part.segment.head:
+        return hidden.float()
+    return part.family.head(part.base, hidden[:, -1:, :])[:, 0, :].float()
 
 
 def run_one(part: SplitPart, cache: DynamicCache, step: StepInput, start: int | None = None) -> StepOutput:
@@ -139,14 +141,12 @@ def run_stacked(part: SplitPart, config, caches: list[DynamicCache], steps: list
 
 
 def score(part: SplitPart, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-          labels: torch.Tensor, start: int | None = None) -> tuple[float, int]:
-    """Summed next-token cross-entropy (no label smoothing) and the number of target tokens; no backward. `start`:
-    the client's split layer."""
+          labels: torch.Tensor | None, start: int | None = None) -> tuple[float, int] | torch.Tensor:
+    """Summed next-token cross-entropy (no label smoothing) and the number of target tokens; no backward. Without
+    `labels` (u-shape: the client holds the head), the blocks' output (batch, seq, hidden) for the client's loss.
+    `start`: the client's split layer."""
     device = part.device
-    logits = part(hidden.to(device, part.base_dtype), attention_mask.to(device), position_ids.to(device),
-                  start=start)
-    shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:].to(device)
-    tokens = int((shift_labels != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return float(loss), tokens
+    out = part(hidden.to(device, part.base_dtype), attention_mask.to(device), position_ids.to(device), start=start)
+    if labels is None:
+        return out.float().cpu()
+    return summed_loss(out, labels)

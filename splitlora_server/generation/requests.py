@@ -65,10 +65,12 @@ def decode_session_step(msg: gpb.GenerationStep, session: Session, hidden_size: 
     return StepInput(hidden.float(), mask, positions, reorder)
 
 
-def decode_score(msg: gpb.ScoreRequest, limits: FrameLimits, codecs: set[int]) -> Step:
-    """The tensors of a score request, checked like a training step (same limits, any allowed codec)."""
+def decode_score(msg: gpb.ScoreRequest, limits: FrameLimits, codecs: set[int], u_shape: bool = False) -> Step:
+    """The tensors of a score request, checked like a training step (same limits, any allowed codec; in `u_shape`
+    mode labels are refused, else required)."""
     if (msg.hidden.codec or 1) not in codecs:
         raise WireError("hidden is encoded in a codec the server does not accept (see its --codecs)")
-    fwd = spb.StepForward(hidden=msg.hidden, attention_mask=msg.attention_mask, position_ids=msg.position_ids,
-                          labels=msg.labels)
-    return decode_step(fwd, limits)
+    fwd = spb.StepForward(hidden=msg.hidden, attention_mask=msg.attention_mask, position_ids=msg.position_ids)
+    if msg.HasField("labels"):
+        fwd.labels.CopyFrom(msg.labels)
+    return decode_step(fwd, limits, u_shape=u_shape)

@@ -188,14 +188,13 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
         client_id = self._client(context)
         start = self._check_model(request.fingerprint, context)
         adapter = self._adapter(request.adapter, client_id, context)
-        if not self.part.segment.head:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server does not hold the head: it cannot score")
+        u_shape = not self.part.segment.head  # the client holds the head: it computes the loss itself
         try:
-            batch = decode_score(request, self.limits, self.codecs)
+            batch = decode_score(request, self.limits, self.codecs, u_shape)
         except WireError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed score request: {err}")
 
-        def run() -> tuple[float, int]:
+        def run() -> tuple[float, int] | torch.Tensor:
             name = self.scheduler.adapter_name(adapter, client_id)
             boundary, snapshot = self.scheduler.engine.boundary_snapshot()
             if adapter == "shared" and request.round >= 0 and boundary == request.round + 1 and snapshot:
@@ -204,9 +203,12 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
                 return score(self.part, batch.hidden, batch.attention_mask, batch.position_ids, batch.labels, start)
 
         try:
-            loss_sum, tokens = self.scheduler.run(run).result()
+            result = self.scheduler.run(run).result()
         except Exception as err:
             context.abort(grpc.StatusCode.INTERNAL, f"scoring failed: {err}")
+        if u_shape:
+            return gpb.ScoreReply(hidden=encode_tensor(result))
+        loss_sum, tokens = result
         if request.round >= 0 and (request.samples or request.last):
             self.validation.add(client_id, request.round, loss_sum, tokens, request.samples, request.last)
         return gpb.ScoreReply(loss_sum=loss_sum, tokens=tokens)

@@ -97,15 +97,17 @@ def running_server(model_dir: Path, output: Path, client_tls: ClientTlsOptions |
 
 # -- handshake -----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def fingerprint_for(model_dir: str, split_layer: int = 3, lora: LoraSettings = LoraSettings()) -> spb.Fingerprint:
+def fingerprint_for(model_dir: str, split_layer: int = 3, lora: LoraSettings = LoraSettings(), u_shape: bool = False,
+                    top_blocks: int = 0) -> spb.Fingerprint:
     """The fingerprint a client with this model, split and LoRA config sends (cached; treat as read-only)."""
-    return compute_fingerprint(model_dir, split_layer, lora)
+    return compute_fingerprint(model_dir, split_layer, lora, u_shape, top_blocks)
 
 
 def server_fingerprint(harness: Harness) -> spb.Fingerprint:
     """The fingerprint a client matching the server's configuration sends."""
     cfg = harness.config
-    return fingerprint_for(str(harness.running.part.model_dir), cfg.split_layer, cfg.lora_settings())
+    return fingerprint_for(str(harness.running.part.model_dir), cfg.split_layer, cfg.lora_settings(), cfg.u_shape,
+                           cfg.top_blocks)
 
 
 def metadata(client_id: str, session: str) -> list[tuple[str, str]]:

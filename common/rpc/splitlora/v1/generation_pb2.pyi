@@ -143,9 +143,11 @@ class ScoreRequest(_message.Message):
     def __init__(self, adapter: _Optional[_Union[ServerAdapter, str]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., round: _Optional[int] = ..., samples: _Optional[int] = ..., last: _Optional[bool] = ..., fingerprint: _Optional[_Union[_split_pb2.Fingerprint, _Mapping]] = ...) -> None: ...
 
 class ScoreReply(_message.Message):
-    __slots__ = ("loss_sum", "tokens")
+    __slots__ = ("loss_sum", "tokens", "hidden")
     LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     loss_sum: float
     tokens: int
-    def __init__(self, loss_sum: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+    hidden: _tensor_pb2.Tensor
+    def __init__(self, loss_sum: _Optional[float] = ..., tokens: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...

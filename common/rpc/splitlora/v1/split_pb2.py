@@ -26,7 +26,7 @@ from common.rpc.splitlora.v1 import router_pb2 as splitlora_dot_v1_dot_router__p
 from common.rpc.splitlora.v1 import tensor_pb2 as splitlora_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splitlora/v1/split.proto\x12\x0csplitlora.v1\x1a\x19splitlora/v1/router.proto\x1a\x19splitlora/v1/tensor.proto\"\xd0\x01\n\x0b\x46ingerprint\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x15\n\rconfig_sha256\x18\x02 \x01(\t\x12\x14\n\x0cindex_sha256\x18\x03 \x01(\t\x12\x1d\n\x15\x63lient_weights_sha256\x18\x04 \x01(\t\x12\x13\n\x0bsplit_layer\x18\x05 \x01(\r\x12\x13\n\x0blora_sha256\x18\x06 \x01(\t\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\"\xbf\x01\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12.\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x19.splitlora.v1.Fingerprint\x12#\n\x06\x63odecs\x18\x03 \x03(\x0e\x32\x13.splitlora.v1.Codec\x12\x16\n\x0e\x63lient_version\x18\x04 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x15\n\rmicro_batches\x18\x06 \x01(\r\"\xd9\x01\n\x08Schedule\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x13\n\x0blocal_steps\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x04 \x01(\x02\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x02\x12\x14\n\x0cwarmup_steps\x18\x06 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x07 \x01(\r\x12\x17\n\x0flabel_smoothing\x18\x08 \x01(\x02\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x15\n\rmax_grad_norm\x18\n \x01(\x02\" \n\x0bPlanRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\x98\x01\n\x04Plan\x12\x1a\n\x12model_options_json\x18\x01 \x01(\t\x12(\n\x08schedule\x18\x02 \x01(\x0b\x32\x16.splitlora.v1.Schedule\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x1e\n\x16initial_client_adapter\x18\x04 \x01(\x0c\x12\x1a\n\x12send_final_adapter\x18\x05 \x01(\x08\"\xa4\x02\n\tJoinReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12(\n\x08schedule\x18\x02 \x01(\x0b\x32\x16.splitlora.v1.Schedule\x12\x1a\n\x12\x61ggregator_address\x18\x03 \x01(\t\x12\"\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x13.splitlora.v1.Codec\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bstart_round\x18\x07 \x01(\r\x12\x13\n\x0bnum_clients\x18\x08 \x01(\r\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x13\n\x0b\x61ggregation\x18\n \x01(\t\x12\x15\n\rmicro_batches\x18\x0b \x01(\r\"\xb4\x02\n\x0bStepForward\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12$\n\x06labels\x18\x05 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12*\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12)\n\x06router\x18\x07 \x01(\x0b\x32\x19.splitlora.v1.RouterStats\x12\r\n\x05micro\x18\x08 \x01(\r\x12\x13\n\x0bmicro_count\x18\t \x01(\r\x12\x13\n\x0bstep_tokens\x18\n \x01(\x04\"l\n\x0b\x43lientFrame\x12,\n\x07\x66orward\x18\x01 \x01(\x0b\x32\x19.splitlora.v1.StepForwardH\x00\x12\'\n\x04part\x18\x02 \x01(\x0b\x32\x17.splitlora.v1.FramePartH\x00\x42\x06\n\x04kind\"\xb3\x01\n\x0cStepBackward\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\"\n\x04grad\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\x12,\n\x06router\x18\x06 \x01(\x0b\x32\x1c.splitlora.v1.RouterBackward\x12\r\n\x05micro\x18\x07 \x01(\r\"n\n\x0bServerFrame\x12.\n\x08\x62\x61\x63kward\x18\x01 \x01(\x0b\x32\x1a.splitlora.v1.StepBackwardH\x00\x12\'\n\x04part\x18\x02 \x01(\x0b\x32\x17.splitlora.v1.FramePartH\x00\x42\x06\n\x04kind\"D\n\x14ServerAdapterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x04\")\n\x0c\x41\x64\x61pterPiece\x12\x19\n\x11safetensors_chunk\x18\x01 \x01(\x0c\"\x0f\n\rStatusRequest\"\x9e\x01\n\x0c\x43lientStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x11\n\tlast_loss\x18\x05 \x01(\x02\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x04\x12\x11\n\tbytes_out\x18\x07 \x01(\x04\x12\x12\n\nlast_error\x18\x08 \x01(\t\"=\n\x0cRefusalCount\x12\x0e\n\x06\x63\x61ller\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\xaf\x03\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x18\n\x10steps_per_second\x18\x04 \x01(\x02\x12+\n\x07\x63lients\x18\x05 \x03(\x0b\x32\x1a.splitlora.v1.ClientStatus\x12\x1b\n\x13server_adapter_mode\x18\x06 \x01(\t\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x14\n\x0cround_status\x18\x14 \x01(\t\x12\x1a\n\x12waiting_for_quorum\x18\x15 \x01(\x08\x12,\n\x08refusals\x18\x16 \x03(\x0b\x32\x1a.splitlora.v1.RefusalCount\x12\x11\n\tincidents\x18\x17 \x03(\t\x12\x1b\n\x13generation_sessions\x18\x1e \x01(\r\x12\x1e\n\x16generation_cache_bytes\x18\x1f \x01(\x04\x12\x19\n\x11generation_tokens\x18  \x01(\x04\x12\x18\n\x10validation_round\x18! \x01(\x05\x12\x17\n\x0fvalidation_loss\x18\" \x01(\x02\"!\n\x0fShutdownRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rShutdownReply2\xaa\x03\n\rSplitTraining\x12\x38\n\x07GetPlan\x12\x19.splitlora.v1.PlanRequest\x1a\x12.splitlora.v1.Plan\x12:\n\x04Join\x12\x19.splitlora.v1.JoinRequest\x1a\x17.splitlora.v1.JoinReply\x12\x41\n\x05Train\x12\x19.splitlora.v1.ClientFrame\x1a\x19.splitlora.v1.ServerFrame(\x01\x30\x01\x12V\n\x12\x46\x65tchServerAdapter\x12\".splitlora.v1.ServerAdapterRequest\x1a\x1a.splitlora.v1.AdapterPiece0\x01\x12@\n\x06Status\x12\x1b.splitlora.v1.StatusRequest\x1a\x19.splitlora.v1.StatusReply\x12\x46\n\x08Shutdown\x12\x1d.splitlora.v1.ShutdownRequest\x1a\x1b.splitlora.v1.ShutdownReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splitlora/v1/split.proto\x12\x0csplitlora.v1\x1a\x19splitlora/v1/router.proto\x1a\x19splitlora/v1/tensor.proto\"\xf8\x01\n\x0b\x46ingerprint\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x15\n\rconfig_sha256\x18\x02 \x01(\t\x12\x14\n\x0cindex_sha256\x18\x03 \x01(\t\x12\x1d\n\x15\x63lient_weights_sha256\x18\x04 \x01(\t\x12\x13\n\x0bsplit_layer\x18\x05 \x01(\r\x12\x13\n\x0blora_sha256\x18\x06 \x01(\t\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x12\n\nsplit_mode\x18\n \x01(\t\x12\x12\n\ntop_blocks\x18\x0b \x01(\r\"\xbf\x01\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12.\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x19.splitlora.v1.Fingerprint\x12#\n\x06\x63odecs\x18\x03 \x03(\x0e\x32\x13.splitlora.v1.Codec\x12\x16\n\x0e\x63lient_version\x18\x04 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x15\n\rmicro_batches\x18\x06 \x01(\r\"\xd9\x01\n\x08Schedule\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x13\n\x0blocal_steps\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x04 \x01(\x02\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x02\x12\x14\n\x0cwarmup_steps\x18\x06 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x07 \x01(\r\x12\x17\n\x0flabel_smoothing\x18\x08 \x01(\x02\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x15\n\rmax_grad_norm\x18\n \x01(\x02\" \n\x0bPlanRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\x98\x01\n\x04Plan\x12\x1a\n\x12model_options_json\x18\x01 \x01(\t\x12(\n\x08schedule\x18\x02 \x01(\x0b\x32\x16.splitlora.v1.Schedule\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x1e\n\x16initial_client_adapter\x18\x04 \x01(\x0c\x12\x1a\n\x12send_final_adapter\x18\x05 \x01(\x08\"\xa4\x02\n\tJoinReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12(\n\x08schedule\x18\x02 \x01(\x0b\x32\x16.splitlora.v1.Schedule\x12\x1a\n\x12\x61ggregator_address\x18\x03 \x01(\t\x12\"\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x13.splitlora.v1.Codec\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bstart_round\x18\x07 \x01(\r\x12\x13\n\x0bnum_clients\x18\x08 \x01(\r\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x13\n\x0b\x61ggregation\x18\n \x01(\t\x12\x15\n\rmicro_batches\x18\x0b \x01(\r\"\xb4\x02\n\x0bStepForward\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12$\n\x06labels\x18\x05 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12*\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12)\n\x06router\x18\x07 \x01(\x0b\x32\x19.splitlora.v1.RouterStats\x12\r\n\x05micro\x18\x08 \x01(\r\x12\x13\n\x0bmicro_count\x18\t \x01(\r\x12\x13\n\x0bstep_tokens\x18\n \x01(\x04\"N\n\x0bStepTopGrad\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\"\n\x04grad\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12\r\n\x05micro\x18\x03 \x01(\r\"\x9b\x01\n\x0b\x43lientFrame\x12,\n\x07\x66orward\x18\x01 \x01(\x0b\x32\x19.splitlora.v1.StepForwardH\x00\x12\'\n\x04part\x18\x02 \x01(\x0b\x32\x17.splitlora.v1.FramePartH\x00\x12-\n\x08top_grad\x18\x03 \x01(\x0b\x32\x19.splitlora.v1.StepTopGradH\x00\x42\x06\n\x04kind\"\xb3\x01\n\x0cStepBackward\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\"\n\x04grad\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\x12,\n\x06router\x18\x06 \x01(\x0b\x32\x1c.splitlora.v1.RouterBackward\x12\r\n\x05micro\x18\x07 \x01(\r\"d\n\x07StepTop\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.splitlora.v1.Tensor\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\r\n\x05micro\x18\x04 \x01(\r\"\x94\x01\n\x0bServerFrame\x12.\n\x08\x62\x61\x63kward\x18\x01 \x01(\x0b\x32\x1a.splitlora.v1.StepBackwardH\x00\x12\'\n\x04part\x18\x02 \x01(\x0b\x32\x17.splitlora.v1.FramePartH\x00\x12$\n\x03top\x18\x03 \x01(\x0b\x32\x15.splitlora.v1.StepTopH\x00\x42\x06\n\x04kind\"D\n\x14ServerAdapterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x04\")\n\x0c\x41\x64\x61pterPiece\x12\x19\n\x11safetensors_chunk\x18\x01 \x01(\x0c\"\x0f\n\rStatusRequest\"\x9e\x01\n\x0c\x43lientStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x11\n\tlast_loss\x18\x05 \x01(\x02\x12\x10\n\x08\x62ytes_in\x18\x06 \x01(\x04\x12\x11\n\tbytes_out\x18\x07 \x01(\x04\x12\x12\n\nlast_error\x18\x08 \x01(\t\"=\n\x0cRefusalCount\x12\x0e\n\x06\x63\x61ller\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\xaf\x03\n\x0bStatusReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x18\n\x10steps_per_second\x18\x04 \x01(\x02\x12+\n\x07\x63lients\x18\x05 \x03(\x0b\x32\x1a.splitlora.v1.ClientStatus\x12\x1b\n\x13server_adapter_mode\x18\x06 \x01(\t\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x14\n\x0cround_status\x18\x14 \x01(\t\x12\x1a\n\x12waiting_for_quorum\x18\x15 \x01(\x08\x12,\n\x08refusals\x18\x16 \x03(\x0b\x32\x1a.splitlora.v1.RefusalCount\x12\x11\n\tincidents\x18\x17 \x03(\t\x12\x1b\n\x13generation_sessions\x18\x1e \x01(\r\x12\x1e\n\x16generation_cache_bytes\x18\x1f \x01(\x04\x12\x19\n\x11generation_tokens\x18  \x01(\x04\x12\x18\n\x10validation_round\x18! \x01(\x05\x12\x17\n\x0fvalidation_loss\x18\" \x01(\x02\"!\n\x0fShutdownRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rShutdownReply2\xaa\x03\n\rSplitTraining\x12\x38\n\x07GetPlan\x12\x19.splitlora.v1.PlanRequest\x1a\x12.splitlora.v1.Plan\x12:\n\x04Join\x12\x19.splitlora.v1.JoinRequest\x1a\x17.splitlora.v1.JoinReply\x12\x41\n\x05Train\x12\x19.splitlora.v1.ClientFrame\x1a\x19.splitlora.v1.ServerFrame(\x01\x30\x01\x12V\n\x12\x46\x65tchServerAdapter\x12\".splitlora.v1.ServerAdapterRequest\x1a\x1a.splitlora.v1.AdapterPiece0\x01\x12@\n\x06Status\x12\x1b.splitlora.v1.StatusRequest\x1a\x19.splitlora.v1.StatusReply\x12\x46\n\x08Shutdown\x12\x1d.splitlora.v1.ShutdownRequest\x1a\x1b.splitlora.v1.ShutdownReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,41 +34,45 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitlora.v1.split_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FINGERPRINT']._serialized_start=97
-  _globals['_FINGERPRINT']._serialized_end=305
-  _globals['_JOINREQUEST']._serialized_start=308
-  _globals['_JOINREQUEST']._serialized_end=499
-  _globals['_SCHEDULE']._serialized_start=502
-  _globals['_SCHEDULE']._serialized_end=719
-  _globals['_PLANREQUEST']._serialized_start=721
-  _globals['_PLANREQUEST']._serialized_end=753
-  _globals['_PLAN']._serialized_start=756
-  _globals['_PLAN']._serialized_end=908
-  _globals['_JOINREPLY']._serialized_start=911
-  _globals['_JOINREPLY']._serialized_end=1203
-  _globals['_STEPFORWARD']._serialized_start=1206
-  _globals['_STEPFORWARD']._serialized_end=1514
-  _globals['_CLIENTFRAME']._serialized_start=1516
-  _globals['_CLIENTFRAME']._serialized_end=1624
-  _globals['_STEPBACKWARD']._serialized_start=1627
-  _globals['_STEPBACKWARD']._serialized_end=1806
-  _globals['_SERVERFRAME']._serialized_start=1808
-  _globals['_SERVERFRAME']._serialized_end=1918
-  _globals['_SERVERADAPTERREQUEST']._serialized_start=1920
-  _globals['_SERVERADAPTERREQUEST']._serialized_end=1988
-  _globals['_ADAPTERPIECE']._serialized_start=1990
-  _globals['_ADAPTERPIECE']._serialized_end=2031
-  _globals['_STATUSREQUEST']._serialized_start=2033
-  _globals['_STATUSREQUEST']._serialized_end=2048
-  _globals['_CLIENTSTATUS']._serialized_start=2051
-  _globals['_CLIENTSTATUS']._serialized_end=2209
-  _globals['_REFUSALCOUNT']._serialized_start=2211
-  _globals['_REFUSALCOUNT']._serialized_end=2272
-  _globals['_STATUSREPLY']._serialized_start=2275
-  _globals['_STATUSREPLY']._serialized_end=2706
-  _globals['_SHUTDOWNREQUEST']._serialized_start=2708
-  _globals['_SHUTDOWNREQUEST']._serialized_end=2741
-  _globals['_SHUTDOWNREPLY']._serialized_start=2743
-  _globals['_SHUTDOWNREPLY']._serialized_end=2758
-  _globals['_SPLITTRAINING']._serialized_start=2761
-  _globals['_SPLITTRAINING']._serialized_end=3187
+  _globals['_FINGERPRINT']._serialized_end=345
+  _globals['_JOINREQUEST']._serialized_start=348
+  _globals['_JOINREQUEST']._serialized_end=539
+  _globals['_SCHEDULE']._serialized_start=542
+  _globals['_SCHEDULE']._serialized_end=759
+  _globals['_PLANREQUEST']._serialized_start=761
+  _globals['_PLANREQUEST']._serialized_end=793
+  _globals['_PLAN']._serialized_start=796
+  _globals['_PLAN']._serialized_end=948
+  _globals['_JOINREPLY']._serialized_start=951
+  _globals['_JOINREPLY']._serialized_end=1243
+  _globals['_STEPFORWARD']._serialized_start=1246
+  _globals['_STEPFORWARD']._serialized_end=1554
+  _globals['_STEPTOPGRAD']._serialized_start=1556
+  _globals['_STEPTOPGRAD']._serialized_end=1634
+  _globals['_CLIENTFRAME']._serialized_start=1637
+  _globals['_CLIENTFRAME']._serialized_end=1792
+  _globals['_STEPBACKWARD']._serialized_start=1795
+  _globals['_STEPBACKWARD']._serialized_end=1974
+  _globals['_STEPTOP']._serialized_start=1976
+  _globals['_STEPTOP']._serialized_end=2076
+  _globals['_SERVERFRAME']._serialized_start=2079
+  _globals['_SERVERFRAME']._serialized_end=2227
+  _globals['_SERVERADAPTERREQUEST']._serialized_start=2229
+  _globals['_SERVERADAPTERREQUEST']._serialized_end=2297
+  _globals['_ADAPTERPIECE']._serialized_start=2299
+  _globals['_ADAPTERPIECE']._serialized_end=2340
+  _globals['_STATUSREQUEST']._serialized_start=2342
+  _globals['_STATUSREQUEST']._serialized_end=2357
+  _globals['_CLIENTSTATUS']._serialized_start=2360
+  _globals['_CLIENTSTATUS']._serialized_end=2518
+  _globals['_REFUSALCOUNT']._serialized_start=2520
+  _globals['_REFUSALCOUNT']._serialized_end=2581
+  _globals['_STATUSREPLY']._serialized_start=2584
+  _globals['_STATUSREPLY']._serialized_end=3015
+  _globals['_SHUTDOWNREQUEST']._serialized_start=3017
+  _globals['_SHUTDOWNREQUEST']._serialized_end=3050
+  _globals['_SHUTDOWNREPLY']._serialized_start=3052
+  _globals['_SHUTDOWNREPLY']._serialized_end=3067
+  _globals['_SPLITTRAINING']._serialized_start=3070
+  _globals['_SPLITTRAINING']._serialized_end=3496
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Fingerprint(_message.Message):
-    __slots__ = ("family", "config_sha256", "index_sha256", "client_weights_sha256", "split_layer", "lora_sha256", "num_layers", "hidden_size", "vocab_size")
+    __slots__ = ("family", "config_sha256", "index_sha256", "client_weights_sha256", "split_layer", "lora_sha256", "num_layers", "hidden_size", "vocab_size", "split_mode", "top_blocks")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     CONFIG_SHA256_FIELD_NUMBER: _ClassVar[int]
     INDEX_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,8 @@ class Fingerprint(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_MODE_FIELD_NUMBER: _ClassVar[int]
+    TOP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     family: str
     config_sha256: str
     index_sha256: str
@@ -28,7 +30,9 @@ class Fingerprint(_message.Message):
     num_layers: int
     hidden_size: int
     vocab_size: int
-    def __init__(self, family: _Optional[str] = ..., config_sha256: _Optional[str] = ..., index_sha256: _Optional[str] = ..., client_weights_sha256: _Optional[str] = ..., split_layer: _Optional[int] = ..., lora_sha256: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    split_mode: str
+    top_blocks: int
+    def __init__(self, family: _Optional[str] = ..., config_sha256: _Optional[str] = ..., index_sha256: _Optional[str] = ..., client_weights_sha256: _Optional[str] = ..., split_layer: _Optional[int] = ..., lora_sha256: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., split_mode: _Optional[str] = ..., top_blocks: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "fingerprint", "codecs", "client_version", "max_message_bytes", "micro_batches")
@@ -140,13 +144,25 @@ class StepForward(_message.Message):
     step_tokens: int
     def __init__(self, step: _Optional[int] = ..., round: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., router: _Optional[_Union[_router_pb2.RouterStats, _Mapping]] = ..., micro: _Optional[int] = ..., micro_count: _Optional[int] = ..., step_tokens: _Optional[int] = ...) -> None: ...
 
+class StepTopGrad(_message.Message):
+    __slots__ = ("step", "grad", "micro")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    MICRO_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    grad: _tensor_pb2.Tensor
+    micro: int
+    def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., micro: _Optional[int] = ...) -> None: ...
+
 class ClientFrame(_message.Message):
-    __slots__ = ("forward", "part")
+    __slots__ = ("forward", "part", "top_grad")
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
+    TOP_GRAD_FIELD_NUMBER: _ClassVar[int]
     forward: StepForward
     part: _tensor_pb2.FramePart
-    def __init__(self, forward: _Optional[_Union[StepForward, _Mapping]] = ..., part: _Optional[_Union[_tensor_pb2.FramePart, _Mapping]] = ...) -> None: ...
+    top_grad: StepTopGrad
+    def __init__(self, forward: _Optional[_Union[StepForward, _Mapping]] = ..., part: _Optional[_Union[_tensor_pb2.FramePart, _Mapping]] = ..., top_grad: _Optional[_Union[StepTopGrad, _Mapping]] = ...) -> None: ...
 
 class StepBackward(_message.Message):
     __slots__ = ("step", "grad", "loss", "tokens", "bytes_received", "router", "micro")
@@ -166,13 +182,27 @@ class StepBackward(_message.Message):
     micro: int
     def __init__(self, step: _Optional[int] = ..., grad: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., bytes_received: _Optional[int] = ..., router: _Optional[_Union[_router_pb2.RouterBackward, _Mapping]] = ..., micro: _Optional[int] = ...) -> None: ...
 
+class StepTop(_message.Message):
+    __slots__ = ("step", "hidden", "bytes_received", "micro")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    MICRO_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    hidden: _tensor_pb2.Tensor
+    bytes_received: int
+    micro: int
+    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., bytes_received: _Optional[int] = ..., micro: _Optional[int] = ...) -> None: ...
+
 class ServerFrame(_message.Message):
-    __slots__ = ("backward", "part")
+    __slots__ = ("backward", "part", "top")
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
     backward: StepBackward
     part: _tensor_pb2.FramePart
-    def __init__(self, backward: _Optional[_Union[StepBackward, _Mapping]] = ..., part: _Optional[_Union[_tensor_pb2.FramePart, _Mapping]] = ...) -> None: ...
+    top: StepTop
+    def __init__(self, backward: _Optional[_Union[StepBackward, _Mapping]] = ..., part: _Optional[_Union[_tensor_pb2.FramePart, _Mapping]] = ..., top: _Optional[_Union[StepTop, _Mapping]] = ...) -> None: ...
 
 class ServerAdapterRequest(_message.Message):
     __slots__ = ("client_id", "max_message_bytes")
