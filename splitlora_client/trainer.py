@@ -167,11 +167,13 @@ class _Loop:
 def client_parts(cfg: TrainConfig, model_dir: Path, lora, seed: int) -> tuple[SplitPart, SplitPart | None]:
     """The client's bottom part (embeddings, blocks [0, K)) and, in u-shape mode, its top part (blocks [L-J, L),
     final norm, head), not yet in training mode."""
+    low, high = cfg.split_bounds()  # per-client split points: LoRA drawn per module, as on the server
+    each = {"lora_seed": seed, "per_module_init": high > low}
     if not cfg.u_shape:
-        return SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=seed), None
+        return SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, **each), None
     bottom, _, top = u_shape_parts(model_dir, cfg.split_layer, cfg.top_blocks)
-    return (SplitPart(model_dir, bottom, None, lora, cfg.dtype, lora_seed=seed),
-            SplitPart(model_dir, top, None, lora, cfg.dtype, lora_seed=seed))
+    return (SplitPart(model_dir, bottom, None, lora, cfg.dtype, **each),
+            SplitPart(model_dir, top, None, lora, cfg.dtype, **each))
 
 
 def _ready_to_train(parts: list[SplitPart], cfg: TrainConfig, reply: Any, log: ContextLogger) -> None:

@@ -42,7 +42,9 @@ def _pad_seq(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
 
 def stack(steps: Sequence[Step]) -> tuple[Step, list[Span]]:
     """Right-pad every step to the longest sequence (hidden 0, mask 0, position 0, label -100) and concatenate;
-    return the stacked step and each step's span in it."""
+    return the stacked step and each step's span in it. Every step must have the same split layer."""
+    if len({s.start for s in steps}) > 1:
+        raise ValueError("steps of clients with different split layers cannot be stacked")
     width = max(int(s.hidden.shape[1]) for s in steps)
     spans, row = [], 0
     for s in steps:
@@ -53,7 +55,7 @@ def stack(steps: Sequence[Step]) -> tuple[Step, list[Span]]:
                    attention_mask=torch.cat([_pad_seq(s.attention_mask, width, 0) for s in steps]),
                    position_ids=torch.cat([_pad_seq(s.position_ids, width, 0) for s in steps]),
                    labels=_cat_padded([s.labels for s in steps], width, IGNORE_INDEX),
-                   top_grad=_cat_padded([s.top_grad for s in steps], width, 0.0))
+                   top_grad=_cat_padded([s.top_grad for s in steps], width, 0.0), start=steps[0].start)
     return stacked, spans
 
 
@@ -99,7 +101,7 @@ def forward(part: SplitPart, steps: Sequence[Step], label_smoothing: float) -> P
     hidden = stacked.hidden.detach().to(device).requires_grad_(True)
     with RouterRecorder(part, stacked.attention_mask.to(device)) as routers:
         out = part.run_blocks(hidden.to(part.base_dtype), stacked.attention_mask.to(device),
-                              stacked.position_ids.to(device))
+                              stacked.position_ids.to(device), start=steps[0].start)
     top = out.detach().requires_grad_(True)
     if stacked.top_grad is not None:  # u-shape: the client computed the loss; its gradient at the top cut is given
         top.grad = stacked.top_grad.to(device, out.dtype)
@@ -134,7 +136,7 @@ def probe(part: SplitPart, step: Step) -> torch.Tensor:
     `forward` with the client's `top_grad`, recomputes it with the same random draws and backpropagates)."""
     device = part.device
     out = part.run_blocks(step.hidden.to(device, part.base_dtype), step.attention_mask.to(device),
-                          step.position_ids.to(device))
+                          step.position_ids.to(device), start=step.start)
     return out.float().cpu()
 
 
