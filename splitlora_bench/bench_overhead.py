@@ -61,20 +61,8 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": med, "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
 
 
-def measure(cfg: BenchConfig, shape: tuple[int, int], work: Path) -> dict:
-    """Median step times of one model shape: the split through the console scripts (server and client processes),
-    then the single-process and in-process-split steps on the same batches; their ratios (of medians, and per
-    batch), CPU time of both roles, and the split step's phases as the client and the server report them."""
-    model = assets.model_dir(cfg, shape)
-    train, _ = assets.examples(cfg)
-    n, warm = cfg.overhead_warmup + cfg.overhead_steps, cfg.overhead_warmup
-    data = procs.fresh(work) / "train.txt"
-    write_examples(data, train[:n * cfg.batch_size])  # one pass: every kind of step sees the same batches
-    load_before = os.getloadavg()
-    records = split_run.console_steps(cfg, model, data, n, work / "split", cfg.threads)[warm:]
-    optim = OptimSettings(cfg.learning_rate, 0.01, 0, n)
-    steps = {"local": _LocalStep(cfg, model, optim), "inproc": _InProcessSplitStep(cfg, model, optim)}
-    batches = split_run.same_batches(cfg, model, data)
+def _baselines(cfg: BenchConfig, steps: dict, batches, n: int, warm: int) -> tuple[dict, dict, list[int]]:
+    """Step times and CPU seconds of each baseline on the n batches (after `warm`), and their target tokens."""
     times: dict[str, list[float]] = {mode: [] for mode in steps}
     cpu: dict[str, list[float]] = {mode: [] for mode in steps}
     tokens: list[int] = []
@@ -88,15 +76,45 @@ def measure(cfg: BenchConfig, shape: tuple[int, int], work: Path) -> dict:
                 cpu[mode].append(time.process_time() - used)
         if i >= warm:
             tokens.append(target_tokens(batch["labels"]))
-    times["split"] = [r["seconds"] for r in records]
-    cpu["split"] = [r["cpu_s"] + r["server_cpu_s"] for r in records]  # both processes, every thread
-    same = tokens == [r["tokens"] for r in records]  # the split saw the same batches in the same order
+    return times, cpu, tokens
+
+
+def measure(cfg: BenchConfig, shape: tuple[int, int], work: Path) -> dict:
+    """Step times of one model shape, --overhead-repeats times in turn: the split through the console scripts
+    (server and client processes), then the single-process and in-process-split steps on the same batches; their
+    ratios (of medians, and per batch), CPU time of both roles, the split step's phases as the client and the
+    server report them, and the share of the CPUs that niced (other) processes took meanwhile."""
+    model = assets.model_dir(cfg, shape)
+    train, _ = assets.examples(cfg)
+    n, warm = cfg.overhead_warmup + cfg.overhead_steps, cfg.overhead_warmup
+    data = procs.fresh(work) / "train.txt"
+    write_examples(data, train[:n * cfg.batch_size])  # one pass: every kind of step sees the same batches
+    load_before = os.getloadavg()
+    optim = OptimSettings(cfg.learning_rate, 0.01, 0, n * cfg.overhead_repeats)
+    steps = {"local": _LocalStep(cfg, model, optim), "inproc": _InProcessSplitStep(cfg, model, optim)}
+    times: dict[str, list[float]] = {"split": [], "local": [], "inproc": []}
+    cpu: dict[str, list[float]] = {"split": [], "local": [], "inproc": []}
+    records, pairs, same, niced = [], [], True, {"split": [], "baselines": []}
+    for rep in range(cfg.overhead_repeats):  # split and baselines take turns: drifting load hits both
+        stat = procs.cpu_stat()
+        run = split_run.console_steps(cfg, model, data, n, work / f"split-{rep}", cfg.threads)[warm:]
+        niced["split"].append(procs.niced_share(stat))
+        stat = procs.cpu_stat()
+        base_t, base_cpu, tokens = _baselines(cfg, steps, split_run.same_batches(cfg, model, data), n, warm)
+        niced["baselines"].append(procs.niced_share(stat))
+        same = same and tokens == [r["tokens"] for r in run]  # the split saw the same batches in the same order
+        pairs += [r["seconds"] / t for r, t in zip(run, base_t["local"])]
+        records += run
+        times["split"] += [r["seconds"] for r in run]
+        cpu["split"] += [r["cpu_s"] + r["server_cpu_s"] for r in run]  # both processes, every thread
+        for mode in steps:
+            times[mode] += base_t[mode]
+            cpu[mode] += base_cpu[mode]
     med = {mode: statistics.median(ts) for mode, ts in times.items()}
-    paired = spread([a / b for a, b in zip(times["split"], times["local"])]) if same else {}
     params = sum(p.numel() for p in steps["local"].model.base_model.model.parameters())
     return {"model": model.name, "params_M": round(params / 1e6, 1), "split_step_s": med["split"],
             "local_step_s": med["local"], "inproc_split_step_s": med["inproc"], "ratio": med["split"] / med["local"],
-            "paired_ratio": paired, "same_batches": same,
+            "paired_ratio": spread(pairs) if same else {}, "same_batches": same,
             "spread": {mode: spread(ts) for mode, ts in times.items()},
             "ratio_of_minima": min(times["split"]) / min(times["local"]),
             "client_cpu_s": statistics.median(r["cpu_s"] for r in records),
@@ -105,8 +123,8 @@ def measure(cfg: BenchConfig, shape: tuple[int, int], work: Path) -> dict:
             "inproc_cpu_s": statistics.median(cpu["inproc"]),
             **{p: statistics.median(r.get(p, 0.0) for r in records) for p in PHASES},
             "wire_MB_per_step": statistics.mean(r["bytes_sent"] + r["bytes_received"] for r in records) / 1e6,
-            "load_average_before": load_before, "load_average": os.getloadavg(), "times": times, "cpu": cpu,
-            "records": records}
+            "niced_cpu_share": niced, "load_average_before": load_before, "load_average": os.getloadavg(),
+            "times": times, "cpu": cpu, "records": records}
 
 
 def _row(r: dict) -> dict:
@@ -116,7 +134,8 @@ def _row(r: dict) -> dict:
             "per_batch_ratio": f"{p['median']:.3f} (IQR {p['q1']:.3f}-{p['q3']:.3f}, {p['min']:.3f}-{p['max']:.3f})"
             if p else "n/a (batches differ)",
             "split_cpu_s": r["split_cpu_s"], "local_cpu_s": r["local_cpu_s"],
-            "cpu_ratio": r["split_cpu_s"] / r["local_cpu_s"], "wire_MB_per_step": r["wire_MB_per_step"]}
+            "cpu_ratio": r["split_cpu_s"] / r["local_cpu_s"], "wire_MB_per_step": r["wire_MB_per_step"],
+            "niced_cpu_%": "/".join(f"{100 * max(v):.1f}" for v in r["niced_cpu_share"].values())}
 
 
 def run(cfg: BenchConfig) -> Path:
@@ -127,7 +146,8 @@ def run(cfg: BenchConfig) -> Path:
     phases = [{"model": r["model"], **{p.removesuffix("_s") + "_ms": 1e3 * r[p] for p in PHASES},
                "client_cpu_s": r["client_cpu_s"], "server_cpu_s": r["server_cpu_s"]} for r in results]
     load = os.getloadavg()
-    notes = [f"median of {cfg.overhead_steps} steps after {cfg.overhead_warmup} warm-up steps, batch "
+    notes = [f"{cfg.overhead_repeats} repeats of {cfg.overhead_steps} steps each after {cfg.overhead_warmup} warm-up "
+             f"steps (split, then the baselines, in turn), pooled; batch "
              f"{cfg.batch_size} of E2E examples, split after block {cfg.split_layer}, LoRA r={cfg.lora_r} alpha "
              f"{cfg.lora_alpha} dropout {cfg.lora_dropout} on {','.join(cfg.lora_targets)}, max_seq_len "
              f"{cfg.max_seq_len}, float32 on the wire, {cfg.threads} torch threads per process; every kind of step "
@@ -139,7 +159,9 @@ def run(cfg: BenchConfig) -> Path:
              "parts in this process, the cut tensor handed over directly",
              "ratio: median split step / median local step (wall time); per_batch_ratio: split / local step of the "
              "same batch, median (IQR, min-max) over the timed steps; split_cpu_s: CPU seconds per step of client and "
-             "server processes together (every thread); local_cpu_s: of the local step (this process)",
+             "server processes together (every thread); local_cpu_s: of the local step (this process); niced_cpu_%: "
+             "the most CPU time (of all cores) that processes with a positive nice value took during a split run / "
+             "a baseline run (/proc/stat), i.e. what other work took from the benchmark",
              "phases (median ms): forward, send (client encodes and serializes), prepare (the client's next batch, "
              "while the server works), wire (client wait and prepare minus the server's decode, engine and encode: "
              "transfers and hand-overs), server_decode, server (engine: queue, "
