@@ -91,8 +91,8 @@ class BenchConfig:
     def validate(self) -> None:
         """Reject settings that cannot work."""
         for name in ("eval_examples", "batch_size", "overhead_steps", "wire_rounds", "wire_local_steps", "clients",
-                     "rounds", "local_steps", "edge_steps", "threads", "scaling_repeats", "edge_repeats", "overhead_repeats",
-                     "pretrain_batch"):
+                     "rounds", "local_steps", "edge_steps", "threads", "scaling_repeats", "edge_repeats",
+                     "overhead_repeats", "pretrain_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.dirichlet_alpha > 0 or min(self.aggregation_clients, default=1) < 1:

@@ -93,7 +93,8 @@ def with_server_phases(client: list[dict], server: list[dict]) -> list[dict]:
         s = by_step.get(r["step"], dict.fromkeys(SERVER_PHASES, 0.0))
         merged = {**r, "server_decode_s": s["decode_s"], "server_s": s["server_s"], "server_encode_s": s["encode_s"],
                   "server_cpu_s": s["cpu_s"]}
-        merged["wire_s"] = r.get("wait_s", 0.0) + r.get("prepare_s", 0.0) - s["decode_s"] - s["server_s"] - s["encode_s"]
+        waited = r.get("wait_s", 0.0) + r.get("prepare_s", 0.0)
+        merged["wire_s"] = waited - s["decode_s"] - s["server_s"] - s["encode_s"]
         out.append(merged)
     return out
 
