@@ -98,8 +98,8 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
                   RoundOptions, AdmissionOptions, GenerationOptions, ThreadOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
-    HELP_GROUPS = {**{n: "essentials" for n in ("model", "split_layer", "host", "port", "clients", "output",
-                                                "init_adapter")},
+    HELP_GROUPS = {**{n: "essentials" for n in ("model", "split_layer", "split_range", "host", "port", "clients",
+                                                "output", "init_adapter")},
                    **{n: "schedule" for n in ("rounds", "local_steps", "batch_size", "learning_rate", "warmup_steps",
                                               "weight_decay", "max_grad_norm", "label_smoothing", "max_seq_len",
                                               "seed")},

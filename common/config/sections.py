@@ -21,10 +21,6 @@ class ModelOptions:
                             "a network). Empty: the built-in tiny GPT-2, created once under $SPLITLORA_HOME.")
     split_layer: int = option(3, "Blocks [0, K) run on the client, [K, L) on the server (with --split-range: the "
                                  "K of clients that choose none).")
-    split_range: str = option("", "Per-client split points: K_MIN:K_MAX, the split layers (both ends included) a "
-                                  "client may choose (splitlora-client train --split-layer K or auto); the server "
-                                  "holds blocks [K_MIN, L) and runs [K_i, L) for client i. Empty: every client "
-                                  "uses --split-layer.", metavar="K_MIN:K_MAX")
     dtype: str = option("float32", "dtype of the frozen base weights; LoRA weights stay float32.",
                         choices=sorted(DTYPES))
     lora_r: int = option(4, "LoRA rank.")
@@ -36,6 +32,10 @@ class ModelOptions:
                                          "adapted where it is.")
     lora_rslora: bool = option(False, "rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.")
     lora_dora: bool = option(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output feature).")
+    split_range: str = option("", "Per-client split points: K_MIN:K_MAX, the split layers (both ends included) a "
+                                  "client may choose (splitlora-client train --split-layer K or auto); the server "
+                                  "holds blocks [K_MIN, L) and runs [K_i, L) for client i. Empty: every client "
+                                  "uses --split-layer.", metavar="K_MIN:K_MAX")
 
     def model_dir(self) -> Path:
         """The model directory: local as given, a hub snapshot, or the built-in tiny model when empty."""
