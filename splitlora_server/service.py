@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from common.faults import fault_point
-from common.fingerprint import differences
+from common.fingerprint import check_split_layer_of
 from common.limits import negotiated_chunk, too_small
 from common.redact import shown
 from common.router_wire import encode_backward
@@ -23,6 +24,7 @@ from splitlora_server.engine.core import ServerEngine
 from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits, decode_step, max_frame_bytes
 from splitlora_server.handout import PRIVATE, FinalAdapter
+from splitlora_server.ops.steplog import StepLog
 from splitlora_server.pipelining import MicroProgress
 from splitlora_server.registry import ClientRecord, Registry, invalid_client_id
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
@@ -43,8 +45,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
                  on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg",
                  status_extras: Callable[[], dict[str, Any]] | None = None, micro_batches: int = 1,
-                 plan: spb.Plan | None = None) -> None:
+                 plan: spb.Plan | None = None, step_log: StepLog | None = None,
+                 fingerprints: dict[int, spb.Fingerprint] | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
+        # the fingerprint a client of each allowed split layer sends (per-client split points; else just one)
+        self.fingerprints = fingerprints or {fingerprint.split_layer: fingerprint}
         self.aggregation = aggregation  # announced at Join: how the clients' adapters are combined
         self.status_extras = status_extras or dict  # more StatusReply fields (generation, validation)
         self.micro_batches = micro_batches  # per step, for clients that do not ask for a number at Join
@@ -58,6 +63,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self.max_message_bytes, self.chunk_bytes = max_message_bytes, chunk_bytes
         self.stopping = threading.Event()  # set on shutdown: calls are refused with UNAVAILABLE (retry)
         self._replies = 0
+        self.step_log = step_log  # per-step timing (metrics.jsonl in --output)
 
     # -- handshake -------------------------------------------------------------------------------------------
     def GetPlan(self, request: spb.PlanRequest, context: grpc.ServicerContext) -> spb.Plan:
@@ -76,10 +82,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
         if chunk is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
-        diff = differences(self.fingerprint, request.fingerprint)
-        if diff:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "the client's model does not match the server's: " + "; ".join(diff))
+        split_layer = self._check_fingerprint(request.fingerprint, context)
         try:
             record = self.registry.join(request.client_id)
         except Refused as refused:
@@ -89,20 +92,33 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"micro_batches {micro} must be between 1 and the "
                                                             f"batch size {self.schedule.batch_size}")
         record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
-        self.engine.add_client(record.client_id).result()
+        problem = self.engine.add_client(record.client_id, split_layer).result()
+        if problem:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        record.split_layer = split_layer
         with record.step_lock:  # after any step of its old stream still in flight
             record.micro_batches, record.micro = micro, MicroProgress()
             start, partial = self.registry.resume(record)
             if partial:
                 self.engine.rollback(record.client_id, start).result()
-        log.info("client %s joined (codec %s): starts round %d%s", record.client_id, codec_name(record.codec),
-                 start, " (its partial progress in it is undone)" if partial else "",
+        log.info("client %s joined (codec %s, split layer %d): starts round %d%s", record.client_id,
+                 codec_name(record.codec), split_layer, start,
+                 " (its partial progress in it is undone)" if partial else "",
                  extra={"client": record.client_id, "round": start})
         return spb.JoinReply(session=record.session, schedule=self.schedule,
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
                              start_round=start, num_clients=self.rounds.expected, server_version=VERSION,
                              aggregation=self.aggregation, micro_batches=micro)
+
+    def _check_fingerprint(self, fingerprint: spb.Fingerprint, context: grpc.ServicerContext) -> int:
+        """The client's split layer, once its fingerprint matches the server's for that split layer."""
+        problem = check_split_layer_of(self.fingerprints, fingerprint)
+        if problem:
+            kind, why = problem
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT if kind == "range" else grpc.StatusCode.FAILED_PRECONDITION,
+                          why)
+        return int(fingerprint.split_layer)
 
     def _negotiate(self, offered: list[int]) -> int:
         for codec in offered or [tpb.CODEC_RAW]:
@@ -146,12 +162,19 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                     context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 record.bytes_in += len(raw)
                 step_bytes += len(raw)
+                started = time.perf_counter()
                 frame = self._parse(record, raw, parts, context)
                 if frame is None:
                     continue
-                reply = self._step(record, frame.forward, context, step_bytes)
+                phases = {"decode": time.perf_counter() - started}
+                reply = self._step(record, frame.forward, context, step_bytes, phases)
                 step_bytes = 0
-                for out in serialized(spb.ServerFrame(backward=reply), spb.ServerFrame, record.chunk_bytes):
+                encoding = time.perf_counter()
+                pieces = serialized(spb.ServerFrame(backward=reply), spb.ServerFrame, record.chunk_bytes)
+                phases["encode"] += time.perf_counter() - encoding
+                if self.step_log is not None:
+                    self.step_log.step(record.client_id, reply.step, reply.micro, phases)
+                for out in pieces:
                     record.bytes_out += len(out)
                     yield out
                 self._replies += 1
@@ -190,13 +213,15 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, "empty frame: set forward or part")
         return frame
 
-    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
-              ) -> spb.StepBackward:
+    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int,
+              phases: dict[str, float]) -> spb.StepBackward:
         with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
-            return self._step_locked(record, fwd, context, nbytes)
+            return self._step_locked(record, fwd, context, nbytes, phases)
 
-    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
-                     ) -> spb.StepBackward:
+    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int,
+                     phases: dict[str, float]) -> spb.StepBackward:
+        """Check, decode and run one step (micro-batch) through the engine; `phases` gets the seconds of decoding,
+        the engine (queue, forward, backward, update) and encoding the answer."""
         total = self.schedule.rounds * self.schedule.local_steps
         if fwd.step >= total:
             self._fail(context, record, grpc.StatusCode.OUT_OF_RANGE,
@@ -208,10 +233,13 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if fwd.round != self.registry.round_of(fwd.step):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} belongs to round {self.registry.round_of(fwd.step)}, frame says {fwd.round}")
+        clock = time.perf_counter()
         try:
             step = decode_step(fwd, self.limits, record.codec, record.client_id)
+            step.start = record.split_layer
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
+        phases["decode"] += time.perf_counter() - clock
         rnd = fwd.round
         try:
             record.micro.check(step, record.micro_batches)
@@ -219,10 +247,12 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 future = self.engine.submit_step(step)
         except Refused as refused:
             self._fail(context, record, refused.code, refused.message)
+        clock = time.perf_counter()
         try:
             outcome = future.result()
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
             self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
+        phases["server"] = time.perf_counter() - clock
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} produced a non-finite loss; the update was skipped")
@@ -233,9 +263,12 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 self.rounds.arrive(record.client_id, rnd, FINISHED)
             except Refused as refused:
                 self._fail(context, record, refused.code, refused.message)
+        clock = time.perf_counter()
         router = None if outcome.router_grad is None else encode_backward(outcome.router_grad, outcome.aux_loss)
-        return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
-                                tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro, router=router)
+        reply = spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
+                                 tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro, router=router)
+        phases["encode"] = time.perf_counter() - clock
+        return reply
 
     def FetchServerAdapter(self, request: spb.ServerAdapterRequest, context: grpc.ServicerContext
                            ) -> Iterator[spb.AdapterPiece]:
