@@ -48,7 +48,8 @@ def _causes(what: str, address: str, opts: ClientTlsOptions, last: str) -> list[
 def unreachable(what: str, address: str, opts: ClientTlsOptions, err: grpc.RpcError | None, seconds: float) -> str:
     """Why `what` at `address` did not answer within `seconds`: what was tried and the likely causes."""
     last = f"{err.code().name}: {err.details()}" if err is not None else "no answer"
-    return (f"could not reach {what} at {address} over {describe_security(opts)} within {seconds:g} s (last error: "
+    within = f" within {seconds:g} s" if seconds > 0 else ""  # 0: one attempt, no retries
+    return (f"could not reach {what} at {address} over {describe_security(opts)}{within} (last error: "
             f"{last}). Likely causes: " + "; ".join(_causes(what, address, opts, last)))
 
 

@@ -8,6 +8,7 @@ residuals folded into the frozen weights, as a client does). Per round: validati
 error of the global B·A (+ residual) against the sample-weighted mean of the clients' B_i·A_i."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from common.seeding import seed_torch
 from common.split.parts import SplitPart
 
 NAME = "aggregation"
+log = logging.getLogger(__name__)
 
 
 def product_error(glob: AdapterState, states: list[AdapterState], weights: list[float],
@@ -126,6 +128,8 @@ def simulate(cfg: BenchConfig, model: Path, strategy: str, shards: list[list[Enc
         curve.add((rnd + 1) * len(shards) * cfg.local_steps * cfg.batch_size,
                   evaluator.loss({**sim.server_state(), **adapter}), spent)
         curve.extra["aggregation_error"].append(error)
+        log.info("aggregation %s, %d clients: round %d/%d, validation loss %.4f, B·A error %.2e", strategy,
+                 len(shards), rnd + 1, cfg.rounds, curve.val_loss[-1], error)
     return curve
 
 

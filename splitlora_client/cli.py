@@ -9,8 +9,8 @@ from splitlora_client.generation.options import EvaluateConfig, GenerateConfig
 from splitlora_client.options import TrainConfig
 
 
-def _refused(run: Callable[[], int], insecure: bool) -> int:
-    """`run()`, with a server's refusal printed as one line (and a TLS hint where it may be the cause)."""
+def _refused(run: Callable[[], int], cfg: TrainConfig | GenerateConfig | EvaluateConfig) -> int:
+    """`run()`, with a server's refusal (or its absence) printed as one line naming the likely cause."""
     import grpc
     try:
         return run()
@@ -21,26 +21,28 @@ def _refused(run: Callable[[], int], insecure: bool) -> int:
 
 def _train(cfg: TrainConfig) -> int:
     from splitlora_client.trainer import train
-    return _refused(lambda: print(train(cfg)) or 0, cfg.insecure)
+    return _refused(lambda: print(train(cfg)) or 0, cfg)
 
 
 def _generate(cfg: GenerateConfig) -> int:
     from splitlora_client.generation.commands import generate
-    return _refused(lambda: generate(cfg), cfg.insecure)
+    return _refused(lambda: generate(cfg), cfg)
 
 
 def _evaluate(cfg: EvaluateConfig) -> int:
     from splitlora_client.generation.commands import evaluate
-    return _refused(lambda: evaluate(cfg), cfg.insecure)
+    return _refused(lambda: evaluate(cfg), cfg)
 
 
-def _explain(cfg: TrainConfig, err) -> str:
+def _explain(cfg: TrainConfig | GenerateConfig | EvaluateConfig, err) -> str:
     import grpc
 
     from common.reach import unreachable
+    training = isinstance(cfg, TrainConfig)  # train retries for --reconnect-timeout; generate/evaluate call once
     if err.code() == grpc.StatusCode.UNAVAILABLE:
-        return unreachable("the split server or the aggregator", cfg.server, cfg, err, cfg.reconnect_timeout)
-    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        what = "the split server or the aggregator" if training else "the split server"
+        return unreachable(what, cfg.server, cfg, err, cfg.reconnect_timeout if training else 0.0)
+    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and training:
         return (f"no answer in time ({err.details()}): a round did not close within --round-timeout "
                 f"{cfg.round_timeout:g} s (other clients missing?), or the connection stalls")
     return f"the server refused: {err.code().name}: {err.details()}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -140,15 +141,16 @@ class SplitSession:
 
     def receive(self, step: int, sent: int = 0, micro: int = 0) -> StepResult:
         """Wait for the server's answer to `step` (micro-batch `micro` of it), sent with `send`."""
-        back, received = self._read(step, "backward", micro)
+        back, received, arrived = self._read(step, "backward", micro)
         grad = decode_tensor(back.grad, name="grad")
         router_grad, aux = decode_backward(back.router) if back.HasField("router") else (None, 0.0)
-        return StepResult(grad, back.loss, back.tokens, sent, received, router_grad, aux)
+        return StepResult(grad, back.loss, back.tokens, sent, received, router_grad, aux,
+                          phases={"decode": time.perf_counter() - arrived})
 
     def receive_top(self, step: int, micro: int = 0) -> tuple[torch.Tensor, int]:
         """U-shape mode: wait for the server blocks' output at the top cut of `step` (micro-batch `micro`);
         return it and its bytes."""
-        top, received = self._read(step, "top", micro)
+        top, received, _ = self._read(step, "top", micro)
         return decode_tensor(top.hidden, name="top hidden"), received
 
     def _read(self, step: int, kind: str, micro: int):
@@ -159,8 +161,10 @@ class SplitSession:
             raise
 
     def _receive(self, step: int, kind: str, micro: int):
+        """The awaited answer (`kind` of `step`, micro-batch `micro`), its bytes and when its last piece arrived."""
         parts, received = Reassembler(max_bytes=1 << 34), 0
         for raw in self._responses:
+            arrived = time.perf_counter()  # decoding starts: what comes before is the wire and the server
             received += len(raw)
             out = spb.ServerFrame.FromString(raw)
             if out.WhichOneof("kind") == "part":
@@ -174,7 +178,7 @@ class SplitSession:
             if (msg.step, msg.micro) != (step, micro):
                 raise RuntimeError(f"server answered step {msg.step} micro-batch {msg.micro} while step {step} "
                                    f"micro-batch {micro} was awaited")
-            return msg, received
+            return msg, received, arrived
         raise ConnectionError("the server closed the training stream")
 
     def close(self) -> None:

@@ -40,6 +40,7 @@ from splitlora_server.frames import FrameLimits
 from splitlora_server.generation.wiring import GenerationParts, build_generation
 from splitlora_server.init_adapter import InitialAdapter, load_initial_adapter
 from splitlora_server.ops.metrics import metrics_for
+from splitlora_server.ops.steplog import StepLog
 from splitlora_server.options import AggregateConfig, ServeConfig
 from splitlora_server.registry import Registry
 from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator, RoundListener
@@ -172,6 +173,8 @@ class RunningServer:
         if self.admission is not None:
             self.admission.close()
         self.engine.stop()
+        if self.service.step_log is not None:
+            self.service.step_log.close()
 
 
 class EngineRoundEnd(RoundListener):
@@ -262,6 +265,7 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                                    status_extras=generation.status_fields,
                                    plan=_plan(cfg, planned, schedule, part, initial),
                                    top=TopCut(cfg.top_blocks) if cfg.u_shape else None,
+                                   step_log=StepLog(Path(cfg.output) / "metrics.jsonl"),
                                    fingerprints=ranges.fingerprints)
     server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
     add_to_server(service, server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import grpc
@@ -24,6 +25,7 @@ from splitlora_server.engine.jobs import Step
 from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits, decode_step, max_frame_bytes
 from splitlora_server.handout import PRIVATE, FinalAdapter
+from splitlora_server.ops.steplog import StepLog
 from splitlora_server.pipelining import MicroProgress
 from splitlora_server.registry import ClientRecord, Registry, invalid_client_id
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
@@ -45,7 +47,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
                  on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg",
                  status_extras: Callable[[], dict[str, Any]] | None = None, micro_batches: int = 1,
-                 plan: spb.Plan | None = None, top: TopCut | None = None,
+                 plan: spb.Plan | None = None, top: TopCut | None = None, step_log: StepLog | None = None,
                  fingerprints: dict[int, spb.Fingerprint] | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
         # the fingerprint a client of each allowed split layer sends (per-client split points; else just one)
@@ -64,6 +66,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self.top = top  # u-shape mode: steps awaiting their top-cut gradient (None: standard mode)
         self.stopping = threading.Event()  # set on shutdown: calls are refused with UNAVAILABLE (retry)
         self._replies = 0
+        self.step_log = step_log  # per-step timing (metrics.jsonl in --output)
 
     # -- handshake -------------------------------------------------------------------------------------------
     def GetPlan(self, request: spb.PlanRequest, context: grpc.ServicerContext) -> spb.Plan:
@@ -166,12 +169,20 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                     context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 record.bytes_in += len(raw)
                 step_bytes += len(raw)
+                started = time.perf_counter()
                 frame = self._parse(record, raw, parts, context)
                 if frame is None:
                     continue
-                reply = self._step(record, frame, context, step_bytes)
+                phases = {"decode": time.perf_counter() - started}
+                reply = self._step(record, frame, context, step_bytes, phases)
                 step_bytes = 0
-                for out in serialized(reply, spb.ServerFrame, record.chunk_bytes):
+                encoding = time.perf_counter()
+                pieces = serialized(reply, spb.ServerFrame, record.chunk_bytes)
+                phases["encode"] += time.perf_counter() - encoding
+                if self.step_log is not None:
+                    answer = getattr(reply, reply.WhichOneof("kind"))  # StepBackward, or StepTop in u-shape mode
+                    self.step_log.step(record.client_id, answer.step, answer.micro, phases)
+                for out in pieces:
                     record.bytes_out += len(out)
                     yield out
                 self._replies += 1
@@ -211,12 +222,12 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                        "empty frame: set forward, top_grad or part")
         return frame
 
-    def _step(self, record: ClientRecord, frame: spb.ClientFrame, context: grpc.ServicerContext, nbytes: int
-              ) -> spb.ServerFrame:
+    def _step(self, record: ClientRecord, frame: spb.ClientFrame, context: grpc.ServicerContext, nbytes: int,
+              phases: dict[str, float]) -> spb.ServerFrame:
         with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
             if frame.WhichOneof("kind") == "top_grad":
-                return spb.ServerFrame(backward=self._top_grad_locked(record, frame.top_grad, context, nbytes))
-            return self._step_locked(record, frame.forward, context, nbytes)
+                return spb.ServerFrame(backward=self._top_grad_locked(record, frame.top_grad, context, nbytes, phases))
+            return self._step_locked(record, frame.forward, context, nbytes, phases)
 
     def _refuse(self, context: grpc.ServicerContext, record: ClientRecord, refused: Refused) -> None:
         if self.top is not None:
@@ -224,19 +235,23 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self._fail(context, record, refused.code, refused.message)
 
     def _top_grad_locked(self, record: ClientRecord, msg: spb.StepTopGrad, context: grpc.ServicerContext,
-                         nbytes: int) -> spb.StepBackward:
+                         nbytes: int, phases: dict[str, float]) -> spb.StepBackward:
         if self.top is None:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        "a top-cut gradient (StepTopGrad) was sent, but the server runs --split-mode standard: it "
                        "holds the head and computes the loss from the step's labels")
+        clock = time.perf_counter()
         try:
             step = self.top.take(record.client_id, msg, self.limits, record.codec)
         except Refused as refused:
             self._refuse(context, record, refused)
-        return self._train(record, step, self.registry.round_of(step.step), nbytes, context)
+        phases["decode"] += time.perf_counter() - clock
+        return self._train(record, step, self.registry.round_of(step.step), nbytes, context, phases)
 
-    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
-                     ) -> spb.ServerFrame:
+    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int,
+                     phases: dict[str, float]) -> spb.ServerFrame:
+        """Check, decode and run one step (micro-batch) through the engine (u-shape: its first exchange); `phases`
+        gets the seconds of decoding, the engine (queue, forward, backward, update) and encoding the answer."""
         if self.top is not None:
             try:
                 self.top.check_none_awaited(record.client_id, fwd.step)
@@ -253,32 +268,39 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if fwd.round != self.registry.round_of(fwd.step):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} belongs to round {self.registry.round_of(fwd.step)}, frame says {fwd.round}")
+        clock = time.perf_counter()
         try:
             step = decode_step(fwd, self.limits, record.codec, record.client_id, u_shape=self.top is not None)
             step.start = record.split_layer
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
+        phases["decode"] += time.perf_counter() - clock
         if self.top is not None:
-            return spb.ServerFrame(top=self._probe(record, step, fwd, context, nbytes))
-        return spb.ServerFrame(backward=self._train(record, step, fwd.round, nbytes, context))
+            return spb.ServerFrame(top=self._probe(record, step, fwd, context, nbytes, phases))
+        return spb.ServerFrame(backward=self._train(record, step, fwd.round, nbytes, context, phases))
 
     def _probe(self, record: ClientRecord, step: Step, fwd: spb.StepForward, context: grpc.ServicerContext,
-               nbytes: int) -> spb.StepTop:
+               nbytes: int, phases: dict[str, float]) -> spb.StepTop:
         """U-shape, a step's first exchange: the server blocks' output at the top cut; the step is then awaited."""
         try:
             with self.rounds.open_for(record.client_id, fwd.round):
                 future = self.engine.probe(step)
         except Refused as refused:
             self._fail(context, record, refused.code, refused.message)
+        clock = time.perf_counter()
         try:
             top = future.result()
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
             self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
+        phases["server"] = time.perf_counter() - clock
         self.top.park(step)
-        return spb.StepTop(step=fwd.step, hidden=encode_tensor(top, record.codec), bytes_received=nbytes)
+        clock = time.perf_counter()
+        reply = spb.StepTop(step=fwd.step, hidden=encode_tensor(top, record.codec), bytes_received=nbytes)
+        phases["encode"] = time.perf_counter() - clock
+        return reply
 
-    def _train(self, record: ClientRecord, step: Step, rnd: int, nbytes: int, context: grpc.ServicerContext
-               ) -> spb.StepBackward:
+    def _train(self, record: ClientRecord, step: Step, rnd: int, nbytes: int, context: grpc.ServicerContext,
+               phases: dict[str, float]) -> spb.StepBackward:
         """Run a decoded step through the engine, account it and answer it (gradient at the bottom cut)."""
         try:
             record.micro.check(step, record.micro_batches)
@@ -286,10 +308,12 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 future = self.engine.submit_step(step)
         except Refused as refused:
             self._fail(context, record, refused.code, refused.message)
+        clock = time.perf_counter()
         try:
             outcome = future.result()
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
             self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {step.step}: {err}")
+        phases["server"] = time.perf_counter() - clock
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {step.step} produced a non-finite loss; the update was skipped")
@@ -300,9 +324,12 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 self.rounds.arrive(record.client_id, rnd, FINISHED)
             except Refused as refused:
                 self._fail(context, record, refused.code, refused.message)
+        clock = time.perf_counter()
         router = None if outcome.router_grad is None else encode_backward(outcome.router_grad, outcome.aux_loss)
-        return spb.StepBackward(step=step.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
-                                tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro, router=router)
+        reply = spb.StepBackward(step=step.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
+                                 tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro, router=router)
+        phases["encode"] = time.perf_counter() - clock
+        return reply
 
     def FetchServerAdapter(self, request: spb.ServerAdapterRequest, context: grpc.ServicerContext
                            ) -> Iterator[spb.AdapterPiece]:

@@ -68,3 +68,19 @@ def test_hub_id_offline_is_one_clear_line(capsys, monkeypatch):
     assert _exit_code(server_main, ["serve", "--insecure", "--model", "no-such-org/no-such-model", "--port", "0"]) == 1
     err = capsys.readouterr().err
     assert "could not be downloaded from the Hugging Face hub" in err and "Traceback" not in err
+
+
+def test_evaluate_with_no_server_is_one_clear_line(capsys, tmp_path: Path, builtin_model_dir: Path):
+    """A gRPC error of generate/evaluate is explained in one line (not a traceback of the explanation itself)."""
+    from splitlora_bench.procs import free_port
+
+    data = tmp_path / "held_out.txt"
+    data.write_text("name[The Eagle]||The Eagle is a pub.\n")
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    code = _exit_code(client_main, ["evaluate", "--insecure", "--server", address, "--model", str(builtin_model_dir),
+                                    "--adapter", "none", "--data", str(data), "--no-metrics"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"splitlora-client: could not reach the split server at {address} over plaintext (--insecure) (last error: " \
+           "UNAVAILABLE" in out
+    assert "Traceback" not in out and "NameError" not in out

@@ -35,7 +35,7 @@ def test_int8_client_part_holds_less_and_computes_close_with_float32_lora():
 
 
 def test_int4_and_unknown_modes_are_refused_with_the_reason():
-    with pytest.raises(QuantizationError, match="need a CUDA device"):
+    with pytest.raises(QuantizationError, match="has no backward"):
         quantize_frozen(torch.nn.Linear(4, 4), "int4")
     with pytest.raises(QuantizationError, match="not one of none, int8, int4"):
         quantize_frozen(torch.nn.Linear(4, 4), "fp3")
@@ -58,3 +58,18 @@ def test_an_int8_client_trains_through_the_server_close_to_float32(tmp_path: Pat
     assert all(abs(q - p) < 0.01 * p for p, q in zip(plain, quantized))
     assert quantized[-1] < quantized[0]  # it learns
     assert any(not torch.equal(exact_client[k], int8_client[k]) for k in exact_client)  # it did run quantized
+
+
+def test_the_cpu_int4_kernel_still_has_no_backward():
+    """The reason int4 is refused on the CPU: when torchao's CPU int4 linear gains a derivative, this fails and
+    `--client-quantization int4` can be enabled on the CPU."""
+    pytest.importorskip("torchao")
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import quantize_
+
+    layer = torch.nn.Linear(256, 128).requires_grad_(False)
+    quantize_(layer, PrototypeInt4WeightOnlyConfig(group_size=128))
+    x = torch.randn(2, 256, requires_grad=True)
+    y = layer(x)
+    with pytest.raises(RuntimeError, match="derivative for aten::_weight_int4pack_mm_for_cpu is not implemented"):
+        y.sum().backward()

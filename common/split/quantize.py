@@ -4,8 +4,10 @@ weight-only int8, which has CPU kernels), its adapters trained in float32 on top
 Only frozen `nn.Linear` and `nn.Embedding` weights are quantized (Llama-style families: every projection and
 the embeddings; GPT-2: its embeddings, its blocks being `Conv1D`, which torchao does not quantize). LoRA's own
 layers and norms stay as they are. The checkpoint on disk is untouched, so the fingerprint still identifies it.
-4-bit: torchao's int4 weight-only layouts need a CUDA device (no CPU kernel in the torchao this project
-pins), so `int4` is refused on the CPU with that reason.
+4-bit on the CPU: torchao's one CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`, behind its prototype
+`Int4OpaqueTensor`) computes the forward only, it has no derivative, and a client backpropagates through its frozen
+blocks to train their adapters; torchao's other int4 layouts need a CUDA device. So `int4` is refused on the CPU
+with that reason (tests/test_quantization.py checks that the kernel still has no backward).
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ def check_quantization(mode: str, device: str = "cpu") -> None:
     if mode not in QUANTIZATIONS:
         raise QuantizationError(f"quantization {mode!r} is not one of {', '.join(QUANTIZATIONS)}")
     if mode == "int4" and not str(device).startswith("cuda"):
-        raise QuantizationError("int4: torchao's 4-bit weight-only kernels need a CUDA device; on the CPU use int8")
+        raise QuantizationError("int4: torchao's CPU 4-bit kernel (aten._weight_int4pack_mm_for_cpu) has no "
+                                "backward, which training through the client's frozen blocks needs; its other "
+                                "4-bit layouts need a CUDA device; on the CPU use int8")
     if mode != "none" and importlib.util.find_spec("torchao") is None:
         raise QuantizationError(f"quantization {mode} needs torchao: {INSTALL_HINT}")
 
