@@ -180,8 +180,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 pieces = serialized(reply, spb.ServerFrame, record.chunk_bytes)
                 phases["encode"] += time.perf_counter() - encoding
                 if self.step_log is not None:
-                    answer = getattr(reply, reply.WhichOneof("kind"))  # StepBackward, or StepTop in u-shape mode
-                    self.step_log.step(record.client_id, answer.step, answer.micro, phases)
+                    kind = reply.WhichOneof("kind")  # backward, or top (a u-shape step's first exchange)
+                    answer = getattr(reply, kind)
+                    self.step_log.step(record.client_id, answer.step, answer.micro, phases, answer=kind)
                 for out in pieces:
                     record.bytes_out += len(out)
                     yield out

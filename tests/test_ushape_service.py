@@ -3,6 +3,7 @@ nothing (standard frames to a u-shape server and the reverse, a wrong J, a missi
 while another client trains on."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -127,6 +128,9 @@ def test_bad_frames_are_refused_and_change_nothing_while_another_client_trains(u
     _good_step(u_server, alice.metadata, client, 1)  # (step 0 trains at learning rate 0: the warm-up starts there)
     assert not _same(_adapter(u_server, "alice"), before)
     assert u_server.client_status("alice").steps == 2 and u_server.client_status("bob").steps == 2
+    logged = [json.loads(line) for line in (Path(u_server.config.output) / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["answer"]) for r in logged if r["client"] == "bob"] == [
+        (0, "top"), (0, "backward"), (1, "top"), (1, "backward")]  # the server's step log: both exchanges
 
 
 def test_a_standard_server_refuses_u_shape_frames(builtin_model_dir: Path, tmp_path: Path) -> None:

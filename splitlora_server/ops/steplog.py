@@ -18,13 +18,14 @@ class StepLog:
         self._lock = threading.Lock()
         self._cpu = time.process_time()
 
-    def step(self, client_id: str, step: int, micro: int, phases: dict[str, float]) -> None:
+    def step(self, client_id: str, step: int, micro: int, phases: dict[str, float], answer: str = "backward") -> None:
         """Record a step's phases (seconds); cpu_s: the server process's CPU time (every thread) since the previous
-        record, which with one client is this step's."""
+        record, which with one client is this step's. `answer`: what the server sent, "backward" (the gradient at
+        the cut) or, in u-shape mode, "top" for a step's first exchange (a u-shape step has one record of each)."""
         with self._lock:
             cpu, self._cpu = self._cpu, time.process_time()
             record = {"time": round(time.time(), 3), "event": "step", "client": client_id, "step": step,
-                      "micro": micro, **{f"{k}_s": round(v, 5) for k, v in phases.items()},
+                      "micro": micro, "answer": answer, **{f"{k}_s": round(v, 5) for k, v in phases.items()},
                       "cpu_s": round(self._cpu - cpu, 4)}
             self._file.write(json.dumps(record) + "\n")
 
