@@ -24,7 +24,7 @@ from common.provenance import provenance
 from common.residuals import ResidualFolder
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.split.parts import SplitPart
-from common.split.quantize import quantize_frozen, weight_bytes
+from common.split.quantize import weight_bytes
 from common.threads import apply_threads
 from common.tls import open_channel
 from common.wire import codec_from_name, codec_name
@@ -196,14 +196,13 @@ def train(cfg: TrainConfig) -> Path:
     plan = take_plan(cfg, session)  # the split layer and LoRA options from the server, unless pinned here
     model_dir, lora, tokenizer = local.model_dir, cfg.lora_settings(), local.tokenizer
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
-    part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=plan.schedule.seed)
+    part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=plan.schedule.seed,
+                     quantization=cfg.client_quantization)  # quantized as it is read: never all in float32
     plan.load_initial_adapter(part)
     reply, join_args, aggregator, shared_channel = _join(cfg, session, channel, options, fingerprint, log)
     sched = reply.schedule
     if cfg.client_quantization != "none":
-        count = quantize_frozen(part, cfg.client_quantization)
-        log.info("frozen base in %s: %d weights quantized, %.1f MB held", cfg.client_quantization, count,
-                 weight_bytes(part) / 1e6)
+        log.info("frozen base in %s: %.1f MB held", cfg.client_quantization, weight_bytes(part) / 1e6)
     part.train()
     if reply.aggregation and freezes_lora_a(reply.aggregation):  # ffa: only B trains, A stays as initialised
         for name, param in part.peft.named_parameters():
