@@ -84,25 +84,23 @@ def latency(cfg: BenchConfig, model: Path, split: _Split, prompts: list[torch.Te
 
 
 def throughput(cfg: BenchConfig, split: _Split, sessions: int, prompt: torch.Tensor, pad: int) -> float:
-    """Generated tokens per second of `sessions` concurrent callers, each generating `generate_tokens` at a time."""
-    done = [0] * sessions
+    """Generated tokens per second of `sessions` concurrent callers, each generating `generate_tokens` at a time.
+    Tokens are counted as they are generated (one per forward of a batch-1 session), not when a whole generation
+    ends: with many sessions one generation can take longer than the measuring window."""
+    models = [split.model(f"bench-{i}") for i in range(sessions)]
     stop = threading.Event()
 
-    def caller(i: int) -> None:
-        m = split.model(f"bench-{i}")
+    def caller(m: SplitCausalLM) -> None:
         while not stop.is_set():
             _timed(m, prompt, cfg.generate_tokens, pad)
-            done[i] += cfg.generate_tokens
 
-    threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(sessions)]
+    threads = [threading.Thread(target=caller, args=(m,), daemon=True) for m in models]
     for t in threads:
         t.start()
     time.sleep(cfg.scaling_warmup_s)
-    start_count, started = sum(done), time.perf_counter()
+    start_count, started = sum(m.steps for m in models), time.perf_counter()
     time.sleep(cfg.scaling_seconds)
-    while sum(done) == start_count:  # on a loaded machine a window can end before any generation does
-        time.sleep(0.05)
-    rate = (sum(done) - start_count) / (time.perf_counter() - started)
+    rate = (sum(m.steps for m in models) - start_count) / (time.perf_counter() - started)
     stop.set()
     for t in threads:
         t.join(timeout=600)
@@ -139,7 +137,7 @@ def measure(cfg: BenchConfig, shape: tuple[int, int] | None, work: Path) -> tupl
 def run(cfg: BenchConfig) -> Path:
     """Measure every shape of --generate-shapes (or --model alone); write generate.{json,md}."""
     shapes = [parse_shape(s) for s in cfg.generate_shapes] if not cfg.model else [None]
-    load_before = os.getloadavg()
+    load_before, stat = os.getloadavg(), procs.cpu_stat()
     results = [measure(cfg, shape, cfg.out_dir / "work" / f"generate-{i}") for i, shape in enumerate(shapes)]
     latency_rows = [r[0] for r in results]
     scaling_rows = [row for r in results for row in r[1]]
@@ -150,7 +148,8 @@ def run(cfg: BenchConfig) -> Path:
              "answer bytes of one decode step (the answer is the last position's logits)",
              f"throughput: {cfg.scaling_seconds:g} s after {cfg.scaling_warmup_s:g} s warm-up, each session a thread "
              "of the benchmark process; batching on: the decode steps of waiting sessions run as one forward",
-             f"load average before / after: {load_before} / {os.getloadavg()}; CPU only (no GPU was available)"]
+             f"load average before / after: {load_before} / {os.getloadavg()}; niced processes (nice > 0) took "
+             f"{100 * procs.niced_share(stat):.1f} % of all CPU time during the run; CPU only (no GPU was available)"]
     return report.write(cfg.out_dir, "generate", "Split generation: decode latency, prefill, bytes, throughput",
                         {"results": [{"latency": r[0], "throughput": r[1], "times": r[2]} for r in results]},
                         latency_rows, notes,

@@ -41,6 +41,11 @@ def _single_process(cfg: BenchConfig, model: Path, data: Path, core: int, steps:
         torch.set_num_threads(threads)
 
 
+def _spread(times: list[float]) -> dict[str, float]:
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return {"median_step_s": med, "q1_s": q1, "q3_s": q3, "min_s": min(times), "max_s": max(times)}
+
+
 def run(cfg: BenchConfig) -> Path:
     """Measure the single-process step and the split step for each of --pipeline-micro-batches."""
     cores = sorted(os.sched_getaffinity(0))
@@ -51,21 +56,30 @@ def run(cfg: BenchConfig) -> Path:
     n, warm = cfg.overhead_warmup + cfg.overhead_steps, cfg.overhead_warmup
     data = procs.fresh(work) / "train.txt"
     write_examples(data, train[:n * cfg.batch_size])  # one pass: both sides see the same batches in one order
-    load = os.getloadavg()
+    load, stat = os.getloadavg(), procs.cpu_stat()
     single = _single_process(cfg, model, data, cores[0], n)[warm:]
-    split = {m: [r["seconds"] for r in split_run.console_steps(cfg, model, data, n, work / f"micro-{m}", 1, m,
-                                                                 (cores[0], cores[1]))][warm:]
-             for m in cfg.pipeline_micro_batches}
+    records = {m: split_run.console_steps(cfg, model, data, n, work / f"micro-{m}", 1, m, (cores[0], cores[1]))[warm:]
+               for m in cfg.pipeline_micro_batches}
+    split = {m: [r["seconds"] for r in rs] for m, rs in records.items()}
+    single += _single_process(cfg, model, data, cores[0], n)[warm:]  # again after the splits: drift hits both
     base = statistics.median(single)
-    rows = [{"step": "single process, 1 core", "micro_batches": 0, "median_step_s": base, "ratio": 1.0}]
-    rows += [{"step": "split, client and server on a core each", "micro_batches": m,
-              "median_step_s": statistics.median(ts), "ratio": statistics.median(ts) / base} for m, ts in split.items()]
+    rows = [{"step": "single process, 1 core", "micro_batches": 0, **_spread(single), "ratio": 1.0}]
+    rows += [{"step": "split, client and server on a core each", "micro_batches": m, **_spread(ts),
+              "ratio": statistics.median(ts) / base,
+              **{f"{k.removesuffix('_s')}_ms": 1e3 * statistics.median(r.get(k, 0.0) for r in records[m])
+                 for k in ("forward_s", "wait_s", "backward_s", "server_s")}} for m, ts in split.items()]
     notes = [f"median of {cfg.overhead_steps} steps after {warm} warm-up steps, batch {cfg.batch_size}, split after "
              f"block {cfg.split_layer}, float32 on the wire; client on core {cores[0]}, server on core {cores[1]}, "
-             "one torch thread each; the single-process step on the client's core",
+             "one torch thread each; the single-process step on the client's core, measured before and after the "
+             "split runs (both sets pooled)",
              "split step: as the client reports it in metrics.jsonl (forward, wire, server, backward, AdamW); "
-             "ratio: median split step / median single-process step",
-             f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min)"]
+             "median_step_s (q1, q3, min, max) over the timed steps; ratio: median split step / median "
+             "single-process step; forward/wait/backward_ms: the client's phases summed over a step's micro-batches "
+             "(median), server_ms: the server's engine time summed likewise (from its metrics.jsonl)",
+             f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min); at the end: "
+             f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; niced processes (nice > 0) took "
+             f"{100 * procs.niced_share(stat):.1f} % of all CPU time during the run"]
     return report.write(cfg.out_dir, "pipeline", "Pipelined split steps on two pinned cores against one process",
-                        {"single": single, "split": {str(m): ts for m, ts in split.items()}, "load": load}, rows,
+                        {"single": single, "split": {str(m): ts for m, ts in split.items()}, "load": load,
+                         "load_at_end": os.getloadavg(), "records": {str(m): rs for m, rs in records.items()}}, rows,
                         notes)

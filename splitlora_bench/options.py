@@ -49,6 +49,8 @@ class BenchConfig:
                                                              "(12x768 is GPT-2 small).")
     overhead_steps: int = option(10, "Timed steps per mode (after --overhead-warmup), split and local interleaved.")
     overhead_warmup: int = option(1, "Untimed steps per mode first.")
+    overhead_repeats: int = option(2, "Runs of `overhead`: the split run and the baselines take turns this many times "
+                                      "(each split run starts its server and client afresh).")
     pipeline_micro_batches: list[int] = option([1, 2, 4], "Micro-batches per step timed by `pipeline` (1: whole "
                                                           "steps).")
     wire_codecs: list[str] = option(["float32", "float16", "bfloat16", "int8"], "Codecs compared by `wire`.")
@@ -90,7 +92,7 @@ class BenchConfig:
         """Reject settings that cannot work."""
         for name in ("eval_examples", "batch_size", "overhead_steps", "wire_rounds", "wire_local_steps", "clients",
                      "rounds", "local_steps", "edge_steps", "threads", "scaling_repeats", "edge_repeats",
-                     "pretrain_batch"):
+                     "overhead_repeats", "pretrain_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.dirichlet_alpha > 0 or min(self.aggregation_clients, default=1) < 1:

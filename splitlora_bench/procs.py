@@ -83,3 +83,21 @@ def stop(procs: Sequence[subprocess.Popen]) -> None:
 def steps(metrics: Path) -> list[dict]:
     """The per-step records of a client's metrics.jsonl."""
     return [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("event") == "step"]
+
+
+def cpu_stat() -> list[int]:
+    """The machine's CPU time counters (user, nice, system, idle, ...) from /proc/stat; [] where there is none."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+def niced_share(before: list[int]) -> float:
+    """The share of all CPU time since `before` (a `cpu_stat()`) that niced processes (nice > 0) used: what other
+    work running at a lower priority took from a benchmark; nan without /proc/stat."""
+    after = cpu_stat()
+    if not before or not after:
+        return float("nan")
+    delta = [a - b for a, b in zip(after, before)]
+    return delta[1] / max(sum(delta[:8]), 1)

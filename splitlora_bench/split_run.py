@@ -70,7 +70,33 @@ def console_steps(cfg: BenchConfig, model: Path, data: Path, steps: int, work: P
          "--seed", str(cfg.seed), "--output", str(work / "client"), "--join-timeout", "300", *split],
         work / "client.log", threads, prefix=pin[0])
     procs.wait_all([client, server], timeout=3600, logs=[work / "client.log", work / "server.log"])
-    return procs.steps(work / "client" / "metrics.jsonl")
+    return with_server_phases(procs.steps(work / "client" / "metrics.jsonl"),
+                              procs.steps(work / "server" / "metrics.jsonl"))
+
+
+SERVER_PHASES = ("decode_s", "server_s", "encode_s", "cpu_s")
+
+
+def with_server_phases(client: list[dict], server: list[dict]) -> list[dict]:
+    """The client's step records, each with the server's phases of the same step (its micro-batches summed) as
+    `server_decode_s`, `server_s` (queue, forward, backward, update), `server_encode_s` and `server_cpu_s`, and
+    `wire_s`: the client's wait (and the preparation of its next batch, which overlaps the server's work) minus
+    the server's decode, engine and encode time: the transfers both ways and the hand-overs between threads and
+    processes (meaningful for whole steps; with micro-batches the server's work overlaps the client's)."""
+    by_step: dict[int, dict[str, float]] = {}
+    for r in server:
+        acc = by_step.setdefault(r["step"], dict.fromkeys(SERVER_PHASES, 0.0))
+        for key in SERVER_PHASES:
+            acc[key] += r.get(key, 0.0)
+    out = []
+    for r in client:
+        s = by_step.get(r["step"], dict.fromkeys(SERVER_PHASES, 0.0))
+        merged = {**r, "server_decode_s": s["decode_s"], "server_s": s["server_s"], "server_encode_s": s["encode_s"],
+                  "server_cpu_s": s["cpu_s"]}
+        waited = r.get("wait_s", 0.0) + r.get("prepare_s", 0.0)
+        merged["wire_s"] = waited - s["decode_s"] - s["server_s"] - s["encode_s"]
+        out.append(merged)
+    return out
 
 
 def same_batches(cfg: BenchConfig, model: Path, data: Path):

@@ -42,7 +42,9 @@ class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions, Th
                                  "the results are the same either way.")
     micro_batches: int = option(0, "Pipelined steps: split each batch into this many micro-batches, sent one after "
                                    "another so this client computes the next while the server works (same result "
-                                   "as whole steps; 0: the server's --micro-batches).")
+                                   "as whole steps; 0: the server's --micro-batches). Use 2-4 (at least 2 rows "
+                                   "each) when client and server run on separate devices, 1 when they share cores "
+                                   "(docs/benchmarks.md).")
     client_quantization: str = option("none", "The frozen base of this client's part (embeddings, blocks) in int8 "
                                               "(torchao weight-only; int4 is refused on the CPU: torchao's CPU int4 kernel "
                                               "has no backward); LoRA stays float32.",

@@ -40,7 +40,7 @@ def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared
     with_router = part is not None and router_aux(part.family, part.config) is not None
     slices = micro_rows(int(batch["input_ids"].shape[0]), 1 if with_router else count)
     step_tokens = target_tokens(batch["labels"]) if len(slices) > 1 else 0
-    phases = dict.fromkeys(("forward", "send", "wait", "backward"), 0.0)
+    phases = dict.fromkeys(("forward", "send", "prepare", "wait", "decode", "backward"), 0.0)
     clock = time.perf_counter()
 
     def lap(phase: str) -> None:
@@ -68,11 +68,14 @@ def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared
         cuts.append(hidden)
     if while_waiting is not None:
         while_waiting()
-        lap("forward")  # preparing the next batch (--overlap)
+        lap("prepare")  # the next batch (--overlap), while the server works
     loss, tokens, received = 0.0, 0, 0
     for i, hidden in enumerate(cuts):
         result = session.receive(step, micro=i)
-        lap("wait")  # the wire, the server's work and decoding the answer, as far as not overlapped
+        lap("wait")  # the wire and the server's work, as far as not overlapped; then decoding the answer:
+        decoding = result.phases.get("decode", 0.0)
+        phases["wait"] -= decoding
+        phases["decode"] += decoding
         backward_through_cut(hidden, result.grad, routers[i], result.router_grad)
         lap("backward")
         cuts[i] = routers[i] = None  # its graph is freed

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -138,6 +139,7 @@ class SplitSession:
     def _receive(self, step: int, sent: int, micro: int) -> StepResult:
         parts, received = Reassembler(max_bytes=1 << 34), 0
         for raw in self._responses:
+            arrived = time.perf_counter()  # decoding starts: what comes before is the wire and the server
             received += len(raw)
             out = spb.ServerFrame.FromString(raw)
             if out.WhichOneof("kind") == "part":
@@ -151,7 +153,8 @@ class SplitSession:
                                    f"micro-batch {micro} was awaited")
             grad = decode_tensor(back.grad, name="grad")
             router_grad, aux = decode_backward(back.router) if back.HasField("router") else (None, 0.0)
-            return StepResult(grad, back.loss, back.tokens, sent, received, router_grad, aux)
+            return StepResult(grad, back.loss, back.tokens, sent, received, router_grad, aux,
+                              phases={"decode": time.perf_counter() - arrived})
         raise ConnectionError("the server closed the training stream")
 
     def close(self) -> None:

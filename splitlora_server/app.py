@@ -38,6 +38,7 @@ from splitlora_server.frames import FrameLimits
 from splitlora_server.generation.wiring import GenerationParts, build_generation
 from splitlora_server.init_adapter import InitialAdapter, load_initial_adapter
 from splitlora_server.ops.metrics import metrics_for
+from splitlora_server.ops.steplog import StepLog
 from splitlora_server.options import AggregateConfig, ServeConfig
 from splitlora_server.registry import Registry
 from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator, RoundListener
@@ -166,6 +167,8 @@ class RunningServer:
         if self.admission is not None:
             self.admission.close()
         self.engine.stop()
+        if self.service.step_log is not None:
+            self.service.step_log.close()
 
 
 class EngineRoundEnd(RoundListener):
@@ -237,7 +240,8 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
                                    aggregation=cfg.aggregation, micro_batches=cfg.micro_batches,
                                    status_extras=generation.status_fields,
-                                   plan=_plan(cfg, planned, schedule, part, initial))
+                                   plan=_plan(cfg, planned, schedule, part, initial),
+                                   step_log=StepLog(Path(cfg.output) / "metrics.jsonl"))
     server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
     add_to_server(service, server)
     generation.add_to(server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import grpc
@@ -23,6 +24,7 @@ from splitlora_server.engine.core import ServerEngine
 from splitlora_server.errors import Refused, abort
 from splitlora_server.frames import FrameLimits, decode_step, max_frame_bytes
 from splitlora_server.handout import PRIVATE, FinalAdapter
+from splitlora_server.ops.steplog import StepLog
 from splitlora_server.pipelining import MicroProgress
 from splitlora_server.registry import ClientRecord, Registry, invalid_client_id
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
@@ -43,7 +45,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
                  on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg",
                  status_extras: Callable[[], dict[str, Any]] | None = None, micro_batches: int = 1,
-                 plan: spb.Plan | None = None) -> None:
+                 plan: spb.Plan | None = None, step_log: StepLog | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
         self.aggregation = aggregation  # announced at Join: how the clients' adapters are combined
         self.status_extras = status_extras or dict  # more StatusReply fields (generation, validation)
@@ -58,6 +60,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         self.max_message_bytes, self.chunk_bytes = max_message_bytes, chunk_bytes
         self.stopping = threading.Event()  # set on shutdown: calls are refused with UNAVAILABLE (retry)
         self._replies = 0
+        self.step_log = step_log  # per-step timing (metrics.jsonl in --output)
 
     # -- handshake -------------------------------------------------------------------------------------------
     def GetPlan(self, request: spb.PlanRequest, context: grpc.ServicerContext) -> spb.Plan:
@@ -146,12 +149,19 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                     context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 record.bytes_in += len(raw)
                 step_bytes += len(raw)
+                started = time.perf_counter()
                 frame = self._parse(record, raw, parts, context)
                 if frame is None:
                     continue
-                reply = self._step(record, frame.forward, context, step_bytes)
+                phases = {"decode": time.perf_counter() - started}
+                reply = self._step(record, frame.forward, context, step_bytes, phases)
                 step_bytes = 0
-                for out in serialized(spb.ServerFrame(backward=reply), spb.ServerFrame, record.chunk_bytes):
+                encoding = time.perf_counter()
+                pieces = serialized(spb.ServerFrame(backward=reply), spb.ServerFrame, record.chunk_bytes)
+                phases["encode"] += time.perf_counter() - encoding
+                if self.step_log is not None:
+                    self.step_log.step(record.client_id, reply.step, reply.micro, phases)
+                for out in pieces:
                     record.bytes_out += len(out)
                     yield out
                 self._replies += 1
@@ -190,13 +200,15 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, "empty frame: set forward or part")
         return frame
 
-    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
-              ) -> spb.StepBackward:
+    def _step(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int,
+              phases: dict[str, float]) -> spb.StepBackward:
         with record.step_lock:  # a client's step is checked and applied once, even if it arrives on two streams
-            return self._step_locked(record, fwd, context, nbytes)
+            return self._step_locked(record, fwd, context, nbytes, phases)
 
-    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int
-                     ) -> spb.StepBackward:
+    def _step_locked(self, record: ClientRecord, fwd: spb.StepForward, context: grpc.ServicerContext, nbytes: int,
+                     phases: dict[str, float]) -> spb.StepBackward:
+        """Check, decode and run one step (micro-batch) through the engine; `phases` gets the seconds of decoding,
+        the engine (queue, forward, backward, update) and encoding the answer."""
         total = self.schedule.rounds * self.schedule.local_steps
         if fwd.step >= total:
             self._fail(context, record, grpc.StatusCode.OUT_OF_RANGE,
@@ -208,10 +220,12 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if fwd.round != self.registry.round_of(fwd.step):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} belongs to round {self.registry.round_of(fwd.step)}, frame says {fwd.round}")
+        clock = time.perf_counter()
         try:
             step = decode_step(fwd, self.limits, record.codec, record.client_id)
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
+        phases["decode"] += time.perf_counter() - clock
         rnd = fwd.round
         try:
             record.micro.check(step, record.micro_batches)
@@ -219,10 +233,12 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 future = self.engine.submit_step(step)
         except Refused as refused:
             self._fail(context, record, refused.code, refused.message)
+        clock = time.perf_counter()
         try:
             outcome = future.result()
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
             self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
+        phases["server"] = time.perf_counter() - clock
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {fwd.step} produced a non-finite loss; the update was skipped")
@@ -233,9 +249,12 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 self.rounds.arrive(record.client_id, rnd, FINISHED)
             except Refused as refused:
                 self._fail(context, record, refused.code, refused.message)
+        clock = time.perf_counter()
         router = None if outcome.router_grad is None else encode_backward(outcome.router_grad, outcome.aux_loss)
-        return spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
-                                tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro, router=router)
+        reply = spb.StepBackward(step=fwd.step, grad=encode_tensor(outcome.grad, record.codec), loss=outcome.loss,
+                                 tokens=outcome.tokens, bytes_received=nbytes, micro=step.micro, router=router)
+        phases["encode"] = time.perf_counter() - clock
+        return reply
 
     def FetchServerAdapter(self, request: spb.ServerAdapterRequest, context: grpc.ServicerContext
                            ) -> Iterator[spb.AdapterPiece]:

@@ -52,7 +52,10 @@ def test_overhead(smoke: BenchConfig):
     run_benchmarks(smoke, ["overhead"])
     (row,) = _result(smoke, "overhead")["table"]
     assert row["split_step_s"] > 0 and row["local_step_s"] > 0 and row["ratio"] > 0 and row["wire_MB_per_step"] > 0
-    assert row["forward_s"] > 0 and row["wait_s"] > 0 and row["client_cpu_s"] > 0  # from the client's metrics
+    (result,) = _result(smoke, "overhead")["results"]
+    assert result["forward_s"] > 0 and result["client_cpu_s"] > 0  # from the client's metrics.jsonl
+    assert result["server_s"] > 0 and result["server_decode_s"] > 0 and result["server_cpu_s"] > 0  # the server's
+    assert result["same_batches"] and result["paired_ratio"]["median"] > 0  # per-batch ratios pair the same batch
 
 
 def test_pipeline(smoke: BenchConfig):

@@ -182,3 +182,37 @@ def test_own_adapter_is_the_clients_per_client_copy_and_nobody_elses(tmp_path) -
         with pytest.raises(grpc.RpcError) as err:  # bob has no copy of his own, and cannot name alice's
             _open(harness, "bob", adapter="own")
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_adapter_of_switches_mode_and_adapter_only_when_needed_and_always_right(builtin_model_dir) -> None:
+    """Generation skips the walk over every module when the part is already in eval mode with the adapter active;
+    after a training step (train mode, dropout on) and across adapters it still computes what a fresh eval-mode
+    part with that adapter set computes."""
+    from common.split.parts import LoraSettings, SplitPart
+    from splitlora_server.generation.compute import adapter_of
+
+    part = SplitPart(builtin_model_dir, "server", 3, LoraSettings(4, 8, 0.5, ("c_attn",)), lora_seed=0)
+    part.peft.add_adapter("b", part.lora.peft_config(part.family))
+    with torch.no_grad():
+        for name, param in part.peft.named_parameters():
+            if ".b." in name and "lora_B" in name:
+                param.add_(0.5)
+    gen = torch.Generator().manual_seed(0)
+    hidden, mask = torch.randn(2, 5, part.hidden_size, generator=gen), torch.ones(2, 5, dtype=torch.long)
+    positions = torch.arange(5).expand(2, -1)
+    outputs = []
+    for name in ("default", "b", "default", "b"):
+        part.train()  # what a training step leaves behind
+        with adapter_of(part, name):
+            assert not any(m.training for m in part.modules())
+            outputs.append(part(hidden, mask, positions))
+        with adapter_of(part, name):  # again, now without any switch
+            torch.testing.assert_close(part(hidden, mask, positions), outputs[-1], rtol=0, atol=0)
+    part.peft.set_adapter("b")
+    part.eval()
+    with torch.no_grad():
+        reference = part(hidden, mask, positions)
+    torch.testing.assert_close(outputs[1], reference, rtol=0, atol=0)
+    torch.testing.assert_close(outputs[3], reference, rtol=0, atol=0)
+    torch.testing.assert_close(outputs[0], outputs[2], rtol=0, atol=0)
+    assert not torch.allclose(outputs[0], outputs[1])

@@ -64,8 +64,11 @@ def test_pipelined_rounds_equal_whole_steps_on_both_sides(tmp_path: Path, no_dro
         assert _max_diff(client, client1) < tolerance, f"client adapter, {m} micro-batches"
         assert _max_diff(whole, whole1) < tolerance, f"whole-model adapter (both sides), {m} micro-batches"
     steps = [json.loads(line) for line in (tmp_path / "2" / "solo" / "metrics.jsonl").read_text().splitlines()]
-    phases = ("forward_s", "send_s", "wait_s", "backward_s", "optimizer_s")  # the step broken down, in the metrics
+    phases = ("forward_s", "send_s", "prepare_s", "wait_s", "decode_s", "backward_s", "optimizer_s")  # the step's parts
     assert all(sum(r[p] for p in phases) <= r["seconds"] + 1e-3 for r in steps if r.get("event") == "step")
+    served = [json.loads(line) for line in (tmp_path / "2" / "server" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["micro"]) for r in served] == [(s, m) for s in range(6) for m in range(2)]  # each micro-batch
+    assert all(r["server_s"] > 0 and r["decode_s"] > 0 and r["encode_s"] > 0 and r["cpu_s"] >= 0 for r in served)
     if not extra:  # the comparison can fail: another seed trains other adapters
         other = solo_run(tmp_path / "other", seed=4, serve=exact, **exact)[1]
         assert _max_diff(other, whole1) > 1e-3
