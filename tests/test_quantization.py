@@ -12,7 +12,7 @@ import torch
 
 from common.config.engine import ConfigError
 from common.split.parts import LoraSettings, SplitPart
-from common.split.quantize import Int8Embedding, QuantizationError, quantize_frozen, weight_bytes
+from common.split.quantize import Int8Embedding, Int8Linear, QuantizationError, quantize_frozen, weight_bytes
 from splitlora_client.options import TrainConfig
 from tests.support.families import VOCAB, checkpoint_dir
 from tests.support.solo import solo_run
@@ -112,3 +112,19 @@ def test_int8_embedding_dequantizes_the_rows_it_gathers_within_half_a_step():
     assert ((got - want).abs() <= step[ids].unsqueeze(-1) / 2 + 1e-7).all()
     assert table.qweight.dtype == torch.int8 and table.qweight.abs().amax(dim=1).eq(127).all()
     assert torch.equal(table(ids[:, :1]), got[:, :1])  # a row's value does not depend on what else is gathered
+
+
+def test_int8_linear_keeps_only_int8_for_the_backward_and_its_input_gradient_is_close():
+    """torchao's CPU int8 saved a float copy of each weight for the backward; `Int8Linear` saves the int8 one."""
+    linear = torch.nn.Linear(64, 48).requires_grad_(False)
+    quantized = Int8Linear(linear)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    out = quantized(x)
+    saved = out.grad_fn.next_functions[0][0].saved_tensors if linear.bias is not None else out.grad_fn.saved_tensors
+    assert [t.dtype for t in saved] == [torch.int8, torch.float32] and saved[1].shape == (48,)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    x_ref = x.detach().requires_grad_(True)
+    reference = torch.nn.functional.linear(x_ref, linear.weight, linear.bias)
+    (grad_ref,) = torch.autograd.grad(reference.sum(), x_ref)
+    assert (out - reference).abs().max() < 0.02 * reference.abs().max()
+    assert (grad - grad_ref).abs().max() < 0.02 * grad_ref.abs().max()
