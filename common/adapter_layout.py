@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -25,6 +26,17 @@ from common.split.parts import LoraSettings
 Layout = dict[str, tuple[int, ...]]
 ADAPTER_DTYPE = "F32"  # adapters are float32 on every side (common.lora.adapter_state)
 MAX_HEADER_BYTES = 16 << 20
+
+
+def block_of(key: str, layers_path: str) -> int | None:
+    """The block index of an adapter key (`...<layers_path>.<i>....`), None for a module outside the blocks."""
+    match = re.search(rf"(?:^|\.){re.escape(layers_path)}\.(\d+)\.", key)
+    return int(match.group(1)) if match else None
+
+
+def in_blocks(state: dict, layers_path: str, blocks: range) -> dict:
+    """The entries of `state` whose key belongs to one of `blocks`."""
+    return {k: v for k, v in state.items() if block_of(k, layers_path) in blocks}
 
 
 class LayoutError(ValueError):

@@ -40,6 +40,19 @@ def compute_fingerprint(model_dir: str | Path, split_layer: int, lora: LoraSetti
         hidden_size=int(config.hidden_size), vocab_size=int(config.vocab_size))
 
 
+def check_split_layer_of(expected: dict[int, spb.Fingerprint], got: spb.Fingerprint) -> tuple[str, str] | None:
+    """None when `got` matches the fingerprint of its own split layer among `expected` (one per split layer the
+    server allows); else ("range", why) for a split layer the server does not allow (with several), or ("model",
+    why) for anything that differs."""
+    mine = expected.get(got.split_layer)
+    if mine is None and len(expected) > 1:
+        low, high = min(expected), max(expected)
+        return "range", (f"split layer {got.split_layer} is outside the server's --split-range {low}:{high}; choose "
+                         "one in it (splitlora-client train --split-layer K, or auto with --max-memory)")
+    diff = differences(mine or next(iter(expected.values())), got)
+    return ("model", "the client's model does not match the server's: " + "; ".join(diff)) if diff else None
+
+
 def differences(expected: spb.Fingerprint, got: spb.Fingerprint) -> list[str]:
     """Human-readable list of what differs, e.g. 'split layer: server 3, client 2'."""
     out = []

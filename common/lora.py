@@ -54,9 +54,13 @@ def check_adapter(state: AdapterState, reference: AdapterState, what: str = "ada
             raise AdapterError(f"{what} tensor {key} contains NaN or Inf")
 
 
-def load_adapter_state(model: PeftModel, state: AdapterState, adapter_name: str = "default") -> None:
-    """Copy `state` into the model's adapter in place (optimizer references stay valid) after checking it."""
+def load_adapter_state(model: PeftModel, state: AdapterState, adapter_name: str = "default",
+                       partial: bool = False) -> None:
+    """Copy `state` into the model's adapter in place (optimizer references stay valid) after checking it;
+    `partial`: `state` may hold only some of the adapter's tensors (the others stay)."""
     current = _live_state(model, adapter_name)
+    if partial:
+        current = {k: v for k, v in current.items() if k in state}
     check_adapter(state, current)
     with torch.no_grad():
         for key, param in current.items():

@@ -28,6 +28,8 @@ def receive_whole_adapter(session: SplitSession, plan: spb.Plan, part: SplitPart
     try:
         pieces = session.stub.FetchServerAdapter(request, timeout=timeout)
         server_state = from_bytes(b"".join(p.safetensors_chunk for p in pieces))
+        # per-client split points: the server also holds the blocks this client trained (the same values)
+        server_state = {k: v for k, v in server_state.items() if k not in client_state}
         path = export_adapter(out_dir, part.lora.peft_config(part.family), client_state, server_state,
                               base_model=str(part.model_dir),
                               metadata=dataclasses.replace(made, side="model").to_metadata())

@@ -12,6 +12,7 @@ from common.split.quantize import QUANTIZATIONS, QuantizationError, check_quanti
 from common.threads import ThreadOptions
 from common.tls import ClientTlsOptions
 from common.wire import CODEC_NAMES
+from splitlora_client.split_choice import AUTO, parse_memory, parse_split_choice
 from splitlora_client.scalars import TENSORBOARD_HINT, tensorboard_available
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}$")
@@ -25,6 +26,12 @@ class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions, Th
     HELP_GROUPS = {n: "essentials" for n in ("server", "model", "data", "client_id", "output", "tokenizer",
                                              "shard_index", "shard_count")}
 
+    split_layer: str | None = option(None, "Blocks [0, K) run here: K inside the server's --split-range (a K the "
+                                           "server does not allow is refused, naming its range), or auto: the "
+                                           "largest K whose memory estimate fits --max-memory. Not given: the "
+                                           "server's --split-layer.", default_text="the server's", metavar="K|auto")
+    max_memory: str = option("", "With --split-layer auto: this client's memory budget for training (e.g. 2GiB, "
+                                 "512MB); the choice and its estimate are printed.", metavar="SIZE")
     server: str = option("127.0.0.1:50051", "Split server address host:port.")
     aggregator: str = option("", "Aggregator address host:port; empty: the one the server names at Join, "
                                  "else the server's own address.")
@@ -64,7 +71,14 @@ class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions, Th
 
     def validate(self) -> None:
         """Reject settings that cannot work, with the reason."""
-        unpinned_copy(self).validate_model()
+        choice = parse_split_choice(self.split_layer)
+        checked = unpinned_copy(self)
+        checked.split_layer = choice if isinstance(choice, int) else ModelOptions.split_layer
+        checked.validate_model()
+        if self.max_memory:
+            parse_memory(self.max_memory)
+        if choice == AUTO and not self.max_memory:
+            raise ConfigError("--split-layer auto needs --max-memory (this client's memory budget, e.g. 2GiB)")
         self.validate_transport()
         self.validate_tls()
         self.validate_threads()

@@ -196,7 +196,9 @@ def train(cfg: TrainConfig) -> Path:
     plan = take_plan(cfg, session)  # the split layer and LoRA options from the server, unless pinned here
     model_dir, lora, tokenizer = local.model_dir, cfg.lora_settings(), local.tokenizer
     fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
+    low, high = cfg.split_bounds()  # per-client split points: LoRA drawn per module, as on the server
     part = SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, lora_seed=plan.schedule.seed,
+                     per_module_init=high > low,
                      quantization=cfg.client_quantization)  # quantized as it is read: never all in float32
     plan.load_initial_adapter(part)
     reply, join_args, aggregator, shared_channel = _join(cfg, session, channel, options, fingerprint, log)

@@ -10,14 +10,15 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.adapter_layout import adapter_layout
+from common.aggregation.coverage import PerModule
 from common.faults import fault_point
-from common.fingerprint import compute_fingerprint
-from common.lora import export_adapter, write_adapter_file
+from common.lora import AdapterState, export_adapter, write_adapter_file
 from common.optim import OptimSettings
 from common.plan import options_json
 from common.provenance import Provenance, provenance
@@ -43,6 +44,7 @@ from splitlora_server.options import AggregateConfig, ServeConfig
 from splitlora_server.registry import Registry
 from splitlora_server.rounds.coordinator import FINISHED, SUBMITTED, RoundCoordinator, RoundListener
 from splitlora_server.service import SplitTrainingService, add_to_server
+from splitlora_server.split_range import SplitRange, build_split_range
 
 log = logging.getLogger("splitlora.server")
 SERVER_ADAPTER_FILE = "server_adapter.safetensors"
@@ -120,6 +122,8 @@ class RunningServer:
                      out / SERVER_ADAPTER_FILE)
             return out / SERVER_ADAPTER_FILE
         client_state = self.aggregator.global_adapter(self.config.rounds - 1)
+        # per-client split points: the blocks trained on both sides are in both, with the same values
+        server_state = {k: v for k, v in server_state.items() if k not in client_state}
         lora = whole_model_lora_config(self.part.lora, self.part.family, self.part.config)
         whole = dataclasses.replace(self.provenance, side="model").to_metadata() if self.provenance else None
         path = export_adapter(out / "adapter", lora, client_state, server_state, base_model=str(self.part.model_dir),
@@ -175,23 +179,27 @@ class EngineRoundEnd(RoundListener):
     """The engine's part of a round close: average the per-client server adapters (with the samples each client
     trained on) and checkpoint the boundary, before the next round opens."""
 
-    def __init__(self, engine: ServerEngine, registry: Registry) -> None:
+    def __init__(self, engine: ServerEngine, registry: Registry,
+                 combined: Callable[[], AdapterState | None] | None = None) -> None:
         self.engine, self.registry = engine, registry
+        self.combined = combined  # per-client split points: the aggregator's result (blocks on both sides)
 
     def round_closing(self, rnd: int, included: list[str]) -> Future:
         weights = self.registry.round_weights(rnd, included)
         log.info("round %d closed on the server with %d of %d clients", rnd, len(weights), self.registry.expected)
-        return self.engine.close_round(rnd, weights, self.registry.roster())
+        overlap = self.combined() if self.combined is not None else None
+        return self.engine.close_round(rnd, weights, self.registry.roster(), overlap)
 
 
-def _engine(cfg: ServeConfig, part: SplitPart, checkpoints: ServerCheckpoints) -> ServerEngine:
+def _engine(cfg: ServeConfig, part: SplitPart, checkpoints: ServerCheckpoints, ranges: SplitRange) -> ServerEngine:
     """The started engine of the server part, with its optimizer schedule and round-end checkpoint."""
     steps_per_adapter = cfg.rounds * cfg.local_steps * (cfg.clients if cfg.server_adapter_mode == "shared" else 1)
     optim = OptimSettings(cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, steps_per_adapter, cfg.max_grad_norm)
     return ServerEngine(part, cfg.server_adapter_mode, optim, cfg.label_smoothing, cfg.seed,
                         BatchSettings(cfg.batch_window_ms, cfg.max_batch_clients), strategy=cfg.strategy(),
                         on_boundary=lambda state: checkpoints.save(
-                            state, fault=lambda: fault_point("server", "checkpoint", state.round - 1))).start()
+                            state, fault=lambda: fault_point("server", "checkpoint", state.round - 1)),
+                        points=ranges.points).start()
 
 
 def _schedule(cfg: ServeConfig, max_positions: int) -> spb.Schedule:
@@ -219,14 +227,16 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     stop = stop if stop is not None else threading.Event()
     apply_threads("server", cfg.torch_threads, cfg.device, cfg.max_workers)
     model_dir, lora = cfg.model_dir(), cfg.lora_settings()
-    part = SplitPart(model_dir, "server", cfg.split_layer, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
-                     gradient_checkpointing=cfg.gradient_checkpointing)
-    fingerprint = compute_fingerprint(model_dir, cfg.split_layer, lora)
+    low, high = cfg.split_bounds()  # per-client split points: the server holds blocks [K_min, L)
+    part = SplitPart(model_dir, "server", low, lora, cfg.dtype, cfg.device, lora_seed=cfg.seed,
+                     gradient_checkpointing=cfg.gradient_checkpointing, per_module_init=high > low)
+    ranges = build_split_range(cfg, model_dir, part.family.layers_path, part.num_layers)
+    fingerprint = ranges.default
     planned = options_json(cfg)
     initial = load_initial_adapter(cfg.init_adapter, part, fingerprint, planned) if cfg.init_adapter else None
     identity = {**run_identity(cfg, fingerprint), **({"init_adapter": initial.sha256} if initial else {})}
     checkpoints = ServerCheckpoints(Path(cfg.output), identity)
-    engine = _engine(cfg, part, checkpoints)
+    engine = _engine(cfg, part, checkpoints, ranges)
     in_process = not cfg.aggregator
     coordinator = RoundCoordinator(cfg.rounds, cfg.quorum(cfg.clients), SUBMITTED if in_process else FINISHED)
     registry = Registry(cfg.clients, cfg.local_steps, coordinator)
@@ -235,27 +245,33 @@ def start_server(cfg: ServeConfig, stop: threading.Event | None = None) -> Runni
     aux = router_aux(part.family, part.config)
     limits = FrameLimits(part.hidden_size, part.vocab_size, cfg.batch_size, schedule.max_seq_len, max_positions,
                          num_experts=aux.num_experts if aux else 0)
-    generation = build_generation(cfg, engine, limits, auth, fingerprint)
+    generation = build_generation(cfg, engine, limits, auth, fingerprint, ranges.fingerprints)
     service = SplitTrainingService(engine, registry, fingerprint, schedule, limits, cfg.codecs, cfg.aggregator,
                                    cfg.max_message_bytes, cfg.chunk_bytes, auth=auth, on_shutdown=lambda _: stop.set(),
                                    aggregation=cfg.aggregation, micro_batches=cfg.micro_batches,
                                    status_extras=generation.status_fields,
                                    plan=_plan(cfg, planned, schedule, part, initial),
-                                   step_log=StepLog(Path(cfg.output) / "metrics.jsonl"))
+                                   step_log=StepLog(Path(cfg.output) / "metrics.jsonl"),
+                                   fingerprints=ranges.fingerprints)
     server, admission = _grpc_server(cfg.max_workers, cfg.grpc_options(), auth, cfg)
     add_to_server(service, server)
     generation.add_to(server)
     aggregator = None
     if in_process:
+        ranged = ranges.points.ranged
         aggregator = AggregatorService(cfg.clients, cfg.rounds, Path(cfg.output) / "aggregator",
                                        max_adapter_bytes=cfg.max_adapter_bytes, is_enrolled=registry.is_enrolled,
-                                       chunk_bytes=cfg.chunk_bytes, strategy=cfg.strategy(), auth=auth,
+                                       chunk_bytes=cfg.chunk_bytes, auth=auth,
+                                       strategy=PerModule(cfg.strategy()) if ranged else cfg.strategy(),
                                        verify_claim=registry.verify_claim, store_submissions=False,
-                                       coordinator=coordinator,
-                                       layout=adapter_layout(model_dir, "client", cfg.split_layer, lora))
+                                       coordinator=coordinator, layout=ranges.layouts[cfg.split_layer],
+                                       client_layout=ranges.layout_of(engine.split_layer_of) if ranged else None,
+                                       server_updates=(lambda rnd, ids: engine.server_updates(
+                                           registry.round_weights(rnd, ids)).result()) if ranged else None)
         coordinator.subscribe(aggregator.ledger)  # first: the global adapter is computed and stored, or refused
         agrpc.add_AggregatorServicer_to_server(aggregator, server)
-    coordinator.subscribe(EngineRoundEnd(engine, registry))
+    combined = aggregator.ledger.current_global if aggregator is not None and ranges.points.ranged else None
+    coordinator.subscribe(EngineRoundEnd(engine, registry, combined))
     resumed = _resume(checkpoints, engine, registry)
     if aggregator is not None:
         aggregator.restore(up_to=resumed if resumed is not None else 0)

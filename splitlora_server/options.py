@@ -98,8 +98,8 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
                   RoundOptions, AdmissionOptions, GenerationOptions, ThreadOptions):
     """`splitlora-server serve`: the split-training service (and, by default, the aggregator)."""
 
-    HELP_GROUPS = {**{n: "essentials" for n in ("model", "split_layer", "host", "port", "clients", "output",
-                                                "init_adapter")},
+    HELP_GROUPS = {**{n: "essentials" for n in ("model", "split_layer", "split_range", "host", "port", "clients",
+                                                "output", "init_adapter")},
                    **{n: "schedule" for n in ("rounds", "local_steps", "batch_size", "learning_rate", "warmup_steps",
                                               "weight_decay", "max_grad_norm", "label_smoothing", "max_seq_len",
                                               "seed")},
@@ -160,6 +160,7 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         self.validate_tls()
         self.validate_auth()
         self.validate_aggregation(self.clients)
+        self.validate_split_range()
         if self.device == "auto":  # resolved here so that the logged effective config shows the choice
             import torch
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,6 +185,23 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         unknown = [c for c in self.codecs if c not in CODEC_NAMES]
         if unknown or not self.codecs:
             raise ConfigError(f"codecs: unknown {unknown}; choose from float32, float16, bfloat16, int8")
+
+
+    def validate_split_range(self) -> None:
+        """What per-client split points (--split-range) do not combine with, and why."""
+        low, high = self.split_bounds()
+        if high == low:
+            return
+        refused = [("--aggregator", bool(self.aggregator), "the blocks trained on both sides are averaged with "
+                    "the server's copies, so the aggregator must run in the server's process (leave it empty)"),
+                   ("--aggregation fedex", self.aggregation == "fedex", "fedex's residuals of blocks trained on "
+                    "both sides would have to be folded on both sides, which is not implemented (use fedavg, ffa, "
+                    "median or trimmed-mean)"),
+                   ("--init-adapter", bool(self.init_adapter), "an initial adapter is handed out for one split "
+                    "layer only")]
+        for flag, active, why in refused:
+            if active:
+                raise ConfigError(f"--split-range {self.split_range} cannot be combined with {flag}: {why}")
 
 
 @dataclass
@@ -211,6 +229,10 @@ class AggregateConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOpti
         """Reject settings that cannot work."""
         self.validate_rounds(self.clients)
         self.validate_model()
+        if self.split_bounds()[1] > self.split_bounds()[0]:
+            raise ConfigError("--split-range: per-client split points average the split server's copies of the "
+                              "blocks trained on both sides with the clients' adapters, so the aggregator runs in "
+                              "the split server's process (splitlora-server serve without --aggregator)")
         for name in ("clients", "rounds", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

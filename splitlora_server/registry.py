@@ -42,6 +42,7 @@ class ClientRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     last_error: str = ""
+    split_layer: int | None = None  # the client's split layer (from its Join)
     errors: int = 0  # refused frames and failed steps
     tokens: int = 0
     samples_by_round: dict[int, int] = field(default_factory=dict)

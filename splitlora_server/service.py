@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from common.faults import fault_point
-from common.fingerprint import differences
+from common.fingerprint import check_split_layer_of
 from common.limits import negotiated_chunk, too_small
 from common.redact import shown
 from common.router_wire import encode_backward
@@ -45,8 +45,11 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                  max_message_bytes: int, chunk_bytes: int, auth: Authenticator | None = None,
                  on_shutdown: Callable[[str], None] | None = None, aggregation: str = "fedavg",
                  status_extras: Callable[[], dict[str, Any]] | None = None, micro_batches: int = 1,
-                 plan: spb.Plan | None = None, step_log: StepLog | None = None) -> None:
+                 plan: spb.Plan | None = None, step_log: StepLog | None = None,
+                 fingerprints: dict[int, spb.Fingerprint] | None = None) -> None:
         self.engine, self.registry, self.fingerprint = engine, registry, fingerprint
+        # the fingerprint a client of each allowed split layer sends (per-client split points; else just one)
+        self.fingerprints = fingerprints or {fingerprint.split_layer: fingerprint}
         self.aggregation = aggregation  # announced at Join: how the clients' adapters are combined
         self.status_extras = status_extras or dict  # more StatusReply fields (generation, validation)
         self.micro_batches = micro_batches  # per step, for clients that do not ask for a number at Join
@@ -79,10 +82,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
         if chunk is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
-        diff = differences(self.fingerprint, request.fingerprint)
-        if diff:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "the client's model does not match the server's: " + "; ".join(diff))
+        split_layer = self._check_fingerprint(request.fingerprint, context)
         try:
             record = self.registry.join(request.client_id)
         except Refused as refused:
@@ -92,20 +92,33 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"micro_batches {micro} must be between 1 and the "
                                                             f"batch size {self.schedule.batch_size}")
         record.codec, record.chunk_bytes = self._negotiate(list(request.codecs)), chunk
-        self.engine.add_client(record.client_id).result()
+        problem = self.engine.add_client(record.client_id, split_layer).result()
+        if problem:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        record.split_layer = split_layer
         with record.step_lock:  # after any step of its old stream still in flight
             record.micro_batches, record.micro = micro, MicroProgress()
             start, partial = self.registry.resume(record)
             if partial:
                 self.engine.rollback(record.client_id, start).result()
-        log.info("client %s joined (codec %s): starts round %d%s", record.client_id, codec_name(record.codec),
-                 start, " (its partial progress in it is undone)" if partial else "",
+        log.info("client %s joined (codec %s, split layer %d): starts round %d%s", record.client_id,
+                 codec_name(record.codec), split_layer, start,
+                 " (its partial progress in it is undone)" if partial else "",
                  extra={"client": record.client_id, "round": start})
         return spb.JoinReply(session=record.session, schedule=self.schedule,
                              aggregator_address=self.aggregator_address, codec=record.codec,
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
                              start_round=start, num_clients=self.rounds.expected, server_version=VERSION,
                              aggregation=self.aggregation, micro_batches=micro)
+
+    def _check_fingerprint(self, fingerprint: spb.Fingerprint, context: grpc.ServicerContext) -> int:
+        """The client's split layer, once its fingerprint matches the server's for that split layer."""
+        problem = check_split_layer_of(self.fingerprints, fingerprint)
+        if problem:
+            kind, why = problem
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT if kind == "range" else grpc.StatusCode.FAILED_PRECONDITION,
+                          why)
+        return int(fingerprint.split_layer)
 
     def _negotiate(self, offered: list[int]) -> int:
         for codec in offered or [tpb.CODEC_RAW]:
@@ -223,6 +236,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         clock = time.perf_counter()
         try:
             step = decode_step(fwd, self.limits, record.codec, record.client_id)
+            step.start = record.split_layer
         except WireError as err:
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {fwd.step}: {err}")
         phases["decode"] += time.perf_counter() - clock

@@ -19,7 +19,8 @@ class ModelOptions:
 
     model: str = option("", "Local Hugging Face model directory (config.json + safetensors), or a hub id (needs "
                             "a network). Empty: the built-in tiny GPT-2, created once under $SPLITLORA_HOME.")
-    split_layer: int = option(3, "Blocks [0, K) run on the client, [K, L) on the server.")
+    split_layer: int = option(3, "Blocks [0, K) run on the client, [K, L) on the server (with --split-range: the "
+                                 "K of clients that choose none).")
     dtype: str = option("float32", "dtype of the frozen base weights; LoRA weights stay float32.",
                         choices=sorted(DTYPES))
     lora_r: int = option(4, "LoRA rank.")
@@ -31,6 +32,10 @@ class ModelOptions:
                                          "adapted where it is.")
     lora_rslora: bool = option(False, "rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.")
     lora_dora: bool = option(False, "DoRA: weight-decomposed LoRA (a learned magnitude per output feature).")
+    split_range: str = option("", "Per-client split points: K_MIN:K_MAX, the split layers (both ends included) a "
+                                  "client may choose (splitlora-client train --split-layer K or auto); the server "
+                                  "holds blocks [K_MIN, L) and runs [K_i, L) for client i. Empty: every client "
+                                  "uses --split-layer.", metavar="K_MIN:K_MAX")
 
     def model_dir(self) -> Path:
         """The model directory: local as given, a hub snapshot, or the built-in tiny model when empty."""
@@ -41,12 +46,28 @@ class ModelOptions:
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets),
                             rslora=self.lora_rslora, dora=self.lora_dora)
 
+    def split_bounds(self) -> tuple[int, int]:
+        """(K_min, K_max) of --split-range, both included; (K, K) without one. ConfigError when malformed."""
+        if not self.split_range:
+            return self.split_layer, self.split_layer
+        low, sep, high = str(self.split_range).partition(":")
+        try:
+            bounds = int(low), int(high)
+        except ValueError:
+            bounds = (0, -1)
+        if not sep or not 1 <= bounds[0] <= bounds[1]:
+            raise ConfigError(f"split_range must be K_MIN:K_MAX with 1 <= K_MIN <= K_MAX, got {self.split_range!r}")
+        return bounds
+
     def validate_model(self) -> None:
         """Checks shared by every role that loads a model."""
         if self.model and looks_local(self.model) and not Path(self.model).expanduser().is_dir():
             raise ConfigError(f"model: {self.model} is not a directory (give a local Hugging Face model directory)")
         if self.split_layer < 1:
             raise ConfigError(f"split_layer must be at least 1, got {self.split_layer}")
+        low, high = self.split_bounds()
+        if not low <= self.split_layer <= high:
+            raise ConfigError(f"split_layer {self.split_layer} is outside --split-range {low}:{high}")
         if self.lora_r < 1:
             raise ConfigError(f"lora_r must be at least 1, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:

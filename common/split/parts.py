@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common.split import family_for
 from common.split.loading import DTYPES, load_config, load_segment, side_tensor_names
+from common.split.lora_init import init_lora_per_module
 from common.split.lora_settings import LoraSettings, side_lora_config
 from common.split.segment import Segment, Side, SplitError, as_segment, check_split_layer
 from common.weights import resolve_model_dir
@@ -28,12 +29,15 @@ class SplitPart(nn.Module):
     `part` is a Segment, or a side ("client": `Segment(0, K, embeds=True)`, "server": `Segment(K, L, head=True)`)
     with `split_layer` K. `model_dir` is a local directory or a hub id. Base weights are frozen in `dtype`; LoRA
     weights are float32. With `gradient_checkpointing`, each block's activations are recomputed in the backward.
-    `quantization` ("int8": see `common.split.quantize`) quantizes the frozen base while it is read.
+    With `per_module_init`, each module's LoRA A is drawn from the seed and the module's name (the same on every
+    part that holds the module: per-client split points, common.split.lora_init). `quantization` ("int8": see
+    `common.split.quantize`) quantizes the frozen base while it is read.
     """
 
     def __init__(self, model_dir: str | Path, part: Side | Segment, split_layer: int | None = None,
                  lora: LoraSettings = LoraSettings(), dtype: str = "float32", device: str = "cpu", lora_seed: int = 0,
-                 gradient_checkpointing: bool = False, quantization: str = "none") -> None:
+                 gradient_checkpointing: bool = False, per_module_init: bool = False,
+                 quantization: str = "none") -> None:
         super().__init__()
         if dtype not in DTYPES:
             raise SplitError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -56,6 +60,8 @@ class SplitPart(nn.Module):
             self._lora_config = side_lora_config(lora, self.family, self.config, base,
                                                  f"{self.side} part, {self.segment}")
             self.peft = get_peft_model(base, self.lora_config())
+        if per_module_init:
+            init_lora_per_module(self.peft, lora_seed)
         for name, param in self.peft.named_parameters():
             if "lora_" in name and param.dtype != torch.float32:
                 param.data = param.data.float()  # adapters train in float32 whatever the base dtype
@@ -83,18 +89,29 @@ class SplitPart(nn.Module):
         """Indices of the blocks this part runs."""
         return self.segment.layers
 
+    def blocks_from(self, start: int | None) -> range:
+        """The blocks run for a client whose split layer is `start` (None: all of this part's blocks)."""
+        if start is None or start == self.segment.start:
+            return self.segment.layers
+        if self.segment.embeds or not self.segment.start <= start < self.segment.end:
+            raise SplitError(f"cannot start at block {start}: this part runs blocks [{self.segment.start}, "
+                             f"{self.segment.end})")
+        return range(start, self.segment.end)
+
     def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                   cache: Any = None) -> torch.Tensor:
-        """Run this part's blocks on `hidden` (mask and rotary tables rebuilt here from mask and positions).
+                   cache: Any = None, start: int | None = None) -> torch.Tensor:
+        """Run this part's blocks on `hidden` (mask and rotary tables rebuilt here from mask and positions); with
+        `start`, only blocks [start, end) (a client with its own split layer, see `blocks_from`).
 
         With a `cache` (a transformers `DynamicCache`, layers indexed as in the whole model), `hidden` holds only
         the new tokens, `attention_mask` covers the cached and the new tokens, and the blocks append their keys and
         values to it."""
-        extra = {} if cache is None else {"cache": cache, "first_layer": self.segment.start}
+        blocks = self.blocks_from(start)
+        extra = {} if cache is None else {"cache": cache, "first_layer": blocks.start}
         context = self.family.block_context(self.base, hidden, attention_mask, position_ids, **extra)
         layers = self.base.get_submodule(self.family.layers_path)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
-        for i in self.layer_range():
+        for i in blocks:
             if recompute:
                 hidden = checkpoint(self.family.run_block, layers[i], hidden, context, use_reentrant=False)
             else:
@@ -102,14 +119,14 @@ class SplitPart(nn.Module):
         return hidden
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                cache: Any = None) -> torch.Tensor:
+                cache: Any = None, start: int | None = None) -> torch.Tensor:
         """Token ids (with the embeddings) or hidden states -> this part's blocks -> hidden states, or logits
-        (with the head). `cache`: see `run_blocks`."""
+        (with the head). `cache`, `start`: see `run_blocks`."""
         if self.segment.embeds:
             hidden = self.family.embed(self.base, inputs, position_ids)
         else:
             hidden = inputs.to(self.base_dtype)
-        hidden = self.run_blocks(hidden, attention_mask, position_ids, cache)
+        hidden = self.run_blocks(hidden, attention_mask, position_ids, cache, start)
         return self.family.head(self.base, hidden) if self.segment.head else hidden
 
     @property

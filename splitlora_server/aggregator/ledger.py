@@ -31,8 +31,11 @@ class Ledger(RoundListener):
 
     def __init__(self, coordinator: RoundCoordinator, strategy: Strategy, output_dir: Path | None,
                  store_submissions: bool, on_round_closed: Callable[[int, AdapterState], None] | None,
-                 on_incident: Callable[[str], None] = log.error) -> None:
+                 on_incident: Callable[[str], None] = log.error,
+                 server_updates: Callable[[int, list[str]], list[ClientUpdate]] | None = None) -> None:
         self.coordinator, self.strategy, self.on_round_closed = coordinator, strategy, on_round_closed
+        # per-client split points: the split server's copies of the blocks some clients train on their side
+        self.server_updates = server_updates
         self.on_incident = on_incident  # a round that kept its previous global adapter, a damaged file
         self.cond = threading.Condition()
         self.pending: dict[str, tuple[int, AdapterState]] = {}
@@ -74,10 +77,12 @@ class Ledger(RoundListener):
         if it cannot be computed or stored: the round stays open."""
         with self.cond:
             ids = [c for c in included if c in self.pending]
+        extra = self.server_updates(rnd, ids) if self.server_updates is not None else []
+        with self.cond:
             summary = RoundSummary({c: self.pending[c][0] for c in ids})
             try:
                 glob, incident = guarded_aggregate(self.strategy, rnd, [
-                    ClientUpdate(c, self.pending[c][1], self.pending[c][0]) for c in ids], self.previous)
+                    ClientUpdate(c, self.pending[c][1], self.pending[c][0]) for c in ids] + extra, self.previous)
                 if incident:
                     self.on_incident(f"round {rnd}: {incident}")
                 if glob is None:
@@ -104,6 +109,11 @@ class Ledger(RoundListener):
             except Exception:  # the round is closed either way; a faulty hook must not stall the run
                 log.exception("on_round_closed hook failed for round %d", rnd)
         return None
+
+    def current_global(self) -> AdapterState | None:
+        """The newest global adapter (while a round closes: the one just computed)."""
+        with self.cond:
+            return self.previous
 
     def round_opened(self, rnd: int) -> None:
         """Wake the fetches waiting for the round just closed."""

@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from common.adapter_layout import Layout
-from common.aggregation import Strategy, build_strategy
+from common.aggregation import ClientUpdate, Strategy, build_strategy
 from common.faults import fault_point
 from common.limits import negotiated_chunk, too_small
 from common.lora import AdapterState, from_bytes
@@ -52,6 +52,9 @@ class AggregatorService(agrpc.AggregatorServicer):
     false (round not trained, samples inflated). `layout`: the keys and shapes of the run's client adapter
     (common.adapter_layout, from the model and LoRA options); every upload is checked against it piece by piece.
     Without one (embedded uses and tests; both commands pass one) the first accepted adapter defines the layout.
+    Per-client split points: `client_layout(client_id)` is each client's layout (its split layer's), and
+    `server_updates(round, client_ids)` the split server's copies of the blocks trained on both sides, combined
+    with the clients' adapters (the strategy should be a `PerModule`).
     """
 
     def __init__(self, expected_clients: int, rounds: int, output_dir: Path | None,
@@ -61,7 +64,9 @@ class AggregatorService(agrpc.AggregatorServicer):
                  strategy: Strategy | None = None, auth: Authenticator | None = None,
                  verify_claim: Callable[[str, int, int], str | None] | None = None,
                  quorum: Quorum | None = None, store_submissions: bool = True,
-                 coordinator: RoundCoordinator | None = None, layout: Layout | None = None) -> None:
+                 coordinator: RoundCoordinator | None = None, layout: Layout | None = None,
+                 client_layout: Callable[[str], Layout] | None = None,
+                 server_updates: Callable[[int, list[str]], list[ClientUpdate]] | None = None) -> None:
         for name, value in (("expected_clients", expected_clients), ("rounds", rounds),
                             ("max_adapter_bytes", max_adapter_bytes), ("chunk_bytes", chunk_bytes)):
             if value < 1:
@@ -72,7 +77,9 @@ class AggregatorService(agrpc.AggregatorServicer):
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._auth, self._layout = auth or Authenticator(), layout
         self.ledger = Ledger(self.coordinator, self.strategy, self.output_dir, store_submissions, on_round_closed,
-                             on_incident=self._auth.refusals.incident)
+                             on_incident=self._auth.refusals.incident, server_updates=server_updates)
+        self._client_layout = client_layout
+        self._references: dict[int, AdapterState] = {}  # per-client layouts as meta tensors, by id of the layout
         if layout is not None:  # the run's layout, never the first submitter's
             self.ledger.reference = {k: torch.empty(shape, device="meta") for k, shape in layout.items()}
         if coordinator is None:
@@ -150,7 +157,7 @@ class AggregatorService(agrpc.AggregatorServicer):
             if self.stopping.is_set():
                 raise Refused(_Code.UNAVAILABLE, "aggregator shutting down, retry")
             header, data = self._receive(request_iterator, context)
-            reference = self.ledger.reference  # set once under the lock and never changed afterwards
+            reference = self._reference(header.client_id)
             state = parse_adapter(header, data, reference)
             submitted = self._accept(header, state, reference)
             return apb.SubmitReply(round=header.round, submitted=submitted, expected=self.expected_clients)
@@ -181,10 +188,20 @@ class AggregatorService(agrpc.AggregatorServicer):
         if problem:
             raise Refused(_Code.FAILED_PRECONDITION, f"submission of client {header.client_id!r} for round "
                                                      f"{header.round} refused: {problem}")
-        data = read_upload(header, itertools.chain([first], stream), self._layout, self.max_adapter_bytes)
+        layout = self._client_layout(header.client_id) if self._client_layout is not None else self._layout
+        data = read_upload(header, itertools.chain([first], stream), layout, self.max_adapter_bytes)
         with self.ledger.cond:
             self.bytes_received += len(data)
         return header, data
+
+    def _reference(self, client_id: str) -> AdapterState | None:
+        """The layout a client's adapter must have: its own (per-client split points) or the run's."""
+        if self._client_layout is None:
+            return self.ledger.reference  # set once under the lock and never changed afterwards
+        layout = self._client_layout(client_id)
+        if id(layout) not in self._references:
+            self._references[id(layout)] = {k: torch.empty(shape, device="meta") for k, shape in layout.items()}
+        return self._references[id(layout)]
 
     def _check_client(self, client_id: str, round: int, context: grpc.ServicerContext) -> None:
         """Checks shared by Submit and FetchGlobal that need no round state."""
@@ -225,8 +242,9 @@ class AggregatorService(agrpc.AggregatorServicer):
         with self.coordinator.lock:  # the round cannot close under us
             with ledger.cond:
                 self._check_open(header)
-                if ledger.reference is not None and checked_against is not ledger.reference:
-                    check_layout(state, ledger.reference, f"adapter from client {cid!r}")
+                expected = self._reference(cid)
+                if expected is not None and checked_against is not expected:
+                    check_layout(state, expected, f"adapter from client {cid!r}")
                 count = ledger.record(header.round, cid, header.num_samples, state)
                 self._accepted_here += 1
                 fault_point("aggregator", "submit", self._accepted_here)

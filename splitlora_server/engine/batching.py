@@ -2,6 +2,7 @@
 forward, and how long to wait for them. What a batched group computes is in `splitlora_server.engine.compute`.
 
 Per-client adapter mode is never batched: every client has its own adapter, so no two waiting steps share one.
+With per-client split points only steps of the same split layer are stacked (they run the same blocks).
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ class BatchPolicy:
                 job = jobs.get(timeout=left) if left > 0 else jobs.get_nowait()
             except queue.Empty:
                 break
-            if not isinstance(job, Forward) or job.alone or job.step.client_id in members:
+            if not isinstance(job, Forward) or job.alone or job.step.client_id in members \
+                    or job.step.start != first.step.start:
                 carry.append(job)
                 break
             group.append(job)

@@ -42,7 +42,9 @@ def _pad_seq(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
 
 def stack(steps: Sequence[Step]) -> tuple[Step, list[Span]]:
     """Right-pad every step to the longest sequence (hidden 0, mask 0, position 0, label -100) and concatenate;
-    return the stacked step and each step's span in it."""
+    return the stacked step and each step's span in it. Every step must have the same split layer."""
+    if len({s.start for s in steps}) > 1:
+        raise ValueError("steps of clients with different split layers cannot be stacked")
     width = max(int(s.hidden.shape[1]) for s in steps)
     spans, row = [], 0
     for s in steps:
@@ -52,7 +54,7 @@ def stack(steps: Sequence[Step]) -> tuple[Step, list[Span]]:
                    hidden=torch.cat([_pad_seq(s.hidden, width, 0.0) for s in steps]),
                    attention_mask=torch.cat([_pad_seq(s.attention_mask, width, 0) for s in steps]),
                    position_ids=torch.cat([_pad_seq(s.position_ids, width, 0) for s in steps]),
-                   labels=torch.cat([_pad_seq(s.labels, width, IGNORE_INDEX) for s in steps]))
+                   labels=torch.cat([_pad_seq(s.labels, width, IGNORE_INDEX) for s in steps]), start=steps[0].start)
     return stacked, spans
 
 
@@ -93,7 +95,7 @@ def forward(part: SplitPart, steps: Sequence[Step], label_smoothing: float) -> P
     hidden = stacked.hidden.detach().to(device).requires_grad_(True)
     with RouterRecorder(part, stacked.attention_mask.to(device)) as routers:
         out = part.run_blocks(hidden.to(part.base_dtype), stacked.attention_mask.to(device),
-                              stacked.position_ids.to(device))
+                              stacked.position_ids.to(device), start=steps[0].start)
     top = out.detach().requires_grad_(True)
     labels, results, counted = stacked.labels.to(device), [], 0
     router = RouterTerms([], []) if routers.aux else None

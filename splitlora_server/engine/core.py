@@ -25,6 +25,7 @@ from splitlora_server.engine.batching import BatchPolicy, BatchSettings
 from splitlora_server.engine.jobs import Backward, Call, Forward, Job, Step, Update
 from splitlora_server.engine.micro import MicroAccumulator
 from splitlora_server.engine.slots import SHARED, AdapterMode, Slot, Slots
+from splitlora_server.engine.split_points import SplitPoints
 from splitlora_server.engine.state import ServerState, SlotState
 
 __all__ = ["SHARED", "AdapterMode", "ServerEngine", "Step"]
@@ -36,12 +37,13 @@ class ServerEngine:
     """Owns the server part and its optimizers; runs jobs from a queue on a single worker thread.
 
     `on_boundary(state)` is called on the engine thread with the state from which each round starts (the
-    checkpoint); `strategy` averages the per-client server adapters at a round end (FedAvg by default)."""
+    checkpoint); `strategy` averages the per-client server adapters at a round end (FedAvg by default); `points`:
+    the range of split layers clients may choose (engine.split_points)."""
 
     def __init__(self, part: SplitPart, mode: AdapterMode, optim: OptimSettings, label_smoothing: float = 0.1,
                  seed: int = 0, batching: BatchSettings = BatchSettings(), strategy: Strategy | None = None,
-                 on_boundary: Callable[[ServerState], None] | None = None) -> None:
-        self._slots = Slots(part, mode, optim, strategy or build_strategy())
+                 on_boundary: Callable[[ServerState], None] | None = None, points: SplitPoints | None = None) -> None:
+        self._slots = Slots(part, mode, optim, strategy or build_strategy(), points)
         self.part, self.mode, self.optim, self.label_smoothing, self.seed = part, mode, optim, label_smoothing, seed
         self.on_boundary = on_boundary
         self.batching = batching if mode == "shared" else BatchSettings()  # per-client adapters never share
@@ -145,7 +147,7 @@ class ServerEngine:
 
         def run() -> None:
             self._slots.activate(steps[0].client_id)
-            pending = compute.forward(self.part, steps, self.label_smoothing)
+            pending = compute.forward(self.part, steps, self.label_smoothing)  # from the steps' own split layer
             self._carry.appendleft(Backward(group, pending))  # the step's continuation runs next
 
         self._guarded(group, run)
@@ -210,21 +212,36 @@ class ServerEngine:
         return self.policy.awaited(members)
 
     # -- adapters and round boundaries (each a job, in queue order) ------------------------------------------
-    def add_client(self, client_id: str) -> Future:
-        """Per-client mode: give a new client its own copy of the server adapter."""
-        return self.call(lambda: (self.policy.seen(client_id), self._slots.add_client(client_id)))
+    def add_client(self, client_id: str, split_layer: int | None = None) -> Future:
+        """Record the client's split layer and, in per-client mode, give a new client its own copy of the server
+        adapter; the future's result is an error message when the client changes its split layer, else None."""
+        def run() -> str | None:
+            self.policy.seen(client_id)
+            return self._slots.add_client(client_id, split_layer)
+        return self.call(run)
+
+    def split_layer_of(self, client_id: str) -> int | None:
+        """The split layer a client joined with (None before it joined)."""
+        return self._slots.split_layers.get(client_id)
+
+    def server_updates(self, weights: dict[str, float]) -> Future:
+        """The server's copies of the blocks trained on both sides, sample-weighted (engine.split_points)."""
+        return self.call(lambda: self._slots.server_updates(weights))
 
     def end_round(self, rnd: int, weights: dict[str, float]) -> Future:
         """Per-client mode: average the clients' server adapters (the strategy, weighted) into every copy."""
         return self.call(lambda: self._slots.average(rnd, weights))
 
-    def close_round(self, rnd: int, weights: dict[str, float], clients: list[str]) -> Future:
-        """Round `rnd` is over: average (per-client mode), then take the boundary from which round rnd+1 starts:
-        snapshot every slot and hand the state to `on_boundary` (the checkpoint), all before the next job."""
-        return self.call(lambda: self._close_round(rnd, weights, clients))
+    def close_round(self, rnd: int, weights: dict[str, float], clients: list[str],
+                    overlap: AdapterState | None = None) -> Future:
+        """Round `rnd` is over: average (per-client mode; the blocks trained on both sides from `overlap`), then
+        take the boundary from which round rnd+1 starts: snapshot every slot and hand the state to `on_boundary`
+        (the checkpoint), all before the next job."""
+        return self.call(lambda: self._close_round(rnd, weights, clients, overlap))
 
-    def _close_round(self, rnd: int, weights: dict[str, float], clients: list[str]) -> None:
-        self._slots.average(rnd, weights)
+    def _close_round(self, rnd: int, weights: dict[str, float], clients: list[str],
+                     overlap: AdapterState | None = None) -> None:
+        self._slots.average(rnd, weights, overlap)
         fault_point("server", "round-end", rnd)
         state = self._slots.take_boundary(rnd, clients, self.steps_done)
         if self.on_boundary is not None:

@@ -28,6 +28,7 @@ class Step:
     micro: int = 0        # pipelined steps: this micro-batch's index, of micro_count, whose loss is divided by
     micro_count: int = 1  # step_tokens (the target tokens of the whole step); see engine.micro
     step_tokens: int = 0
+    start: int | None = None  # the client's split layer: the first server block its step runs (None: the part's)
 
     @property
     def pipelined(self) -> bool:

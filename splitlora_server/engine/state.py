@@ -58,6 +58,7 @@ class ServerState:
     clients: list[str]           # enrolled client ids, in enrolment order
     steps: int                   # server steps computed so far (statistics only)
     strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)  # beyond the adapter (fedex: residuals)
+    split_layers: dict[str, int] = field(default_factory=dict)  # each client's split layer (per-client split points)
 
 
 class ServerCheckpoints:
@@ -77,7 +78,7 @@ class ServerCheckpoints:
             slots.append({"key": key, "name": slot.name, "adapter_keys": sorted(slot.adapter), "meta": slot.meta})
         tensors.update({f"strategy.{k}": v for k, v in state.strategy_state.items()})
         meta = {"run": self.run, "slots": slots, "clients": state.clients, "steps": state.steps,
-                "strategy_keys": sorted(state.strategy_state)}
+                "strategy_keys": sorted(state.strategy_state), "split_layers": state.split_layers}
         return self.dir.save(state.round, tensors, meta, fault)
 
     def latest(self) -> ServerState | None:
@@ -95,12 +96,15 @@ class ServerCheckpoints:
             optim = {k[len(f"slot{i}."):]: v for k, v in ckpt.tensors.items() if k.startswith(f"slot{i}.optim.")}
             slots[slot["key"]] = SlotState(slot["name"], adapter, optim, slot["meta"])
         strategy = {k: ckpt.tensors[f"strategy.{k}"] for k in ckpt.meta.get("strategy_keys", [])}
-        return ServerState(ckpt.round, slots, list(ckpt.meta["clients"]), int(ckpt.meta["steps"]), strategy)
+        split_layers = {str(c): int(k) for c, k in ckpt.meta.get("split_layers", {}).items()}
+        return ServerState(ckpt.round, slots, list(ckpt.meta["clients"]), int(ckpt.meta["steps"]), strategy,
+                           split_layers)
 
 
 def run_identity(cfg, fingerprint) -> dict:
     """The settings a resumed run must share with the checkpoint (anything else would silently diverge)."""
     names = ("clients", "rounds", "local_steps", "batch_size", "learning_rate", "weight_decay", "warmup_steps",
-             "max_grad_norm", "label_smoothing", "seed", "server_adapter_mode", "split_layer", "aggregation")
+             "max_grad_norm", "label_smoothing", "seed", "server_adapter_mode", "split_layer", "split_range",
+             "aggregation")
     return {**{name: getattr(cfg, name) for name in names}, "model_config": fingerprint.config_sha256,
             "model_index": fingerprint.index_sha256, "lora": fingerprint.lora_sha256}

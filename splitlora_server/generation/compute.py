@@ -90,32 +90,31 @@ def _last_output(part: SplitPart, hidden: torch.Tensor) -> torch.Tensor:
     return out[:, 0, :].float()
 
 
-def _first_layer(part: SplitPart) -> int:
-    return part.segment.start
-
-
-def run_one(part: SplitPart, cache: DynamicCache, step: StepInput) -> StepOutput:
-    """One session's step with its own cache (created by the caller for a prefill)."""
+def run_one(part: SplitPart, cache: DynamicCache, step: StepInput, start: int | None = None) -> StepOutput:
+    """One session's step with its own cache (created by the caller for a prefill); `start`: the client's split
+    layer (see SplitPart.run_blocks)."""
     device = part.device
     if step.reorder is not None:
         cache.reorder_cache(step.reorder.to(device))
         step.reorder = None  # applied once, even if the step is retried
     hidden = part.run_blocks(step.hidden.to(device, part.base_dtype), step.attention_mask.to(device),
-                             step.position_ids.to(device), cache)
+                             step.position_ids.to(device), cache, start)
     return StepOutput(_last_output(part, hidden), cache_bytes(cache),
-                      cache.get_seq_length(_first_layer(part)))
+                      cache.get_seq_length(part.blocks_from(start).start))
 
 
-def stackable(part: SplitPart, caches: list[DynamicCache], steps: list[StepInput]) -> bool:
-    """Whether these decode steps can run as one forward: one new position each, plain (not sliding) layers."""
-    layers = part.layer_range()
+def stackable(part: SplitPart, caches: list[DynamicCache], steps: list[StepInput], start: int | None = None) -> bool:
+    """Whether these decode steps (of clients with the split layer `start`) can run as one forward: one new position
+    each, plain (not sliding) layers."""
+    layers = part.blocks_from(start)
     return all(s.hidden.shape[1] == 1 for s in steps) and all(
         type(c.layers[i]) is DynamicLayer and c.layers[i].keys is not None for c in caches for i in layers)
 
 
-def run_stacked(part: SplitPart, config, caches: list[DynamicCache], steps: list[StepInput]) -> list[StepOutput]:
+def run_stacked(part: SplitPart, config, caches: list[DynamicCache], steps: list[StepInput],
+                start: int | None = None) -> list[StepOutput]:
     """Decode steps of several sessions in one forward (see `stackable`); each cache grows by its new position."""
-    device, layers = part.device, part.layer_range()
+    device, layers = part.device, part.blocks_from(start)
     for cache, step in zip(caches, steps):
         if step.reorder is not None:
             cache.reorder_cache(step.reorder.to(device))
@@ -131,7 +130,7 @@ def run_stacked(part: SplitPart, config, caches: list[DynamicCache], steps: list
                       for s in steps])
     hidden = torch.cat([s.hidden.to(device, part.base_dtype) for s in steps])
     positions = torch.cat([s.position_ids.to(device) for s in steps])
-    out = _last_output(part, part.run_blocks(hidden, mask, positions, merged))
+    out = _last_output(part, part.run_blocks(hidden, mask, positions, merged, start))
     results, row = [], 0
     for cache, step, n in zip(caches, steps, lengths):
         rows = slice(row, row + step.hidden.shape[0])
@@ -144,10 +143,12 @@ def run_stacked(part: SplitPart, config, caches: list[DynamicCache], steps: list
 
 
 def score(part: SplitPart, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-          labels: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy (no label smoothing) and the number of target tokens; no backward."""
+          labels: torch.Tensor, start: int | None = None) -> tuple[float, int]:
+    """Summed next-token cross-entropy (no label smoothing) and the number of target tokens; no backward. `start`:
+    the client's split layer."""
     device = part.device
-    logits = part(hidden.to(device, part.base_dtype), attention_mask.to(device), position_ids.to(device))
+    logits = part(hidden.to(device, part.base_dtype), attention_mask.to(device), position_ids.to(device),
+                  start=start)
     shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:].to(device)
     tokens = int((shift_labels != IGNORE_INDEX).sum())
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),

@@ -73,16 +73,16 @@ class GenerationScheduler:
         self._run(batch)
 
     def _run(self, batch: list[_Pending]) -> None:
-        groups: dict[str | None, list[_Pending]] = defaultdict(list)
-        for p in batch:
+        groups: dict[tuple[str | None, int | None], list[_Pending]] = defaultdict(list)
+        for p in batch:  # stacked: the same adapter and the same split layer (the same blocks)
             if p.future.set_running_or_notify_cancel():
-                groups[self.adapter_name(p.session.adapter, p.session.client_id)].append(p)
-        for name, items in groups.items():
+                groups[self.adapter_name(p.session.adapter, p.session.client_id), p.session.start].append(p)
+        for (name, start), items in groups.items():
             with adapter_of(self.engine.part, name):
                 decodes = [p for p in items if p.session.cache is not None and p.step.hidden.shape[1] == 1]
                 if len(decodes) > 1 and stackable(self.engine.part, [p.session.cache for p in decodes],
-                                                  [p.step for p in decodes]):
-                    self._stacked(decodes)
+                                                  [p.step for p in decodes], start):
+                    self._stacked(decodes, start)
                     items = [p for p in items if p not in decodes]
                 for p in items:
                     self._one(p)
@@ -93,16 +93,16 @@ class GenerationScheduler:
                 if p.session.next_step != 0 or p.session.closed:
                     raise RuntimeError(f"session closed: {p.session.closed or 'no cache'}")
                 p.session.cache = DynamicCache(config=self.engine.part.config)
-            p.future.set_result(run_one(self.engine.part, p.session.cache, p.step))
+            p.future.set_result(run_one(self.engine.part, p.session.cache, p.step, p.session.start))
             self.batch_sizes[1] += 1
         except Exception as err:  # a bad step fails its own session only
             log.warning("generation step of session %s failed: %s", p.session.session_id[:8], err)
             p.future.set_exception(err)
 
-    def _stacked(self, items: list[_Pending]) -> None:
+    def _stacked(self, items: list[_Pending], start: int | None = None) -> None:
         try:
             outputs: list[StepOutput] = run_stacked(self.engine.part, self.engine.part.config,
-                                                    [p.session.cache for p in items], [p.step for p in items])
+                                                    [p.session.cache for p in items], [p.step for p in items], start)
         except Exception:  # e.g. one malformed step: each then gets its own result or error
             log.warning("a stacked decode of %d sessions failed; running them one by one", len(items), exc_info=True)
             for p in items:

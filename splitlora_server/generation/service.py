@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from common.rpc.splitlora.v1 import generation_pb2 as gpb
 from common.rpc.splitlora.v1 import generation_pb2_grpc as ggrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from common.fingerprint import differences
+from common.fingerprint import check_split_layer_of
 from common.wire import Reassembler, WireError, chunked, codec_from_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.errors import Refused, abort
@@ -34,9 +34,13 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
     def __init__(self, scheduler: GenerationScheduler, store: SessionStore, limits: FrameLimits,
                  codecs: list[str], chunk_bytes: int, max_message_bytes: int, auth: Authenticator | None = None,
                  stopping: threading.Event | None = None, validation: ValidationBook | None = None,
-                 fingerprint: spb.Fingerprint | None = None) -> None:
+                 fingerprint: spb.Fingerprint | None = None,
+                 fingerprints: dict[int, spb.Fingerprint] | None = None) -> None:
         self.scheduler, self.store, self.limits = scheduler, store, limits
         self.fingerprint = fingerprint
+        # per-client split points: one fingerprint per allowed split layer
+        self.fingerprints = fingerprints or ({fingerprint.split_layer: fingerprint} if fingerprint is not None
+                                             else None)
         self.codecs = {codec_from_name(c) for c in codecs}
         self.chunk_bytes, self.max_message_bytes = chunk_bytes, max_message_bytes
         self.auth = auth or Authenticator()
@@ -54,15 +58,18 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
         abort_if_denied(context, lambda: self.auth.check_client(context, client_id), "a generation call")
         return client_id
 
-    def _check_model(self, fingerprint: spb.Fingerprint, context: grpc.ServicerContext) -> None:
-        if self.fingerprint is None:
-            return
+    def _check_model(self, fingerprint: spb.Fingerprint, context: grpc.ServicerContext) -> int | None:
+        """The client's split layer (where its requests start on this server), once its fingerprint matches."""
+        if self.fingerprints is None:
+            return None
         if not fingerprint.ByteSize():
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request carries no model fingerprint")
-        diff = differences(self.fingerprint, fingerprint)
-        if diff:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "the client's model does not match the server's: " + "; ".join(diff))
+        problem = check_split_layer_of(self.fingerprints, fingerprint)
+        if problem:
+            kind, why = problem
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT if kind == "range" else grpc.StatusCode.FAILED_PRECONDITION,
+                          why)
+        return int(fingerprint.split_layer)
 
     def _adapter(self, choice: int, client_id: str, context: grpc.ServicerContext) -> str:
         adapter = ADAPTERS.get(choice)
@@ -116,7 +123,7 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request part: {err}")
 
     def _open(self, request: gpb.SessionOpen, client_id: str, context: grpc.ServicerContext) -> Session:
-        self._check_model(request.fingerprint, context)
+        start = self._check_model(request.fingerprint, context)
         adapter = self._adapter(request.adapter, client_id, context)
         reply = REPLIES.get(request.reply)
         if reply is None:
@@ -126,7 +133,7 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
         if reply != "hidden" and not self.part.segment.head:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server does not hold the head: ask for hidden")
         try:
-            session = self.store.open(client_id, adapter, reply, request.top_k, request.max_tokens)
+            session = self.store.open(client_id, adapter, reply, request.top_k, request.max_tokens, start)
         except Refused as err:
             abort(context, err)
         log.info("client %s opened inference session %s (adapter %s)", client_id, session.session_id[:8], adapter,
@@ -179,7 +186,7 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
     # -- evaluation ----------------------------------------------------------------------------------------------
     def Score(self, request: gpb.ScoreRequest, context: grpc.ServicerContext) -> gpb.ScoreReply:
         client_id = self._client(context)
-        self._check_model(request.fingerprint, context)
+        start = self._check_model(request.fingerprint, context)
         adapter = self._adapter(request.adapter, client_id, context)
         if not self.part.segment.head:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server does not hold the head: it cannot score")
@@ -194,7 +201,7 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
             if adapter == "shared" and request.round >= 0 and boundary == request.round + 1 and snapshot:
                 name = boundary_adapter(self.part, snapshot.adapter)  # the closed round's model, not the moving one
             with adapter_of(self.part, name):
-                return score(self.part, batch.hidden, batch.attention_mask, batch.position_ids, batch.labels)
+                return score(self.part, batch.hidden, batch.attention_mask, batch.position_ids, batch.labels, start)
 
         try:
             loss_sum, tokens = self.scheduler.run(run).result()

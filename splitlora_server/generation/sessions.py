@@ -62,6 +62,7 @@ class Session:
     next_step: int = 0
     last_used: float = field(default_factory=time.monotonic)
     closed: str = ""        # why it was closed, once it is
+    start: int | None = None  # the client's split layer: the first server block its steps run (None: the part's)
 
 
 class SessionStore:
@@ -75,7 +76,8 @@ class SessionStore:
         self.tokens_computed = 0  # positions computed for generation since the start (status, metrics)
         self.opened_total = 0
 
-    def open(self, client_id: str, adapter: str, reply: str, top_k: int, max_tokens: int) -> Session:
+    def open(self, client_id: str, adapter: str, reply: str, top_k: int, max_tokens: int,
+             start: int | None = None) -> Session:
         """A new session of `client_id`; RESOURCE_EXHAUSTED when the server holds as many as it may."""
         limit = min(max_tokens or self.max_tokens, self.max_tokens)
         with self._lock:
@@ -83,7 +85,7 @@ class SessionStore:
             if len(self._sessions) >= self.options.generation_max_sessions:
                 raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server holds {len(self._sessions)} inference "
                                    "sessions, its --generation-max-sessions; retry when one ends")
-            session = Session(secrets.token_hex(16), client_id, adapter, reply, top_k, limit)
+            session = Session(secrets.token_hex(16), client_id, adapter, reply, top_k, limit, start=start)
             self._sessions[session.session_id] = session
             self.opened_total += 1
         return session

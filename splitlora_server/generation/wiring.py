@@ -69,14 +69,17 @@ class _GenerationCollector(Collector):
 
 
 def build_generation(cfg: Any, engine: ServerEngine, limits: FrameLimits, auth: Authenticator,
-                     fingerprint: spb.Fingerprint) -> GenerationParts:
+                     fingerprint: spb.Fingerprint, fingerprints: dict[int, spb.Fingerprint] | None = None
+                     ) -> GenerationParts:
     """Generation for a server of `cfg` (a ServeConfig) on `engine`; score batches obey `limits` (the training
-    frames' limits, with room for --generation-max-batch rows)."""
+    frames' limits, with room for --generation-max-batch rows). `fingerprints`: one per split layer clients may
+    have (per-client split points); each client's requests run from its own split layer."""
     store = SessionStore(cfg, bytes_per_position(engine.part), limits.max_positions)
     scheduler = GenerationScheduler(engine, cfg.generation_batching, cfg.generation_priority == "training")
     score_limits = FrameLimits(limits.hidden_size, limits.vocab_size, max(limits.max_batch, cfg.generation_max_batch),
                                limits.max_seq_len, limits.max_positions)
     validation = ValidationBook()
     service = SplitGenerationService(scheduler, store, score_limits, cfg.codecs, cfg.chunk_bytes,
-                                     cfg.max_message_bytes, auth, validation=validation, fingerprint=fingerprint)
+                                     cfg.max_message_bytes, auth, validation=validation, fingerprint=fingerprint,
+                                     fingerprints=fingerprints)
     return GenerationParts(store, scheduler, service, validation)

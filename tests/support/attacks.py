@@ -8,7 +8,6 @@ attack, measured in alternating blocks so that the machine's own load affects bo
 from __future__ import annotations
 
 import queue
-import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +25,6 @@ from tests.support.servers import ClientSide, Harness, metadata, running_server,
 
 TRAIN = "/splitlora.v1.SplitTraining/Train"
 SUBMIT = "/splitlora.v1.Aggregator/Submit"
-MIN_RATIO = 0.8  # the legitimate client's step rate under attack, as a fraction of its rate alone
-
-
 def mtls(certs: Path, who: str) -> ClientTlsOptions:
     """Client TLS options with `who`'s certificate from `certs`."""
     return ClientTlsOptions(tls_ca=str(certs / "ca.pem"), tls_cert=str(certs / f"{who}.pem"),
@@ -89,17 +85,21 @@ class Legit:
         self.channel.close()
 
 
-def rate_ratio(legit: Legit, attack_on: Callable[[], None], attack_off: Callable[[], None], blocks: int = 3,
-               per_block: int = 8) -> float:
-    """Median step time alone / median step time under attack, over alternating blocks of steps."""
+def steps_under_attack(legit: Legit, attack_on: Callable[[], None], attack_off: Callable[[], None],
+                       blocks: int = 3, per_block: int = 8) -> int:
+    """Blocks of the legitimate client's steps alternately alone and under attack; the steps done under attack.
+
+    Every step must come back with a finite gradient (`Legit.steps` checks it). How much slower the steps are under
+    attack is a timing and is measured by `scripts/hostile_load.py` (SECURITY.md), never asserted in a test.
+    """
     legit.steps(3)  # warm up
-    alone, attacked = [], []
+    attacked = 0
     for _ in range(blocks):
-        alone += legit.steps(per_block)
+        legit.steps(per_block)
         attack_on()
-        attacked += legit.steps(per_block)
+        attacked += len(legit.steps(per_block))
         attack_off()
-    return statistics.median(alone) / statistics.median(attacked)
+    return attacked
 
 
 class HeldStreams:

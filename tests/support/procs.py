@@ -80,11 +80,11 @@ def aggregator(tmp: Path, port: int, faults: list[str] | None = None) -> Role:
                                "--finish-grace-seconds", "60", *PLAINTEXT], tmp, faults or [])
 
 
-def client(tmp: Path, name: str, server_port: int, faults: list[str] | None = None) -> Role:
+def client(tmp: Path, name: str, server_port: int, *extra: str, faults: list[str] | None = None) -> Role:
     return Role(name, [str(BIN / "splitlora-client"), "train", "--server", f"127.0.0.1:{server_port}", "--client-id",
                        name, "--seed", str(CLIENTS.index(name)), "--output", str(tmp / name), "--no-progress",
                        "--builtin-examples", "32", "--reconnect-backoff-max", "0.5", "--join-timeout", "60",
-                       *PLAINTEXT],
+                       *PLAINTEXT, *extra],
                 tmp, faults or [])
 
 
