@@ -156,6 +156,12 @@ class CheckpointIndex:
             raise CheckpointError(f"{self.model_dir}: tensor {name} is not in the checkpoint")
         return self.tensors[name]
 
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor as a copy of its own (a float cast to `dtype`): no mapping of the file outlives the call."""
+        with safe_open(str(self._info(name).file), framework="pt", device="cpu") as f:
+            t = f.get_tensor(name)  # a view into the file's memory map, unmapped once it and `f` are gone
+        return t.to(dtype, copy=True) if dtype is not None and t.is_floating_point() else t.clone()
+
     def load(self, names: list[str], dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Load only the named tensors onto `device`, shard by shard (floats optionally cast to `dtype`)."""

@@ -54,8 +54,8 @@ class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions, Th
                                    "each) when client and server run on separate devices, 1 when they share cores "
                                    "(docs/benchmarks.md).")
     client_quantization: str = option("none", "The frozen base of this client's part (embeddings, blocks) in int8 "
-                                              "(torchao weight-only; int4 is refused on the CPU: torchao's CPU int4 kernel "
-                                              "has no backward); LoRA stays float32.",
+                                              "(quantized as it is read; int4 is refused on the CPU: torchao's CPU int4 "
+                                              "kernel has no backward); LoRA stays float32.",
                                       choices=list(QUANTIZATIONS))
     join_timeout: float = option(60.0, "Seconds to keep trying to reach the server at start.")
     round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")

@@ -25,7 +25,7 @@ from common.residuals import ResidualFolder
 from common.rpc.splitlora.v1 import aggregator_pb2_grpc as agrpc
 from common.defenses import ActivationDefense
 from common.split.parts import SplitPart
-from common.split.quantize import quantize_frozen, weight_bytes
+from common.split.quantize import weight_bytes
 from common.split.ushape import u_shape_parts
 from common.threads import apply_threads
 from common.tls import open_channel
@@ -168,7 +168,8 @@ def client_parts(cfg: TrainConfig, model_dir: Path, lora, seed: int) -> tuple[Sp
     """The client's bottom part (embeddings, blocks [0, K)) and, in u-shape mode, its top part (blocks [L-J, L),
     final norm, head), not yet in training mode."""
     low, high = cfg.split_bounds()  # per-client split points: LoRA drawn per module, as on the server
-    each = {"lora_seed": seed, "per_module_init": high > low}
+    each = {"lora_seed": seed, "per_module_init": high > low,
+            "quantization": cfg.client_quantization}  # quantized as it is read: never all in float32
     if not cfg.u_shape:
         return SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, **each), None
     bottom, _, top = u_shape_parts(model_dir, cfg.split_layer, cfg.top_blocks)
@@ -177,13 +178,11 @@ def client_parts(cfg: TrainConfig, model_dir: Path, lora, seed: int) -> tuple[Sp
 
 
 def _ready_to_train(parts: list[SplitPart], cfg: TrainConfig, reply: Any, log: ContextLogger) -> None:
-    """Quantize the parts' frozen base (--client-quantization), put them in training mode and, with ffa, freeze
-    LoRA A (only B trains, A stays as initialised)."""
+    """Put the parts (their frozen base quantized as it was read, --client-quantization) in training mode and,
+    with ffa, freeze LoRA A (only B trains, A stays as initialised)."""
     for part in parts:
         if cfg.client_quantization != "none":
-            count = quantize_frozen(part, cfg.client_quantization)
-            log.info("frozen base in %s: %d weights quantized, %.1f MB held", cfg.client_quantization, count,
-                     weight_bytes(part) / 1e6)
+            log.info("frozen base in %s: %.1f MB held", cfg.client_quantization, weight_bytes(part) / 1e6)
         part.train()
         if reply.aggregation and freezes_lora_a(reply.aggregation):
             for name, param in part.named_parameters():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import time
@@ -223,12 +224,16 @@ def test_aggregation(smoke: BenchConfig):
         else:
             assert max(errors) < 1e-5
     assert sum(result["runs"][3]["shard_sizes"]) == sum(result["runs"][0]["shard_sizes"])
+
+
 def test_generate(smoke: BenchConfig):
     cfg = dataclasses.replace(smoke, generate_tokens=3, generate_prompts=2, generate_sessions=[1, 2])
     run_benchmarks(cfg, ["generate"])
     result = _result(cfg, "generate")
     (row,) = result["table"]
-    assert row["decode_split_ms"] > 0 and row["decode_local_ms"] > 0 and row["ratio"] > 0
+    # per-token times are differences of two timings (N tokens minus the prefill): their values are the
+    # benchmark's to report, not a test's to assert (a loaded machine can make a 3-token difference negative)
+    assert all(math.isfinite(row[k]) for k in ("decode_split_ms", "decode_local_ms", "ratio"))
     assert row["bytes_per_token"] > 4 * 128  # at least the (1, 128) activations of one new token went up
     throughput = result["results"][0]["throughput"]
     assert [(r["batching"], r["sessions"]) for r in throughput] == [("off", 1), ("off", 2), ("on", 1), ("on", 2)]

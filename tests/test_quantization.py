@@ -2,7 +2,9 @@
 outputs, LoRA gradients, and training through real gRPC with a loss close to the unquantized client's."""
 from __future__ import annotations
 
+import gc
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from common.config.engine import ConfigError
 from common.split.parts import LoraSettings, SplitPart
-from common.split.quantize import QuantizationError, quantize_frozen, weight_bytes
+from common.split.quantize import Int8Embedding, Int8Linear, QuantizationError, quantize_frozen, weight_bytes
 from splitlora_client.options import TrainConfig
 from tests.support.families import VOCAB, checkpoint_dir
 from tests.support.solo import solo_run
@@ -73,3 +75,56 @@ def test_the_cpu_int4_kernel_still_has_no_backward():
     y = layer(x)
     with pytest.raises(RuntimeError, match="derivative for aten::_weight_int4pack_mm_for_cpu is not implemented"):
         y.sum().backward()
+
+
+def _maps_of(path: Path) -> list[str]:
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if str(path.resolve()) in line]
+
+
+def test_a_part_quantized_while_loading_equals_quantizing_after_and_leaves_no_mapping(tmp_path: Path):
+    """Quantizing module by module as the checkpoint is read gives the same part (bytes held, outputs) as
+    quantizing the loaded float part, and afterwards no mapping of the checkpoint file remains."""
+    model_dir = tmp_path / "llama"
+    shutil.copytree(checkpoint_dir("llama"), model_dir)  # a path of its own: no other test's part maps it
+    lora = LoraSettings(4, 8, 0.0, ())
+    after = SplitPart(model_dir, "client", 2, lora)
+    assert _maps_of(model_dir / "model.safetensors")  # the float part's weights are the file's memory map
+    quantize_frozen(after, "int8")
+    reference = after(*_inputs()).detach()
+    held_after = weight_bytes(after)
+    del after
+    gc.collect()
+    assert not _maps_of(model_dir / "model.safetensors")
+    loaded = SplitPart(model_dir, "client", 2, lora, quantization="int8")
+    assert not _maps_of(model_dir / "model.safetensors")
+    assert weight_bytes(loaded) == held_after
+    assert isinstance(loaded.base.model.embed_tokens, Int8Embedding)
+    assert torch.equal(loaded(*_inputs()), reference)
+
+
+def test_int8_embedding_dequantizes_the_rows_it_gathers_within_half_a_step():
+    weight = torch.randn(VOCAB, 16, generator=torch.Generator().manual_seed(1))
+    table = Int8Embedding(weight, rows_per_chunk=7)  # chunks that do not divide the rows
+    ids = torch.tensor([[0, 5, 95, 5], [17, 94, 1, 2]])
+    got, want = table(ids), torch.nn.functional.embedding(ids, weight)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    step = weight.abs().amax(dim=1) / 127
+    assert ((got - want).abs() <= step[ids].unsqueeze(-1) / 2 + 1e-7).all()
+    assert table.qweight.dtype == torch.int8 and table.qweight.abs().amax(dim=1).eq(127).all()
+    assert torch.equal(table(ids[:, :1]), got[:, :1])  # a row's value does not depend on what else is gathered
+
+
+def test_int8_linear_keeps_only_int8_for_the_backward_and_its_input_gradient_is_close():
+    """torchao's CPU int8 saved a float copy of each weight for the backward; `Int8Linear` saves the int8 one."""
+    linear = torch.nn.Linear(64, 48).requires_grad_(False)
+    quantized = Int8Linear(linear)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    out = quantized(x)
+    saved = out.grad_fn.next_functions[0][0].saved_tensors if linear.bias is not None else out.grad_fn.saved_tensors
+    assert [t.dtype for t in saved] == [torch.int8, torch.float32] and saved[1].shape == (48,)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    x_ref = x.detach().requires_grad_(True)
+    reference = torch.nn.functional.linear(x_ref, linear.weight, linear.bias)
+    (grad_ref,) = torch.autograd.grad(reference.sum(), x_ref)
+    assert (out - reference).abs().max() < 0.02 * reference.abs().max()
+    assert (grad - grad_ref).abs().max() < 0.02 * grad_ref.abs().max()

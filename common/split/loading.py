@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.split import ModelFamily, family_for
 from common.split.experts import Fused
+from common.split.quantize import check_quantization, quantize_module
 from common.split.segment import Segment, Side, SplitError, as_segment, check_split_layer  # noqa: F401 (re-exported)
 from common.weights import CheckpointError, CheckpointIndex, resolve_model_dir
 
@@ -105,15 +106,36 @@ def side_tensor_names(model_dir: str | Path, part: Side | Segment, split_layer: 
     return _tensor_names(_side_names(config, family, CheckpointIndex(model_dir), model))
 
 
+def _build(source: str | Fused, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return tensors[source] if isinstance(source, str) else source.build([tensors[p] for p in source.parts])
+
+
+def _load_quantized(model: nn.Module, sources: dict[str, str | Fused], index: CheckpointIndex, dtype: torch.dtype,
+                    quantization: str) -> None:
+    """Fill `model` module by module from copies of its tensors, quantizing each frozen Linear/Embedding right
+    away: one module's float weights are resident at a time and no mapping of the checkpoint outlives the load."""
+    for prefix, module in list(model.named_modules()):
+        for name, _ in list(module.named_parameters(recurse=False)):
+            source = sources[f"{prefix}.{name}" if prefix else name]
+            parts = [source] if isinstance(source, str) else list(source.parts)
+            value = _build(source, {p: index.read(p, dtype) for p in parts})
+            setattr(module, name, nn.Parameter(value, requires_grad=False))
+        quantize_module(model, prefix, quantization)
+
+
 def load_segment(model_dir: str | Path, config: Any, family: ModelFamily, segment: Segment, dtype: torch.dtype,
-                 device: torch.device) -> nn.Module:
-    """The pruned model of one segment with its base weights read from the checkpoint straight onto `device`."""
+                 device: torch.device, quantization: str = "none") -> nn.Module:
+    """The pruned model of one segment with its base weights read from the checkpoint straight onto `device`
+    (with a `quantization` other than "none", its frozen Linear/Embedding weights quantized as they are read)."""
     index = CheckpointIndex(model_dir)
     model = skeleton(config, family, segment)
     sources = _side_names(config, family, index, model)
-    loaded = index.load(_tensor_names(sources), dtype, device)
-    state = {n: loaded[s] if isinstance(s, str) else s.build([loaded[p] for p in s.parts]) for n, s in sources.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    if quantization != "none":
+        check_quantization(quantization, str(device))
+        _load_quantized(model, sources, index, dtype, quantization)
+    else:
+        loaded = index.load(_tensor_names(sources), dtype, device)
+        model.load_state_dict({n: _build(s, loaded) for n, s in sources.items()}, strict=False, assign=True)
     if any(p.is_meta for p in model.parameters()):
         raise CheckpointError(f"{model_dir}: some weights of {segment} were not in the checkpoint")
     return model.to(device).requires_grad_(False)  # buffers (rotary tables) follow the weights

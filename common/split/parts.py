@@ -30,12 +30,14 @@ class SplitPart(nn.Module):
     with `split_layer` K. `model_dir` is a local directory or a hub id. Base weights are frozen in `dtype`; LoRA
     weights are float32. With `gradient_checkpointing`, each block's activations are recomputed in the backward.
     With `per_module_init`, each module's LoRA A is drawn from the seed and the module's name (the same on every
-    part that holds the module: per-client split points, common.split.lora_init).
+    part that holds the module: per-client split points, common.split.lora_init). `quantization` ("int8": see
+    `common.split.quantize`) quantizes the frozen base while it is read.
     """
 
     def __init__(self, model_dir: str | Path, part: Side | Segment, split_layer: int | None = None,
                  lora: LoraSettings = LoraSettings(), dtype: str = "float32", device: str = "cpu", lora_seed: int = 0,
-                 gradient_checkpointing: bool = False, per_module_init: bool = False) -> None:
+                 gradient_checkpointing: bool = False, per_module_init: bool = False,
+                 quantization: str = "none") -> None:
         super().__init__()
         if dtype not in DTYPES:
             raise SplitError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -49,12 +51,14 @@ class SplitPart(nn.Module):
         self.lora = lora.resolved(self.family)
         self.device = torch.device(device)
         self.gradient_checkpointing = gradient_checkpointing
-        base = load_segment(self.model_dir, self.config, self.family, self.segment, DTYPES[dtype], self.device)
+        base = load_segment(self.model_dir, self.config, self.family, self.segment, DTYPES[dtype], self.device,
+                            quantization)
         if not self.segment.layers:  # the head alone (a u-shape client top with J = 0): nothing to adapt
             self.peft, self._plain = None, base
             return
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft
+            warnings.filterwarnings("ignore", "TorchaoLoraLinear was instantiated", UserWarning)  # nothing merges
             torch.manual_seed(lora_seed)
             self._lora_config = side_lora_config(lora, self.family, self.config, base,
                                                  f"{self.side} part, {self.segment}")

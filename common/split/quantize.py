@@ -1,9 +1,13 @@
-"""A quantized frozen base under float32 LoRA: the client's embeddings and block weights in int8 (torchao's
-weight-only int8, which has CPU kernels), its adapters trained in float32 on top.
+"""A quantized frozen base under float32 LoRA: the client's embeddings and block weights in int8, its adapters
+trained in float32 on top.
 
 Only frozen `nn.Linear` and `nn.Embedding` weights are quantized (Llama-style families: every projection and
-the embeddings; GPT-2: its embeddings, its blocks being `Conv1D`, which torchao does not quantize). LoRA's own
-layers and norms stay as they are. The checkpoint on disk is untouched, so the fingerprint still identifies it.
+the embeddings; GPT-2: its embeddings, its blocks being `Conv1D`). LoRA's own layers and norms stay as they are.
+The checkpoint on disk is untouched, so the fingerprint still identifies it. int8 is this module's own: one
+symmetric scale per row (`int8_rows`); an `Int8Linear` keeps only its int8 weight for the backward (torchao's CPU
+int8 saved a float copy of every weight for it: the float base was resident again in each step), and an
+`Int8Embedding` dequantizes only the rows a lookup gathers. `load_segment` quantizes while it reads the
+checkpoint, one module at a time, so the float base is never resident at once.
 4-bit on the CPU: torchao's one CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`, behind its prototype
 `Int4OpaqueTensor`) computes the forward only, it has no derivative, and a client backpropagates through its frozen
 blocks to train their adapters; torchao's other int4 layouts need a CUDA device. So `int4` is refused on the CPU
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
 from torch import nn
 
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -24,8 +29,8 @@ class QuantizationError(ValueError):
 
 
 def _frozen_weight(module: nn.Module, name: str) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding)) and "lora_" not in name and \
-        not module.weight.requires_grad
+    return isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, Int8Linear) and \
+        "lora_" not in name and not module.weight.requires_grad
 
 
 def check_quantization(mode: str, device: str = "cpu") -> None:
@@ -36,8 +41,89 @@ def check_quantization(mode: str, device: str = "cpu") -> None:
         raise QuantizationError("int4: torchao's CPU 4-bit kernel (aten._weight_int4pack_mm_for_cpu) has no "
                                 "backward, which training through the client's frozen blocks needs; its other "
                                 "4-bit layouts need a CUDA device; on the CPU use int8")
-    if mode != "none" and importlib.util.find_spec("torchao") is None:
+    if mode == "int4" and importlib.util.find_spec("torchao") is None:
         raise QuantizationError(f"quantization {mode} needs torchao: {INSTALL_HINT}")
+
+
+def int8_rows(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` [rows, cols] as int8 with one symmetric scale per row (max |w| / 127), computed in chunks of rows
+    so that no float temporary of the whole tensor is made."""
+    qweight = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=weight.dtype)
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        rows = weight[start:start + rows_per_chunk].detach().float()
+        s = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).eps) / 127
+        qweight[start:start + rows_per_chunk] = torch.round(rows / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[start:start + rows_per_chunk] = s.to(weight.dtype)
+    return qweight, scale
+
+
+class Int8Embedding(nn.Module):
+    """A frozen embedding table in int8 (`int8_rows`); a lookup gathers int8 rows and dequantizes only those."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None, rows_per_chunk: int = 4096) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = padding_idx
+        qweight, scale = int8_rows(weight, rows_per_chunk)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+
+
+class _Int8MatMul(torch.autograd.Function):
+    """x @ (qweight * scale).T, saving only the int8 weight for the backward (never a float copy of it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(qweight, scale)
+        return (x @ qweight.t().to(x.dtype)) * scale.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        qweight, scale = ctx.saved_tensors
+        return (grad * scale.to(grad.dtype)) @ qweight.to(grad.dtype), None, None
+
+
+class Int8Linear(nn.Linear):
+    """A frozen `nn.Linear` with its weight in int8 (`int8_rows`, one scale per output feature); gradients flow to
+    its input only. A subclass of `nn.Linear`, so peft puts LoRA on it as on any linear layer."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        qweight, scale = int8_rows(linear.weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 weight (peft reads a linear layer's `weight` for its device and dtype)."""
+        return self.qweight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _Int8MatMul.apply(x, self.qweight, self.scale)
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_module(model: nn.Module, name: str, mode: str) -> bool:
+    """Quantize the frozen Linear/Embedding `name` of `model` in place (`int8`: replaced by `Int8Linear` /
+    `Int8Embedding`; `int4`: torchao); False if it is not one."""
+    module = model.get_submodule(name)
+    if not _frozen_weight(module, name):
+        return False
+    if mode == "int8" and type(module) in (nn.Linear, nn.Embedding):  # subclasses (Gemma's scaled embedding): torchao
+        parent, _, child = name.rpartition(".")
+        new = Int8Linear(module) if isinstance(module, nn.Linear) else Int8Embedding(module.weight, module.padding_idx)
+        setattr(model.get_submodule(parent), child, new)
+        return True
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    config = Int8WeightOnlyConfig() if mode == "int8" else Int4WeightOnlyConfig(group_size=128)
+    quantize_(module, config, filter_fn=lambda m, fqn: m is module)
+    return True
 
 
 def quantize_frozen(model: nn.Module, mode: str, device: str = "cpu") -> int:
@@ -45,11 +131,8 @@ def quantize_frozen(model: nn.Module, mode: str, device: str = "cpu") -> int:
     check_quantization(mode, device)
     if mode == "none":
         return 0
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-    chosen = {name for name, module in model.named_modules() if _frozen_weight(module, name)}
-    config = Int8WeightOnlyConfig() if mode == "int8" else Int4WeightOnlyConfig(group_size=128)
-    quantize_(model, config, filter_fn=lambda module, fqn: fqn in chosen)
-    return len(chosen)
+    chosen = [name for name, module in model.named_modules() if _frozen_weight(module, name)]
+    return sum(quantize_module(model, name, mode) for name in chosen)
 
 
 def weight_bytes(model: nn.Module) -> int:
