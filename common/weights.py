@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,9 @@ import torch
 from safetensors import safe_open
 
 SINGLE_FILE = "model.safetensors"
+STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
 INDEX_FILE = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
@@ -157,10 +162,44 @@ class CheckpointIndex:
         return self.tensors[name]
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor as a copy of its own (a float cast to `dtype`): no mapping of the file outlives the call."""
-        with safe_open(str(self._info(name).file), framework="pt", device="cpu") as f:
-            t = f.get_tensor(name)  # a view into the file's memory map, unmapped once it and `f` are gone
-        return t.to(dtype, copy=True) if dtype is not None and t.is_floating_point() else t.clone()
+        """One tensor as a copy of its own (a float cast to `dtype`), read from the file without mapping it."""
+        info = self._info(name)
+        if info.shape:
+            return self.read_rows(name, 0, info.shape[0], dtype)
+        t = self._read(name, info, 0, 1, ()).reshape(())  # a scalar: one row of no elements' shape
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (along its first dimension) as a copy of their own, floats cast to
+        `dtype`: only those rows' bytes are read (plain reads, no mapping), so a big tensor can be processed in
+        chunks without ever being resident whole."""
+        info = self._info(name)
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise CheckpointError(f"{self.model_dir}: rows [{start}, {stop}) are not in tensor {name} of shape "
+                                  f"{list(info.shape)}")
+        t = self._read(name, info, start, stop - start, info.shape[1:])
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    def _read(self, name: str, info: TensorInfo, first: int, rows: int, row_shape: tuple[int, ...]) -> torch.Tensor:
+        stored = STORED_DTYPES.get(info.dtype)
+        if sys.byteorder != "little":  # safetensors stores little-endian bytes
+            raise CheckpointError(f"{info.file}: reading safetensors needs a little-endian machine")
+        if stored is None:
+            raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, which is not read")
+        row_bytes = math.prod(row_shape) * stored.itemsize
+        if info.end - info.start != math.prod(info.shape) * stored.itemsize:
+            raise CheckpointError(f"{info.file}: tensor {name} spans {info.end - info.start} bytes, not the "
+                                  f"{math.prod(info.shape) * stored.itemsize} its shape {list(info.shape)} needs")
+        out = torch.empty(rows * row_bytes, dtype=torch.uint8)
+        view, done = memoryview(out.numpy()), 0
+        with info.file.open("rb", buffering=0) as f:
+            f.seek(info.start + first * row_bytes)
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{info.file} is truncated inside tensor {name}")
+                done += got
+        return out.view(stored).reshape(rows, *row_shape)
 
     def load(self, names: list[str], dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.split import ModelFamily, family_for
 from common.split.experts import Fused
-from common.split.quantize import check_quantization, quantize_module
+from common.heap import release_freed_memory
+from common.split.quantize import Rows, check_quantization, quantize_module, quantizes_by_rows
 from common.split.segment import Segment, Side, SplitError, as_segment, check_split_layer  # noqa: F401 (re-exported)
 from common.weights import CheckpointError, CheckpointIndex, resolve_model_dir
 
@@ -110,17 +111,35 @@ def _build(source: str | Fused, tensors: dict[str, torch.Tensor]) -> torch.Tenso
     return tensors[source] if isinstance(source, str) else source.build([tensors[p] for p in source.parts])
 
 
+def _weight_rows(module: nn.Module, prefix: str, source: str | Fused | None, index: CheckpointIndex,
+                 dtype: torch.dtype, quantization: str) -> Rows | None:
+    """The weight of a module the project's int8 quantizes, as row ranges read from the checkpoint (so the float
+    tensor, the embedding table included, is never resident whole); None where it is loaded as a whole."""
+    if not isinstance(source, str) or not quantizes_by_rows(module, prefix, quantization):
+        return None
+    shape = index.tensors[source].shape
+    if len(shape) != 2:
+        return None
+    return Rows(lambda a, b: index.read_rows(source, a, b, dtype), (shape[0], shape[1]), dtype)
+
+
 def _load_quantized(model: nn.Module, sources: dict[str, str | Fused], index: CheckpointIndex, dtype: torch.dtype,
                     quantization: str) -> None:
     """Fill `model` module by module from copies of its tensors, quantizing each frozen Linear/Embedding right
-    away: one module's float weights are resident at a time and no mapping of the checkpoint outlives the load."""
+    away (the project's int8 from chunks of rows); the heap's freed pages go back to the OS after each module, so
+    at most one chunk or module of float weights is resident, and no mapping of the checkpoint is made."""
     for prefix, module in list(model.named_modules()):
+        rows = _weight_rows(module, prefix, sources.get(f"{prefix}.weight" if prefix else "weight"), index, dtype,
+                            quantization)
         for name, _ in list(module.named_parameters(recurse=False)):
+            if rows is not None and name == "weight":
+                continue  # quantize_module reads it in rows
             source = sources[f"{prefix}.{name}" if prefix else name]
             parts = [source] if isinstance(source, str) else list(source.parts)
             value = _build(source, {p: index.read(p, dtype) for p in parts})
             setattr(module, name, nn.Parameter(value, requires_grad=False))
-        quantize_module(model, prefix, quantization)
+        quantize_module(model, prefix, quantization, rows)
+        release_freed_memory()
 
 
 def load_segment(model_dir: str | Path, config: Any, family: ModelFamily, segment: Segment, dtype: torch.dtype,

@@ -7,7 +7,8 @@ The checkpoint on disk is untouched, so the fingerprint still identifies it. int
 symmetric scale per row (`int8_rows`); an `Int8Linear` keeps only its int8 weight for the backward (torchao's CPU
 int8 saved a float copy of every weight for it: the float base was resident again in each step), and an
 `Int8Embedding` dequantizes only the rows a lookup gathers. `load_segment` quantizes while it reads the
-checkpoint, one module at a time, so the float base is never resident at once.
+checkpoint, one module at a time and each weight in chunks of rows (`Rows`, `CheckpointIndex.read_rows`), so no
+float copy of a whole weight, the embedding table included, is ever resident.
 4-bit on the CPU: torchao's one CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`, behind its prototype
 `Int4OpaqueTensor`) computes the forward only, it has no derivative, and a client backpropagates through its frozen
 blocks to train their adapters; torchao's other int4 layouts need a CUDA device. So `int4` is refused on the CPU
@@ -16,6 +17,8 @@ with that reason (tests/test_quantization.py checks that the kernel still has no
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,29 +48,51 @@ def check_quantization(mode: str, device: str = "cpu") -> None:
         raise QuantizationError(f"quantization {mode} needs torchao: {INSTALL_HINT}")
 
 
-def int8_rows(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Rows:
+    """A 2-D weight given by ranges of rows: `read(a, b)` returns rows [a, b) in `dtype` (e.g. straight from a
+    checkpoint, so that the whole float tensor is never resident)."""
+
+    read: Callable[[int, int], torch.Tensor]
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "Rows":
+        """The rows of a tensor in memory."""
+        return cls(lambda a, b: weight[a:b], tuple(weight.shape), weight.dtype)
+
+
+def int8_rows(weight: torch.Tensor | Rows, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight` [rows, cols] as int8 with one symmetric scale per row (max |w| / 127), computed in chunks of rows
-    so that no float temporary of the whole tensor is made."""
-    qweight = torch.empty(weight.shape, dtype=torch.int8)
-    scale = torch.empty(weight.shape[0], dtype=weight.dtype)
-    for start in range(0, weight.shape[0], rows_per_chunk):
-        rows = weight[start:start + rows_per_chunk].detach().float()
-        s = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).eps) / 127
-        qweight[start:start + rows_per_chunk] = torch.round(rows / s[:, None]).clamp(-127, 127).to(torch.int8)
-        scale[start:start + rows_per_chunk] = s.to(weight.dtype)
+    (read one chunk at a time when `weight` is `Rows`) so that no float temporary of the whole tensor is made."""
+    rows = weight if isinstance(weight, Rows) else Rows.of(weight)
+    qweight = torch.empty(rows.shape, dtype=torch.int8)
+    scale = torch.empty(rows.shape[0], dtype=rows.dtype)
+    for start in range(0, rows.shape[0], rows_per_chunk):
+        chunk = rows.read(start, min(start + rows_per_chunk, rows.shape[0])).detach().float()
+        s = chunk.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).eps) / 127
+        qweight[start:start + rows_per_chunk] = torch.round(chunk / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[start:start + rows_per_chunk] = s.to(rows.dtype)
+        del chunk, s
     return qweight, scale
 
 
 class Int8Embedding(nn.Module):
     """A frozen embedding table in int8 (`int8_rows`); a lookup gathers int8 rows and dequantizes only those."""
 
-    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None, rows_per_chunk: int = 4096) -> None:
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, padding_idx: int | None = None) -> None:
         super().__init__()
-        self.num_embeddings, self.embedding_dim = weight.shape
+        self.num_embeddings, self.embedding_dim = qweight.shape
         self.padding_idx = padding_idx
-        qweight, scale = int8_rows(weight, rows_per_chunk)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor | Rows, padding_idx: int | None = None,
+                 rows_per_chunk: int = 4096) -> "Int8Embedding":
+        """The table `weight` (a tensor, or `Rows` read in chunks) quantized with `int8_rows`."""
+        return cls(*int8_rows(weight, rows_per_chunk), padding_idx)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.qweight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
@@ -91,13 +116,17 @@ class Int8Linear(nn.Linear):
     """A frozen `nn.Linear` with its weight in int8 (`int8_rows`, one scale per output feature); gradients flow to
     its input only. A subclass of `nn.Linear`, so peft puts LoRA on it as on any linear layer."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        qweight, scale = int8_rows(linear.weight)
+        self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
-        self.bias = linear.bias
+        self.bias = bias
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor | Rows, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """A linear layer of `weight` (a tensor, or `Rows` read in chunks) quantized with `int8_rows`."""
+        return cls(*int8_rows(weight), bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -109,17 +138,28 @@ class Int8Linear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
-def quantize_module(model: nn.Module, name: str, mode: str) -> bool:
+def quantizes_by_rows(module: nn.Module, name: str, mode: str) -> bool:
+    """True when `quantize_module` quantizes this module with the project's int8, which can read its weight in
+    ranges of rows (`Rows`) instead of from a float weight already in memory."""
+    return mode == "int8" and type(module) in (nn.Linear, nn.Embedding) and "lora_" not in name
+
+
+def quantize_module(model: nn.Module, name: str, mode: str, rows: Rows | None = None) -> bool:
     """Quantize the frozen Linear/Embedding `name` of `model` in place (`int8`: replaced by `Int8Linear` /
-    `Int8Embedding`; `int4`: torchao); False if it is not one."""
+    `Int8Embedding`; `int4`: torchao); False if it is not one. With `rows` (only where `quantizes_by_rows`), the
+    weight is read from them in chunks and the module's own weight is never touched."""
     module = model.get_submodule(name)
-    if not _frozen_weight(module, name):
+    if rows is None and not _frozen_weight(module, name):
         return False
-    if mode == "int8" and type(module) in (nn.Linear, nn.Embedding):  # subclasses (Gemma's scaled embedding): torchao
+    if quantizes_by_rows(module, name, mode):  # subclasses (Gemma's scaled embedding): torchao
+        weight = rows if rows is not None else Rows.of(module.weight)
         parent, _, child = name.rpartition(".")
-        new = Int8Linear(module) if isinstance(module, nn.Linear) else Int8Embedding(module.weight, module.padding_idx)
+        new = Int8Linear.quantize(weight, module.bias) if isinstance(module, nn.Linear) \
+            else Int8Embedding.quantize(weight, module.padding_idx)
         setattr(model.get_submodule(parent), child, new)
         return True
+    if rows is not None:
+        raise QuantizationError(f"{name}: only the int8 of nn.Linear / nn.Embedding reads its weight in rows")
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     config = Int8WeightOnlyConfig() if mode == "int8" else Int4WeightOnlyConfig(group_size=128)
     quantize_(module, config, filter_fn=lambda m, fqn: m is module)
