@@ -4,7 +4,8 @@ full-model LoRA fine-tune of the same checkpoint, and the validation loss each c
 The checkpoint is a random-init 16-block Llama-style model (hidden 1024, MLP 2816, 16 heads, 4 key/value heads,
 untied 50,257-word embeddings and head: GPT-2's tokenizer, the only real one here), written to --work. For each
 quantization a `splitlora-server serve` and a `splitlora-client train` run as the console scripts a user runs
-(loopback, plaintext, one client, the same seed, data and steps); the client's peak RSS is its `ru_maxrss` from
+(loopback, plaintext, one client, the same seed, data and steps; a mode `int8+gc` adds the client's
+--gradient-checkpointing); the client's peak RSS is its `ru_maxrss` from
 `os.wait4`, and its validation losses come from its metrics.jsonl (`--eval-data`). The full-model fine-tune is a
 fresh interpreter: the whole model with peft LoRA (the same rank, targets and learning rate), AdamW, the same
 batch size, sequence cap and number of steps. This parent never imports torch (Linux carries a parent's peak RSS
@@ -107,8 +108,9 @@ def split_run(mode: str, model_dir: Path, work: Path, port: int, args: argparse.
         code, peak, wall = run_waited(
             [str(BIN / "splitlora-client"), "train", *common, "--server", f"127.0.0.1:{port}", "--client-id",
              "edge", "--data", str(args.data), "--eval-data", str(work / "held_out.txt"), "--seed", "0",
-             "--output", str(out / "client"), "--client-quantization", mode, "--join-timeout", "600",
-             "--no-progress"], out / "client.log", env)
+             "--output", str(out / "client"), "--client-quantization", mode.partition("+")[0], "--join-timeout",
+             "600", "--no-progress", *(["--gradient-checkpointing"] if mode.endswith("+gc") else [])],
+            out / "client.log", env)
     finally:
         try:
             server.wait(timeout=300 if code == 0 else 0.1)  # after a finished run it exits by itself
@@ -139,7 +141,7 @@ def child_run(kind: str, model_dir: Path, work: Path, args: argparse.Namespace, 
 def report(results: dict[str, dict]) -> str:
     """The table: peak RSS, ratio to the full fine-tune, validation losses and their change against none."""
     full, base = results["full"]["peak_rss"], results["baseline"]["peak_rss"]
-    ref = results["none"]["validation"]
+    ref = results.get("none", {}).get("validation", [])  # a run without --modes none has no reference
     lines = ["| process | exit | peak RSS (MiB) | / full | over baseline / full over baseline | validation loss "
              "per round | last vs none |", "|---|---|---:|---:|---:|---|---:|"]
     for name, r in results.items():
@@ -159,7 +161,8 @@ def main() -> None:
     parser.add_argument("--eval-data", type=Path, required=True, help="held-out lines (the first --eval-examples)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (GPT-2's)")
     parser.add_argument("--work", type=Path, default=Path("runs/quantized-client"))
-    parser.add_argument("--modes", default="none,int8,int4")
+    parser.add_argument("--modes", default="none,int8,int4",
+                        help="client quantizations to run; MODE+gc: with the client's --gradient-checkpointing")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)

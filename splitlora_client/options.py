@@ -57,6 +57,9 @@ class TrainConfig(pinnable(ModelOptions), TransportOptions, ClientTlsOptions, Th
                                               "(quantized as it is read; int4 is refused on the CPU: torchao's CPU int4 "
                                               "kernel has no backward); LoRA stays float32.",
                                       choices=list(QUANTIZATIONS))
+    gradient_checkpointing: bool = option(False, "Recompute this client's blocks' activations in the backward "
+                                                 "pass instead of keeping them through the server's round trip "
+                                                 "(less memory, more compute; the same results).")
     join_timeout: float = option(60.0, "Seconds to keep trying to reach the server at start.")
     round_timeout: float = option(3600.0, "Seconds to wait for a round's global adapter.")
     reconnect_timeout: float = option(900.0, "After losing the server or the aggregator, seconds to keep trying to "

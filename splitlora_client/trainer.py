@@ -1,6 +1,7 @@
 """The client's training loop: embed and run the first blocks, let the server do the rest, average every round."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from common.aggregation import freezes_lora_a
 from common.data import BatchStream, encode, load_examples
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
+from common.heap import MMAP_THRESHOLD, keep_heap_small, release_freed_memory
 from common.logs import ContextLogger
 from common.lora import write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
@@ -168,7 +170,7 @@ def client_parts(cfg: TrainConfig, model_dir: Path, lora, seed: int) -> tuple[Sp
     """The client's bottom part (embeddings, blocks [0, K)) and, in u-shape mode, its top part (blocks [L-J, L),
     final norm, head), not yet in training mode."""
     low, high = cfg.split_bounds()  # per-client split points: LoRA drawn per module, as on the server
-    each = {"lora_seed": seed, "per_module_init": high > low,
+    each = {"lora_seed": seed, "per_module_init": high > low, "gradient_checkpointing": cfg.gradient_checkpointing,
             "quantization": cfg.client_quantization}  # quantized as it is read: never all in float32
     if not cfg.u_shape:
         return SplitPart(model_dir, "client", cfg.split_layer, lora, cfg.dtype, **each), None
@@ -227,8 +229,9 @@ def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
     `observe(channel)` may wrap the server channel (e.g. `grpc.intercept_channel`: the privacy benchmark records
     what the server receives)."""
     log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
-    log = ContextLogger(logging.getLogger("splitlora.client"), {"client": cfg.client_id})
     apply_threads(f"client {cfg.client_id}", cfg.torch_threads)
+    if cfg.client_quantization != "none" and keep_heap_small():  # the low-memory mode: see common.heap
+        log.info("heap: blocks of %d KiB or more go back to the OS when freed", MMAP_THRESHOLD // 1024)
     local = load_local(cfg)  # before any contact: a client that fails on its own files takes no slot
     options = cfg.grpc_options() + channel_options(cfg.reconnect_backoff_max)
     channel = open_channel(cfg.server, cfg, options)
@@ -262,6 +265,9 @@ def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
     loop = _Loop(cfg, sched, part, params, optim, opt, lr_sched, StepPreparer(part, batches, cfg.seed, cfg.client_id),
                  rounds, metrics, bar, _validator(cfg, part, tokenizer, sched, join_args[0], top_part), top,
                  ActivationDefense(cfg.defense_settings()))
+    del local, tokenizer  # every example is encoded: the tokenizer's tens of MiB go back before the first step
+    gc.collect()
+    release_freed_memory()
     try:
         with logging_redirect_tqdm():  # log lines go above the progress bar instead of through it
             loop.run(reply.start_round)
