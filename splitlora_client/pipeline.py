@@ -40,6 +40,19 @@ def micro_rows(rows: int, count: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+class Laps:
+    """Seconds of a step's phases: each call adds the time since the previous one to `phase`."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.phases = dict.fromkeys(names, 0.0)
+        self._clock = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] += now - self._clock
+        self._clock = now
+
+
 def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared, rnd: int, count: int,
                    while_waiting: Callable[[], None] | None = None, part: Any = None,
                    defense: ActivationDefense | None = None, top: TopHead | None = None) -> StepResult:
@@ -55,16 +68,8 @@ def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared
         raise ValueError("--defense-nopeek is not supported with a mixture-of-experts router auxiliary loss")
     slices = micro_rows(int(batch["input_ids"].shape[0]), 1 if with_router else count)
     step_tokens = target_tokens(batch["labels"]) if len(slices) > 1 else 0
-    phases = dict.fromkeys(("forward", "send", "prepare", "wait", "decode", "backward", *(("top",) if top else ())),
-                           0.0)
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        phases[phase] += now - clock
-        clock = now
-
+    lap = Laps(("forward", "send", "prepare", "wait", "decode", "backward", *(("top",) if top else ())))
+    phases = lap.phases
     cuts: list[torch.Tensor | None] = []
     routers: list[RouterStats | None] = []
     sent = 0
