@@ -1,7 +1,6 @@
 """The client's training loop: embed and run the first blocks, let the server do the rest, average every round."""
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
@@ -17,7 +16,7 @@ from common.aggregation import freezes_lora_a
 from common.data import BatchStream, encode, load_examples
 from common.faults import fault_point
 from common.fingerprint import compute_fingerprint
-from common.heap import MMAP_THRESHOLD, keep_heap_small, release_freed_memory
+from common.heap import MMAP_THRESHOLD, keep_heap_small
 from common.logs import ContextLogger
 from common.lora import write_adapter_file
 from common.optim import OptimSettings, build_optimizer, optimizer_step
@@ -261,9 +260,6 @@ def train(cfg: TrainConfig, observe: Callable | None = None) -> Path:
     loop = _Loop(cfg, sched, part, params, optim, opt, lr_sched, StepPreparer(part, batches, cfg.seed, cfg.client_id),
                  rounds, metrics, bar, _validator(cfg, part, tokenizer, sched, join_args[0], top_part), top,
                  ActivationDefense(cfg.defense_settings()))
-    del local, tokenizer  # every example is encoded: the tokenizer's tens of MiB go back before the first step
-    gc.collect()
-    release_freed_memory()
     try:
         with logging_redirect_tqdm():  # log lines go above the progress bar instead of through it
             loop.run(reply.start_round)
