@@ -23,7 +23,8 @@ def generate(out_dir: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     written = []
-    for path in sorted(out_dir.rglob("*_pb2*.py*")):
+    stubs = [p for p in out_dir.rglob("*_pb2*.py*") if p.suffix in (".py", ".pyi")]  # not __pycache__/*.pyc
+    for path in sorted(stubs):
         text = path.read_text()
         text = re.sub(r"^from splitlora\.v1 import", f"from {PACKAGE}.splitlora.v1 import", text, flags=re.M)
         text = re.sub(r"^import splitlora\.v1\.", f"import {PACKAGE}.splitlora.v1.", text, flags=re.M)

@@ -10,6 +10,13 @@ dropout on, the micro-batches draw their masks one after another (different draw
 
 A mixture-of-experts model trained with the router's auxiliary loss sends each step whole, with its router
 statistics: that loss is not a sum over rows, so it cannot be split into micro-batches.
+
+U-shape mode (`top`, the client's top part) runs the same path with a second exchange per micro-batch between the
+forwards and the backwards (`ushape.top_exchanges`): the frames carry no labels and no `step_tokens`; the client
+divides each micro-batch's loss by the whole step's target tokens itself. The client still computes micro-batch
+i+1's forward while the server probes micro-batch i, and its top part of i+1 while the server backpropagates i;
+but the server answers every top-cut activation before the first bottom-cut gradient (it reads the forwards
+first), so the client's bottom backwards overlap only the server's work on the micro-batches still in flight.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from common.loss import target_tokens
 from common.split.router import RouterRecorder, RouterStats, backward_through_cut, router_aux
 from splitlora_client.prefetch import Prepared, StepPreparer
 from splitlora_client.session import SplitSession, StepResult
+from splitlora_client.ushape import TopHead, top_exchanges
 
 
 def micro_rows(rows: int, count: int) -> list[slice]:
@@ -32,29 +40,36 @@ def micro_rows(rows: int, count: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+class Laps:
+    """Seconds of a step's phases: each call adds the time since the previous one to `phase`."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.phases = dict.fromkeys(names, 0.0)
+        self._clock = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] += now - self._clock
+        self._clock = now
+
+
 def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared, rnd: int, count: int,
                    while_waiting: Callable[[], None] | None = None, part: Any = None,
-                   defense: ActivationDefense | None = None) -> StepResult:
+                   defense: ActivationDefense | None = None, top: TopHead | None = None) -> StepResult:
     """Run a prepared step through the server as `count` micro-batches and backpropagate every gradient into the
     client part (the caller takes the optimizer step); return the step's loss, tokens and bytes. `part`: the
     client part, whose router statistics travel with the step when its model has a router auxiliary loss.
-    `defense`: the activation defenses applied to each micro-batch before it is sent (docs/privacy.md)."""
+    `defense`: the activation defenses applied to each micro-batch before it is sent (docs/privacy.md). `top`:
+    u-shape mode, the client's top part (its gradients applied once every exchange of the step succeeded)."""
     defense = defense or ActivationDefense()
     step, batch = prepared.step, prepared.batch
-    with_router = part is not None and router_aux(part.family, part.config) is not None
+    with_router = top is None and part is not None and router_aux(part.family, part.config) is not None
     if with_router and defense.settings.nopeek:
         raise ValueError("--defense-nopeek is not supported with a mixture-of-experts router auxiliary loss")
     slices = micro_rows(int(batch["input_ids"].shape[0]), 1 if with_router else count)
     step_tokens = target_tokens(batch["labels"]) if len(slices) > 1 else 0
-    phases = dict.fromkeys(("forward", "send", "prepare", "wait", "decode", "backward"), 0.0)
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        phases[phase] += now - clock
-        clock = now
-
+    lap = Laps(("forward", "send", "prepare", "wait", "decode", "backward", *(("top",) if top else ())))
+    phases = lap.phases
     cuts: list[torch.Tensor | None] = []
     routers: list[RouterStats | None] = []
     sent = 0
@@ -68,15 +83,16 @@ def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared
             routers.append(None)
         hidden = defense.apply(hidden, batch["attention_mask"][rows])  # before anything is sent
         lap("forward")
-        sent += session.send(step, rnd, hidden.detach(), batch["attention_mask"][rows], batch["labels"][rows],
-                             batch["position_ids"][rows], routers[i], micro=i, micro_count=len(slices),
-                             step_tokens=step_tokens)
+        sent += session.send(step, rnd, hidden.detach(), batch["attention_mask"][rows],
+                             None if top else batch["labels"][rows], batch["position_ids"][rows], routers[i],
+                             micro=i, micro_count=len(slices), step_tokens=0 if top else step_tokens)
         lap("send")  # encoding and serializing (gRPC writes from its own thread)
         cuts.append(hidden)
     if while_waiting is not None:
         while_waiting()
         lap("prepare")  # the next batch (--overlap), while the server works
-    loss, tokens, received = 0.0, 0, 0
+    tops, top_sent, received = top_exchanges(session, top, step, batch, slices, step_tokens, lap) if top else ([], 0, 0)
+    sent, loss, tokens = sent + top_sent, 0.0, 0
     for i, hidden in enumerate(cuts):
         result = session.receive(step, micro=i)
         lap("wait")  # the wire and the server's work, as far as not overlapped; then decoding the answer:
@@ -89,5 +105,8 @@ def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared
             backward_through_cut(hidden, result.grad, routers[i], result.router_grad)
         lap("backward")
         cuts[i] = routers[i] = None  # its graph is freed
-        loss, tokens, received = loss + result.loss, tokens + result.tokens, received + result.bytes_received
+        scored = tops[i] if top else result  # u-shape: the loss is the client's own
+        loss, tokens, received = loss + scored.loss, tokens + scored.tokens, received + result.bytes_received
+    for scored in tops:
+        top.apply(scored)
     return StepResult(torch.empty(0), loss, tokens, sent, received, phases=phases)

@@ -42,7 +42,7 @@ from splitlora_client.resume import RoundSync
 from splitlora_client.retry import Backoff, Reconnect, channel_options
 from splitlora_client.scalars import TensorBoardScalars
 from splitlora_client.session import SplitSession
-from splitlora_client.ushape import TopHead, u_step
+from splitlora_client.ushape import TopHead
 from splitlora_client.state import ClientCheckpoints, ClientState
 
 
@@ -109,13 +109,9 @@ class _Loop:
             prepare_next = (lambda s=step: ahead.append(prep.prepare(s + 1))) \
                 if cfg.overlap and local + 1 < sched.local_steps else None
             self.opt.zero_grad(set_to_none=True)  # nothing left from a step a lost connection cut short
-            if self.top is None:
-                result = self.rounds.step(step, lambda session: pipelined_step(
-                    session, prep, prepared, rnd, session.reply.micro_batches or 1, prepare_next, part=self.part,
-                    defense=self.defense))
-            else:
-                result = self.rounds.step(step, lambda session: u_step(
-                    session, prep, prepared, rnd, self.top, self.defense, prepare_next))
+            result = self.rounds.step(step, lambda session: pipelined_step(
+                session, prep, prepared, rnd, session.reply.micro_batches or 1, prepare_next, part=self.part,
+                defense=self.defense, top=self.top))
             fault_point("client", "step", step)
             updating = time.perf_counter()
             optimizer_step(params, self.opt, self.lr_sched, self.optim.max_grad_norm)

@@ -1,6 +1,7 @@
 """The client's top part in u-shape mode: blocks [L-J, L), the final norm and the head, where the loss is computed
 on the client's own labels. Labels, logits and the loss never leave this module; what goes back to the server is
-the gradient at the top cut."""
+the gradient at the top cut. A u-shape step runs through `pipeline.pipelined_step` like a standard one (whole, or
+in micro-batches), with the top exchanges of `top_exchanges` between its forwards and its backwards."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,11 +9,9 @@ from typing import Callable
 
 import torch
 
-from common.defenses import ActivationDefense
 from common.loss import causal_lm_loss
 from common.split.parts import SplitPart
-from splitlora_client.prefetch import Prepared, StepPreparer
-from splitlora_client.session import SplitSession, StepResult
+from splitlora_client.session import SplitSession
 
 
 @dataclass
@@ -34,12 +33,15 @@ class TopHead:
         self.part, self.label_smoothing = part, label_smoothing
         self.params = [p for p in part.parameters() if p.requires_grad]
 
-    def step(self, top_hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> TopResult:
+    def step(self, top_hidden: torch.Tensor, batch: dict[str, torch.Tensor],
+             normalizer: int | None = None) -> TopResult:
         """Loss of the batch's labels from `top_hidden`, and its gradients (not accumulated into `.grad`, so an
-        exchange that fails afterwards leaves no trace)."""
+        exchange that fails afterwards leaves no trace). `normalizer`: a micro-batch's summed loss is divided by
+        the target tokens of its whole step (`common.loss.causal_lm_loss`), so the micro-batches' gradients add up
+        to the whole step's."""
         top = top_hidden.detach().to(self.part.base_dtype).requires_grad_(True)
         logits = self.part(top, batch["attention_mask"], batch["position_ids"])
-        loss, tokens = causal_lm_loss(logits, batch["labels"], self.label_smoothing)
+        loss, tokens = causal_lm_loss(logits, batch["labels"], self.label_smoothing, normalizer)
         grads = torch.autograd.grad(loss, [top, *self.params], allow_unused=True)
         param_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads[1:])]
         return TopResult(float(loss.detach()), int(tokens), grads[0].detach().float(), param_grads)
@@ -50,20 +52,19 @@ class TopHead:
             param.grad = grad if param.grad is None else param.grad + grad
 
 
-def u_step(session: SplitSession, prep: StepPreparer, prepared: Prepared, rnd: int, top: TopHead,
-           defense: ActivationDefense, while_waiting: Callable[[], None] | None = None) -> StepResult:
-    """A u-shape step, sent whole: h_K (defended) out, h_{L-J} back; the loss here; the top-cut gradient out, the
-    bottom-cut gradient back, backpropagated into the bottom part. The top part's gradients are applied only once
-    both exchanges succeeded (the caller takes the optimizer step)."""
-    step, batch = prepared.step, prepared.batch
-    hidden = defense.apply(prep.forward(prepared), batch["attention_mask"])  # before anything is sent
-    sent = session.send(step, rnd, hidden.detach(), batch["attention_mask"], None, batch["position_ids"])
-    if while_waiting is not None:
-        while_waiting()
-    top_hidden, received = session.receive_top(step)
-    result = top.step(top_hidden, batch)
-    sent += session.send_top_grad(step, result.top_grad)
-    answer = session.receive(step, sent)
-    defense.backward(prep.part, batch, hidden, answer.grad)  # with NoPeek's term, when on
-    top.apply(result)
-    return StepResult(answer.grad, result.loss, result.tokens, sent, received + answer.bytes_received)
+def top_exchanges(session: SplitSession, top: TopHead, step: int, batch: dict[str, torch.Tensor],
+                  slices: list[slice], step_tokens: int, lap: Callable[[str], None]) -> tuple[list[TopResult], int, int]:
+    """Each micro-batch's second exchange, in order: its top-cut activations in, its loss here (its share of the
+    step's, over `step_tokens` target tokens when there are several), its top-cut gradient out; the server
+    backpropagates micro-batch i while this runs the top part of i+1. Returns the results (their parameter
+    gradients not yet applied) and the bytes sent and received."""
+    results, sent, received = [], 0, 0
+    for i, rows in enumerate(slices):
+        top_hidden, got = session.receive_top(step, micro=i)
+        lap("wait")
+        results.append(top.step(top_hidden, {k: v[rows] for k, v in batch.items()}, step_tokens or None))
+        lap("top")
+        sent += session.send_top_grad(step, results[-1].top_grad, micro=i)
+        lap("send")
+        received += got
+    return results, sent, received

@@ -87,16 +87,20 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     positions = _int_tensor(frame.position_ids, "position_ids", (batch, seq), limits)
     if positions.min() < 0 or positions.max() >= limits.max_positions:
         raise WireError(f"position_ids must be in [0, {limits.max_positions})")
+    count = max(frame.micro_count, 1)
+    if frame.micro >= count:
+        raise WireError(f"micro-batch {frame.micro} of a step sent in {count}")
     if u_shape:
         if frame.HasField("labels"):
             raise WireError("labels are refused in u-shape mode: the labels, logits and loss stay on the client "
                             "(a standard-mode client? the server runs --split-mode u-shape)")
-        if max(frame.micro_count, 1) > 1 or frame.micro:
-            raise WireError("a u-shape step is sent whole (micro_count 1): pipelined u-shape steps are not supported")
+        if frame.step_tokens:
+            raise WireError("step_tokens is refused in u-shape mode: it counts the labels' target tokens, which "
+                            "stay on the client (the client divides each micro-batch's loss itself)")
         if frame.HasField("router"):
             raise WireError("router statistics are refused in u-shape mode (the router's auxiliary loss is not "
                             "supported there)")
-        return Step(client_id, frame.step, hidden, mask, positions, None)
+        return Step(client_id, frame.step, hidden, mask, positions, None, None, frame.micro, count)
     if not frame.HasField("labels"):
         raise WireError("labels is missing (a u-shape client? the server runs --split-mode standard)")
     labels = _int_tensor(frame.labels, "labels", (batch, seq), limits)
@@ -104,9 +108,6 @@ def decode_step(frame: spb.StepForward, limits: FrameLimits, codec: int | None =
     if bad.any():
         raise WireError(f"labels must be {IGNORE_INDEX} or in [0, {limits.vocab_size}); "
                         f"got {int(labels[bad][0])}")
-    count = max(frame.micro_count, 1)
-    if frame.micro >= count:
-        raise WireError(f"micro-batch {frame.micro} of a step sent in {count}")
     tokens = target_tokens(labels)
     if count > 1 and frame.step_tokens < max(tokens, 1):
         raise WireError(f"step_tokens {frame.step_tokens} is below this micro-batch's {tokens} target tokens")

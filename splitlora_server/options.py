@@ -170,9 +170,6 @@ class ServeConfig(ModelOptions, TransportOptions, ServerTlsOptions, AuthOptions,
         if not 1 <= self.micro_batches <= self.batch_size:
             raise ConfigError(f"micro_batches must be between 1 and batch_size ({self.batch_size}), "
                               f"got {self.micro_batches}")
-        if self.u_shape and self.micro_batches > 1:
-            raise ConfigError("--split-mode u-shape and --micro-batches > 1 cannot be combined: u-shape steps are "
-                              "sent whole (docs/privacy.md)")
         if self.u_shape and self.init_adapter:
             raise ConfigError("--init-adapter is not supported with --split-mode u-shape yet (the client's top "
                               "blocks and head would need their share of it)")

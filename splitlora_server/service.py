@@ -29,7 +29,7 @@ from splitlora_server.ops.steplog import StepLog
 from splitlora_server.pipelining import MicroProgress
 from splitlora_server.registry import ClientRecord, Registry, invalid_client_id
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
-from splitlora_server.ushape import USHAPE_PIPELINING, TopCut
+from splitlora_server.ushape import TopCut
 
 log = logging.getLogger(__name__)
 CLIENT_ID_KEY = "x-splitlora-client-id"
@@ -86,8 +86,6 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         if chunk is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
         split_layer = self._check_fingerprint(request.fingerprint, context)
-        if request.micro_batches > 1 and self.top is not None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, USHAPE_PIPELINING)
         try:
             record = self.registry.join(request.client_id)
         except Refused as refused:
@@ -102,9 +100,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         record.split_layer = split_layer
         with record.step_lock:  # after any step of its old stream still in flight
-            if self.top is not None:
-                self.top.drop(record.client_id)  # a u-shape step of its old stream is abandoned (it changed nothing)
-            record.micro_batches, record.micro = micro, MicroProgress()
+            self._abandon(record)  # a step in progress on its old stream is abandoned (it changed nothing)
+            record.micro_batches = micro
             start, partial = self.registry.resume(record)
             if partial:
                 self.engine.rollback(record.client_id, start).result()
@@ -146,7 +143,17 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         except Refused as refused:
             abort(context, refused)
 
+    def _abandon(self, record: ClientRecord) -> None:
+        """Forget the client's step in progress: its micro-batches' progress, the held sum of their gradients
+        (discarded on the engine thread) and, in u-shape mode, the micro-batches awaiting a top-cut gradient."""
+        if self.top is not None:
+            self.top.drop(record.client_id)
+        record.micro = MicroProgress()
+        self.engine.discard_step(record.client_id)
+
     def _fail(self, context: grpc.ServicerContext, record: ClientRecord, code: grpc.StatusCode, message: str):
+        """Refuse the frame and end the stream; the step in progress is abandoned (nothing of it stays)."""
+        self._abandon(record)
         record.last_error = f"{code.name}: {message[:300]}"
         record.errors += 1
         self.auth.refusals.refuse(record.client_id, code.name.lower(), message)  # rate-limited, no traceback
@@ -230,11 +237,6 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                 return spb.ServerFrame(backward=self._top_grad_locked(record, frame.top_grad, context, nbytes, phases))
             return self._step_locked(record, frame.forward, context, nbytes, phases)
 
-    def _refuse(self, context: grpc.ServicerContext, record: ClientRecord, refused: Refused) -> None:
-        if self.top is not None:
-            self.top.drop(record.client_id)  # a refused u-shape step is forgotten: the probe changed nothing
-        self._fail(context, record, refused.code, refused.message)
-
     def _top_grad_locked(self, record: ClientRecord, msg: spb.StepTopGrad, context: grpc.ServicerContext,
                          nbytes: int, phases: dict[str, float]) -> spb.StepBackward:
         if self.top is None:
@@ -245,7 +247,7 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         try:
             step = self.top.take(record.client_id, msg, self.limits, record.codec)
         except Refused as refused:
-            self._refuse(context, record, refused)
+            self._fail(context, record, refused.code, refused.message)
         phases["decode"] += time.perf_counter() - clock
         return self._train(record, step, self.registry.round_of(step.step), nbytes, context, phases)
 
@@ -255,9 +257,9 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         gets the seconds of decoding, the engine (queue, forward, backward, update) and encoding the answer."""
         if self.top is not None:
             try:
-                self.top.check_none_awaited(record.client_id, fwd.step)
+                self.top.check_none_awaited(record.client_id, fwd.step, fwd.micro)
             except Refused as refused:
-                self._refuse(context, record, refused)
+                self._fail(context, record, refused.code, refused.message)
         total = self.schedule.rounds * self.schedule.local_steps
         if fwd.step >= total:
             self._fail(context, record, grpc.StatusCode.OUT_OF_RANGE,
@@ -282,8 +284,10 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
 
     def _probe(self, record: ClientRecord, step: Step, fwd: spb.StepForward, context: grpc.ServicerContext,
                nbytes: int, phases: dict[str, float]) -> spb.StepTop:
-        """U-shape, a step's first exchange: the server blocks' output at the top cut; the step is then awaited."""
+        """U-shape, a step's (micro-batch's) first exchange: the server blocks' output at the top cut; the
+        micro-batch then awaits its top-cut gradient."""
         try:
+            self.top.check_order(step, record.micro_batches)
             with self.rounds.open_for(record.client_id, fwd.round):
                 future = self.engine.probe(step)
         except Refused as refused:
@@ -296,7 +300,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         phases["server"] = time.perf_counter() - clock
         self.top.park(step)
         clock = time.perf_counter()
-        reply = spb.StepTop(step=fwd.step, hidden=encode_tensor(top, record.codec), bytes_received=nbytes)
+        reply = spb.StepTop(step=fwd.step, hidden=encode_tensor(top, record.codec), bytes_received=nbytes,
+                            micro=step.micro)
         phases["encode"] = time.perf_counter() - clock
         return reply
 

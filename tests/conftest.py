@@ -2,7 +2,9 @@
 and in-process servers on loopback."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,19 @@ def splitlora_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def builtin_model_dir(splitlora_home: Path) -> Path:
     """The built-in tiny GPT-2 (6 blocks, 128 wide) with its word-level tokenizer."""
     return ensure_builtin_model(splitlora_home)
+
+
+@pytest.fixture(scope="session")
+def no_dropout_model(tmp_path_factory: pytest.TempPathFactory, builtin_model_dir: Path) -> Path:
+    """The built-in model without dropout: dropout masks are drawn per micro-batch, so equality needs it off."""
+    path = tmp_path_factory.mktemp("no-dropout")
+    for f in builtin_model_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, path / f.name)
+    config = json.loads((path / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
 
 
 @pytest.fixture(scope="session")

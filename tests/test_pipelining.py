@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import json
-import shutil
 
 import grpc
 import pytest
-import torch
 
 from common.loss import target_tokens
 from common.rpc.splitlora.v1 import split_pb2 as spb
@@ -18,21 +16,8 @@ from splitlora_client.pipeline import micro_rows
 from tests.support import procs
 from tests.support.procs import CLIENTS, assert_identical, free_port, results, run_all
 from tests.support.servers import ClientSide, exchange, join, running_server, server_fingerprint, step_forward
-from tests.support.solo import solo_run
+from tests.support.solo import max_diff, solo_run
 
-
-
-@pytest.fixture(scope="module")
-def no_dropout_model(tmp_path_factory: pytest.TempPathFactory, builtin_model_dir: Path) -> Path:
-    """The built-in model without dropout: dropout masks are drawn per micro-batch, so equality needs it off."""
-    path = tmp_path_factory.mktemp("no-dropout")
-    for f in builtin_model_dir.iterdir():
-        if f.is_file():
-            shutil.copy(f, path / f.name)
-    config = json.loads((path / "config.json").read_text())
-    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 def test_micro_rows_cover_the_batch_in_order():
@@ -40,11 +25,6 @@ def test_micro_rows_cover_the_batch_in_order():
     assert micro_rows(8, 4) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
     assert micro_rows(5, 2) == [slice(0, 2), slice(2, 5)]
     assert micro_rows(3, 4) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # never an empty micro-batch
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 # float32: equal up to summation order (~1e-8 seen). With a lossy codec a rounding boundary of the codec can fall
@@ -61,8 +41,8 @@ def test_pipelined_rounds_equal_whole_steps_on_both_sides(tmp_path: Path, no_dro
     client1, whole1 = runs[1]
     for m in (2, 4):
         client, whole = runs[m]
-        assert _max_diff(client, client1) < tolerance, f"client adapter, {m} micro-batches"
-        assert _max_diff(whole, whole1) < tolerance, f"whole-model adapter (both sides), {m} micro-batches"
+        assert max_diff(client, client1) < tolerance, f"client adapter, {m} micro-batches"
+        assert max_diff(whole, whole1) < tolerance, f"whole-model adapter (both sides), {m} micro-batches"
     steps = [json.loads(line) for line in (tmp_path / "2" / "solo" / "metrics.jsonl").read_text().splitlines()]
     phases = ("forward_s", "send_s", "prepare_s", "wait_s", "decode_s", "backward_s", "optimizer_s")  # the step's parts
     assert all(sum(r[p] for p in phases) <= r["seconds"] + 1e-3 for r in steps if r.get("event") == "step")
@@ -71,7 +51,7 @@ def test_pipelined_rounds_equal_whole_steps_on_both_sides(tmp_path: Path, no_dro
     assert all(r["server_s"] > 0 and r["decode_s"] > 0 and r["encode_s"] > 0 and r["cpu_s"] >= 0 for r in served)
     if not extra:  # the comparison can fail: another seed trains other adapters
         other = solo_run(tmp_path / "other", seed=4, serve=exact, **exact)[1]
-        assert _max_diff(other, whole1) > 1e-3
+        assert max_diff(other, whole1) > 1e-3
 
 
 def _micro_frames(side: ClientSide, count: int, step_tokens: int | None = None) -> list[spb.ClientFrame]:

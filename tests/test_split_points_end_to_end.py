@@ -73,13 +73,13 @@ def test_mixed_split_layers_resume_bit_identical_and_export_exactly(tmp_path: Pa
 
 
 def test_mixed_split_layers_in_u_shape_mode_export_exactly(tmp_path: Path, builtin_model_dir: Path) -> None:
-    """U-shape (J=1 stays one server-wide value): alice at K=1 and bob at K=3 train with a server holding blocks
-    [1, 5); the exported adapter scores a batch as each client's three-part pipeline."""
+    """U-shape (J=1 stays one server-wide value): alice at K=1 (in two micro-batches) and bob at K=3 train with a
+    server holding blocks [1, 5); the exported adapter scores a batch as each client's three-part pipeline."""
     port = free_port()
     u_shape = ("--split-mode", "u-shape", "--top-blocks", "1")
     run_all([procs.server(tmp_path, port, "--split-layer", "2", "--split-range", "1:3", "--lora-dropout", "0",
                           *u_shape).start(),
-             procs.client(tmp_path, "alice", port, "--split-layer", "1").start(),
+             procs.client(tmp_path, "alice", port, "--split-layer", "1", "--micro-batches", "2").start(),
              procs.client(tmp_path, "bob", port, "--split-layer", "3").start()])
     final = results(tmp_path)
     exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(builtin_model_dir)),

@@ -1,19 +1,15 @@
 """The split mode and J are the server's decision, like the split layer: they travel in the plan (`GetPlan`), a
-client that does not pin them takes them, a pin that differs is refused naming it, and a u-shape server refuses
-pipelined steps (--micro-batches > 1) at Join naming both options."""
+client that does not pin them takes them, a pin that differs is refused naming it, and a u-shape server
+negotiates pipelined steps (--micro-batches) at Join as a standard one does."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import grpc
-import pytest
-
 from common.fingerprint import compute_fingerprint
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from splitlora_client.cli import main as client_main
 from splitlora_server.options import ServeConfig
-from common.config.engine import ConfigError
 from tests.support.servers import RPC_TIMEOUT, running_server
 
 
@@ -36,15 +32,13 @@ def test_a_pinned_split_mode_or_j_that_differs_is_refused_naming_it(builtin_mode
         assert h.status().clients == []  # refused before joining: no slot taken
 
 
-def test_u_shape_refuses_pipelined_steps_at_join_and_in_its_config(builtin_model_dir: Path, tmp_path: Path) -> None:
-    with running_server(builtin_model_dir, tmp_path, split_layer=2, split_mode="u-shape", top_blocks=1) as h:
+def test_u_shape_negotiates_pipelined_steps_at_join_and_in_its_config(builtin_model_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    with running_server(builtin_model_dir, tmp_path, split_layer=2, split_mode="u-shape", top_blocks=1,
+                        micro_batches=2) as h:
         fingerprint = compute_fingerprint(builtin_model_dir, 2, h.config.lora_settings(), True, 1)
-        with pytest.raises(grpc.RpcError) as err:
-            h.stub.Join(spb.JoinRequest(client_id="piper", fingerprint=fingerprint, micro_batches=2),
-                        timeout=RPC_TIMEOUT)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "--split-mode u-shape" in err.value.details() and "--micro-batches" in err.value.details()
-        assert h.status().clients == []  # nothing taken
-    cfg = ServeConfig(split_mode="u-shape", top_blocks=1, micro_batches=2, batch_size=4, insecure=True)
-    with pytest.raises(ConfigError, match="--split-mode u-shape and --micro-batches"):
-        cfg.validate()
+        asked = h.stub.Join(spb.JoinRequest(client_id="piper", fingerprint=fingerprint, micro_batches=4),
+                            timeout=RPC_TIMEOUT)
+        default = h.stub.Join(spb.JoinRequest(client_id="paul", fingerprint=fingerprint), timeout=RPC_TIMEOUT)
+        assert (asked.micro_batches, default.micro_batches) == (4, 2)
+    ServeConfig(split_mode="u-shape", top_blocks=1, micro_batches=2, batch_size=4, insecure=True).validate()

@@ -12,9 +12,8 @@ import torch
 
 from common.fingerprint import compute_fingerprint
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from common.wire import Reassembler, decode_tensor, encode_tensor
-from tests.support.servers import (RPC_TIMEOUT, ClientSide, Harness, join, running_server,
-                                   valid_forward)
+from common.wire import decode_tensor, encode_tensor
+from tests.support.servers import ClientSide, Harness, join, running_server, server_frames, valid_forward
 
 K, J = 2, 1
 
@@ -44,22 +43,6 @@ def _unlabelled(fwd: spb.StepForward) -> spb.StepForward:
     return copy
 
 
-def _stream(harness: Harness, md, frames: list[spb.ClientFrame]) -> tuple[list[spb.ServerFrame], grpc.RpcError | None]:
-    """Send `frames` on one Train stream; the server's frames (reassembled) and the error that ended it."""
-    out, parts = [], Reassembler(max_bytes=1 << 30)
-    try:
-        for frame in harness.stub.Train(iter(frames), metadata=md, timeout=RPC_TIMEOUT):
-            if frame.WhichOneof("kind") == "part":
-                data = parts.add(frame.part)
-                if data is None:
-                    continue
-                frame = spb.ServerFrame.FromString(data)
-            out.append(frame)
-    except grpc.RpcError as err:
-        return out, err
-    return out, None
-
-
 def _adapter(harness: Harness, client_id: str) -> dict[str, torch.Tensor]:
     return harness.running.engine.adapter_of(client_id)
 
@@ -71,13 +54,13 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def _good_step(harness: Harness, md, client: ClientSide, step: int) -> spb.StepBackward:
     """A whole u-shape step by the protocol: forward (no labels), top activations back, a top-cut gradient out."""
     fwd = _unlabelled(valid_forward(client, step, harness.config.local_steps))
-    replies, err = _stream(harness, md, [spb.ClientFrame(forward=fwd)])
+    replies, err = server_frames(harness, md, [spb.ClientFrame(forward=fwd)])
     # one stream per exchange here: a stream that ends is not an error, and the server keeps the awaited step
     assert err is None and [r.WhichOneof("kind") for r in replies] == ["top"], err
     top = decode_tensor(replies[0].top.hidden, name="top")
     assert top.shape == decode_tensor(fwd.hidden).shape
     grad = torch.randn(top.shape, generator=torch.Generator().manual_seed(step)) * 1e-2
-    replies, err = _stream(harness, md, [spb.ClientFrame(top_grad=spb.StepTopGrad(step=step,
+    replies, err = server_frames(harness, md, [spb.ClientFrame(top_grad=spb.StepTopGrad(step=step,
                                                                                  grad=encode_tensor(grad)))])
     assert err is None and [r.WhichOneof("kind") for r in replies] == ["backward"], err
     back = replies[0].backward
@@ -102,7 +85,7 @@ def test_bad_frames_are_refused_and_change_nothing_while_another_client_trains(u
     before = _adapter(u_server, "alice")
 
     def refused(frames: list[spb.ClientFrame], code: grpc.StatusCode, said: str) -> None:
-        _, err = _stream(u_server, alice.metadata, frames)
+        _, err = server_frames(u_server, alice.metadata, frames)
         assert err is not None and err.code() == code and said in err.details(), err
         assert _same(_adapter(u_server, "alice"), before)
         assert u_server.client_status("alice").steps == 0
@@ -142,8 +125,8 @@ def test_a_standard_server_refuses_u_shape_frames(builtin_model_dir: Path, tmp_p
         for frames, said in (([spb.ClientFrame(forward=_unlabelled(fwd))], "labels is missing"),
                              ([spb.ClientFrame(top_grad=spb.StepTopGrad(step=0, grad=fwd.hidden))],
                               "the server runs --split-mode standard")):
-            _, err = _stream(harness, joined.metadata, frames)
+            _, err = server_frames(harness, joined.metadata, frames)
             assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT and said in err.details()
             assert _same(harness.running.engine.server_adapter(), before)
-        replies, err = _stream(harness, joined.metadata, [spb.ClientFrame(forward=fwd)])  # a standard step still works
+        replies, err = server_frames(harness, joined.metadata, [spb.ClientFrame(forward=fwd)])  # a standard step still works
         assert err is None and replies[0].backward.tokens > 0

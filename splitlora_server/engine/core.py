@@ -122,10 +122,19 @@ class ServerEngine:
         """U-shape: queue a step's first exchange (the blocks' output at the top cut, nothing trained); the step
         itself follows with `submit_step` once the client sent its `top_grad`. Same random draws as that step."""
         def run():
-            seed_torch(self.seed, "server", step.client_id, step.step)
+            self._seed(step)
             self._slots.activate(step.client_id)
             return compute.probe(self.part, step)
         return self.call(run)
+
+    def discard_step(self, client_id: str) -> Future:
+        """Drop the gradient held for a client's pipelined step in progress (it was abandoned: refused, or the
+        client joined again); the adapter is untouched."""
+        return self.call(lambda: self._micro.discard(client_id))
+
+    def _seed(self, step: Step) -> None:
+        """The random draws (dropout) of one step or micro-batch: the same for its probe and its forward."""
+        seed_torch(self.seed, "server", step.client_id, step.step, *([step.micro] if step.micro else []))
 
     def _work(self) -> None:
         while (job := self._next()) is not None:
@@ -149,8 +158,7 @@ class ServerEngine:
             return
         steps = [job.step for job in group]
         if len(steps) == 1:
-            first = steps[0]
-            seed_torch(self.seed, "server", first.client_id, first.step, *([first.micro] if first.micro else []))
+            self._seed(steps[0])
         else:
             seed_torch(self.seed, "server-batch", *(f"{s.client_id}@{s.step}" for s in steps))
 

@@ -50,3 +50,7 @@ class MicroAccumulator:
         for p, g in zip(params, held.grads):
             p.grad = g
         return held.counted
+
+    def discard(self, client_id: str) -> None:
+        """Forget the held gradient of a client's abandoned step."""
+        self.held.pop(client_id, None)

@@ -183,11 +183,11 @@ def valid_forward(client: ClientSide, step: int, local_steps: int, batch_size: i
 
 
 # -- the training stream -------------------------------------------------------------------------------------
-def exchange(harness: Harness, md: Sequence[tuple[str, str]] | None, frames: Iterable[spb.ClientFrame],
-             timeout: float = RPC_TIMEOUT) -> tuple[list[spb.StepBackward], grpc.RpcError | None]:
-    """Send `frames` over one Train stream; return the StepBackwards received and the error that ended the stream
-    (None when it ended cleanly)."""
-    replies: list[spb.StepBackward] = []
+def server_frames(harness: Harness, md: Sequence[tuple[str, str]] | None, frames: Iterable[spb.ClientFrame],
+                  timeout: float = RPC_TIMEOUT) -> tuple[list[spb.ServerFrame], grpc.RpcError | None]:
+    """Send `frames` over one Train stream; return the server's frames (pieces reassembled, every kind) and the
+    error that ended the stream (None when it ended cleanly)."""
+    replies: list[spb.ServerFrame] = []
     parts = Reassembler(max_bytes=1 << 30)
     call = harness.stub.Train(iter(list(frames)), metadata=md, timeout=timeout)
     try:
@@ -197,10 +197,18 @@ def exchange(harness: Harness, md: Sequence[tuple[str, str]] | None, frames: Ite
                 if data is None:
                     continue
                 out = spb.ServerFrame.FromString(data)
-            replies.append(out.backward)
+            replies.append(out)
     except grpc.RpcError as err:
         return replies, err
     return replies, None
+
+
+def exchange(harness: Harness, md: Sequence[tuple[str, str]] | None, frames: Iterable[spb.ClientFrame],
+             timeout: float = RPC_TIMEOUT) -> tuple[list[spb.StepBackward], grpc.RpcError | None]:
+    """Send `frames` over one Train stream; return the StepBackwards received and the error that ended the stream
+    (None when it ended cleanly)."""
+    replies, err = server_frames(harness, md, frames, timeout)
+    return [out.backward for out in replies], err
 
 
 def train_ok(harness: Harness, md: Sequence[tuple[str, str]], *forwards: spb.StepForward) -> list[spb.StepBackward]:
