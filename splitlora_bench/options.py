@@ -94,6 +94,8 @@ class BenchConfig:
     privacy_noise: list[float] = option([0.5, 2.0], "Noise multipliers sigma of `privacy` (std = sigma x C, C the "
                                                     "median per-token norm of h_K on public text).")
     privacy_nopeek: list[float] = option([1.0, 4.0], "NoPeek distance-correlation weights of `privacy`.")
+    privacy_combined: list[str] = option([], "NoPeek and noise together in `privacy`, as W+S entries (NoPeek "
+                                             "weight W, noise multiplier S), at every K.")
     privacy_top_blocks: int = option(1, "J of the u-shape runs of `privacy`.")
     privacy_steps: int = option(12, "Training steps of each `privacy` run (the same budget for every setting).")
     privacy_sequences: int = option(16, "Captured sequences each `privacy` attack reconstructs.")
@@ -116,6 +118,8 @@ class BenchConfig:
             raise ConfigError("generate_tokens must be at least 2, generate_prompts and generate_sessions at least 1")
         for shape in [*self.overhead_shapes, *self.scaling_shapes, *self.project_shapes, *self.generate_shapes]:
             parse_shape(shape)
+        for spec in self.privacy_combined:
+            parse_combined(spec)
         if not self.model and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"tokenizer: {self.tokenizer} is not a directory (give --tokenizer or --model)")
 
@@ -132,6 +136,19 @@ class BenchConfig:
         """The same settings as command-line flags of the server and client."""
         return ["--lora-r", str(self.lora_r), "--lora-alpha", str(self.lora_alpha), "--lora-dropout",
                 str(self.lora_dropout), "--lora-targets", ",".join(self.lora_targets)]
+
+
+def parse_combined(spec: str) -> tuple[float, float]:
+    """A --privacy-combined entry 'W+S' -> (NoPeek weight W, noise multiplier S), both > 0."""
+    weight, _, sigma = spec.partition("+")
+    try:
+        w, s = float(weight), float(sigma)
+    except ValueError:
+        w = s = 0.0
+    if not (w > 0 and s > 0):
+        raise ConfigError(f"privacy_combined: {spec!r} is not W+S with both > 0 (NoPeek weight + noise multiplier, "
+                          "e.g. 4+0.25)")
+    return w, s
 
 
 def parse_shape(shape: str) -> tuple[int, int]:

@@ -97,13 +97,19 @@ def test_privacy(smoke: BenchConfig, tmp_path: Path):
     write_examples(tmp_path / "public.txt", synthetic_e2e(64, seed=9))
     cfg = dataclasses.replace(smoke, out=str(tmp_path / "out"), pretrain_data=str(tmp_path / "public.txt"),
                               privacy_split_layers=[2], privacy_codecs=["float32"], privacy_noise=[1.0],
-                              privacy_nopeek=[1.0], privacy_steps=2, privacy_sequences=4, privacy_public_lines=32,
-                              privacy_decoder_steps=20, privacy_opt_steps=5)
+                              privacy_nopeek=[1.0], privacy_combined=["2+0.5"], privacy_steps=2, privacy_sequences=4,
+                              privacy_public_lines=32, privacy_decoder_steps=20, privacy_opt_steps=5)
     run_benchmarks(cfg, ["privacy"])
-    rows = _result(cfg, "privacy")["table"]
+    result = _result(cfg, "privacy")
+    rows = result["table"]
     assert [(r["mode"], r["defense"].split()[0]) for r in rows] == [
-        ("standard", "off"), ("standard", "noise"), ("standard", "nopeek"), ("u-shape", "off"), ("u-shape", "noise")]
-    assert [r["labels_tok%"] for r in rows] == [100.0, 100.0, 100.0, 0.0, 0.0]  # u-shape sends no labels
+        ("standard", "off"), ("standard", "noise"), ("standard", "nopeek"), ("standard", "nopeek+noise"),
+        ("u-shape", "off"), ("u-shape", "noise")]
+    assert rows[3]["defense"].startswith("nopeek+noise w=2 sigma=0.5 (C=")
+    assert [r["labels_tok%"] for r in rows] == [100.0, 100.0, 100.0, 100.0, 0.0, 0.0]  # u-shape sends no labels
+    off, base = rows[0]["val_loss"], result["base_val_loss"]
+    assert rows[0]["gain_kept%"] == pytest.approx(100) and rows[1]["gain_kept%"] == pytest.approx(
+        100 * (base - rows[1]["val_loss"]) / (base - off))
     assert all(0 <= r[m] <= 100 for r in rows for m in ("learn_tok%", "opt_tok%")) and all(r["val_loss"] > 0
                                                                                          for r in rows)
     assert (cfg.out_dir / "privacy.png").is_file()
