@@ -55,21 +55,24 @@ def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 class ActivationDefense:
-    """Applies `DefenseSettings` on the client (noise from torch's global generator, which the client seeds per
-    step, so a resumed run draws the same noise)."""
+    """Applies `DefenseSettings` on the client. The client draws the noise from a generator of its own, seeded per
+    step (`StepPreparer.noise_generator`), so a resumed run draws the same noise and nothing else that draws random
+    numbers in the process (a server in the same process, between or during micro-batches) changes it."""
 
     def __init__(self, settings: DefenseSettings = DefenseSettings()) -> None:
         settings.check()
         self.settings = settings
 
-    def apply(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """h_K as it will be sent: clipped per token, then noised; padding rows are left as they are."""
+    def apply(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """h_K as it will be sent: clipped per token, then noised (from `generator`, else torch's global one);
+        padding rows are left as they are."""
         s = self.settings
         if not s.clip:
             return hidden
         out = clip_rows(hidden, s.clip)
         if s.noise:
-            out = out + torch.randn(out.shape, dtype=out.dtype) * (s.noise * s.clip)
+            out = out + torch.randn(out.shape, dtype=out.dtype, generator=generator) * (s.noise * s.clip)
         keep = attention_mask.to(torch.bool).unsqueeze(-1)
         return torch.where(keep, out, hidden)
 

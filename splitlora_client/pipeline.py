@@ -70,6 +70,7 @@ def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared
     step_tokens = target_tokens(batch["labels"]) if len(slices) > 1 else 0
     lap = Laps(("forward", "send", "prepare", "wait", "decode", "backward", *(("top",) if top else ())))
     phases = lap.phases
+    noise = prep.noise_generator(step) if defense.settings.noise else None
     cuts: list[torch.Tensor | None] = []
     routers: list[RouterStats | None] = []
     sent = 0
@@ -81,7 +82,7 @@ def pipelined_step(session: SplitSession, prep: StepPreparer, prepared: Prepared
         else:
             hidden = prep.forward(prepared, rows)
             routers.append(None)
-        hidden = defense.apply(hidden, batch["attention_mask"][rows])  # before anything is sent
+        hidden = defense.apply(hidden, batch["attention_mask"][rows], noise)  # before anything is sent
         lap("forward")
         sent += session.send(step, rnd, hidden.detach(), batch["attention_mask"][rows],
                              None if top else batch["labels"][rows], batch["position_ids"][rows], routers[i],

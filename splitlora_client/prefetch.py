@@ -40,6 +40,10 @@ class StepPreparer:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "client", self.client_id, step))
         return Prepared(step, self.batches.next_batch(), generator.get_state())
 
+    def noise_generator(self, step: int) -> torch.Generator:
+        """The generator the activation defense draws step `step`'s noise from (all its micro-batches in order)."""
+        return torch.Generator().manual_seed(derive_seed(self.seed, "client-defense", self.client_id, step))
+
     def forward(self, prepared: Prepared, rows: slice = slice(None)) -> torch.Tensor:
         """The cut activations of a prepared step (of its `rows`, a micro-batch), on the current weights, with the
         step's random draws: its first rows start from the step's random state, later micro-batches go on from

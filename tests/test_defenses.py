@@ -41,6 +41,22 @@ def test_noise_is_scaled_by_the_clip_and_seeded() -> None:
     assert abs(float(a.std()) - 1.0) < 0.05  # std = noise x clip
 
 
+def test_noise_from_the_clients_generator_ignores_the_global_one() -> None:
+    """The client's noise comes from its per-step generator: another thread reseeding or drawing from torch's
+    global generator (an in-process server between two micro-batches) changes nothing."""
+    hidden, mask = torch.zeros(2, 8, 16), torch.ones(2, 8, dtype=torch.int64)
+    defense = ActivationDefense(DefenseSettings(clip=1.0, noise=1.0))
+    draws = []
+    for global_seed in (0, 1):
+        generator = torch.Generator().manual_seed(7)
+        first = defense.apply(hidden[:1], mask[:1], generator)
+        torch.manual_seed(global_seed)  # what a server in the same process does for its own step
+        torch.randn(100)
+        draws.append(torch.cat([first, defense.apply(hidden[1:], mask[1:], generator)]))
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0][0], draws[0][1])  # the second micro-batch goes on, it does not repeat
+
+
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="set --defense-clip too"):
         DefenseSettings(noise=1.0).check()
