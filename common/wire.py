@@ -6,13 +6,15 @@ bytes plus dtype and shape; nothing is ever pickled.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from common.limits import MIN_CHUNK_BYTES
 from common.rpc.splitlora.v1 import tensor_pb2 as pb
+
+M = TypeVar("M", bound=Any)  # a protobuf message with a `kind` oneof that may be a `part`
 
 _TORCH_BY_DTYPE: dict[int, torch.dtype] = {
     pb.DTYPE_FLOAT32: torch.float32,
@@ -249,6 +251,14 @@ class Reassembler:
         data = b"".join(self._parts)
         self.clear()
         return data
+
+    def whole(self, message: M, parse: Callable[[bytes], M]) -> M | None:
+        """`message` of a stream whose messages may travel in pieces (a `part` field): itself when it is whole,
+        else the message `parse`d from its pieces once the last one arrived (None before)."""
+        if message.WhichOneof("kind") != "part":
+            return message
+        data = self.add(message.part)
+        return None if data is None else parse(data)
 
     def clear(self) -> None:
         """Drop a partly received message (its stream ended or was refused)."""

@@ -47,14 +47,9 @@ class Capture(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientIntercept
         """The Train frames the server received (serialized on the wire), pieces reassembled, in order."""
         parts, out = Reassembler(max_bytes=1 << 34), []
         for method, msg in self.messages():
-            if not method.endswith("/Train"):
-                continue
-            if msg.WhichOneof("kind") == "part":
-                data = parts.add(msg.part)
-                if data is None:
-                    continue
-                msg = spb.ClientFrame.FromString(data)
-            out.append(msg)
+            whole = parts.whole(msg, spb.ClientFrame.FromString) if method.endswith("/Train") else None
+            if whole is not None:
+                out.append(whole)
         return out
 
 

@@ -166,12 +166,9 @@ class SplitSession:
         for raw in self._responses:
             arrived = time.perf_counter()  # decoding starts: what comes before is the wire and the server
             received += len(raw)
-            out = spb.ServerFrame.FromString(raw)
-            if out.WhichOneof("kind") == "part":
-                data = parts.add(out.part)
-                if data is None:
-                    continue
-                out = spb.ServerFrame.FromString(data)
+            out = parts.whole(spb.ServerFrame.FromString(raw), spb.ServerFrame.FromString)
+            if out is None:
+                continue
             if out.WhichOneof("kind") != kind:
                 raise RuntimeError(f"server answered {out.WhichOneof('kind')} while {kind} of step {step} was awaited")
             msg = getattr(out, kind)

@@ -11,7 +11,6 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from common.faults import fault_point
-from common.fingerprint import check_split_layer_of
 from common.limits import negotiated_chunk, too_small
 from common.redact import shown
 from common.router_wire import encode_backward
@@ -29,6 +28,7 @@ from splitlora_server.ops.steplog import StepLog
 from splitlora_server.pipelining import MicroProgress
 from splitlora_server.registry import ClientRecord, Registry, invalid_client_id
 from splitlora_server.rounds.coordinator import FINISHED, RoundCoordinator
+from splitlora_server.split_range import client_split_layer
 from splitlora_server.ushape import TopCut
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
         chunk = negotiated_chunk(self.chunk_bytes, request.max_message_bytes)
         if chunk is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, too_small(request.max_message_bytes))
-        split_layer = self._check_fingerprint(request.fingerprint, context)
         try:
+            split_layer = client_split_layer(self.fingerprints, request.fingerprint)
             record = self.registry.join(request.client_id)
         except Refused as refused:
             abort(context, refused)
@@ -114,15 +114,6 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
                              max_message_bytes=self.max_message_bytes, chunk_bytes=chunk,
                              start_round=start, num_clients=self.rounds.expected, server_version=VERSION,
                              aggregation=self.aggregation, micro_batches=micro)
-
-    def _check_fingerprint(self, fingerprint: spb.Fingerprint, context: grpc.ServicerContext) -> int:
-        """The client's split layer, once its fingerprint matches the server's for that split layer."""
-        problem = check_split_layer_of(self.fingerprints, fingerprint)
-        if problem:
-            kind, why = problem
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT if kind == "range" else grpc.StatusCode.FAILED_PRECONDITION,
-                          why)
-        return int(fingerprint.split_layer)
 
     def _negotiate(self, offered: list[int]) -> int:
         for codec in offered or [tpb.CODEC_RAW]:
@@ -282,22 +273,30 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
             return spb.ServerFrame(top=self._probe(record, step, fwd, context, nbytes, phases))
         return spb.ServerFrame(backward=self._train(record, step, fwd.round, nbytes, context, phases))
 
-    def _probe(self, record: ClientRecord, step: Step, fwd: spb.StepForward, context: grpc.ServicerContext,
-               nbytes: int, phases: dict[str, float]) -> spb.StepTop:
-        """U-shape, a step's (micro-batch's) first exchange: the server blocks' output at the top cut; the
-        micro-batch then awaits its top-cut gradient."""
+    def _run(self, record: ClientRecord, step: Step, rnd: int, context: grpc.ServicerContext,
+             phases: dict[str, float], check: Callable[[], None], submit: Callable[[Step], Any]) -> Any:
+        """`check` the step, `submit` it to the engine inside round `rnd` (no step overtakes a round close) and
+        await its result (timed as the phase "server"); a refusal or an engine failure ends the stream."""
         try:
-            self.top.check_order(step, record.micro_batches)
-            with self.rounds.open_for(record.client_id, fwd.round):
-                future = self.engine.probe(step)
+            check()
+            with self.rounds.open_for(record.client_id, rnd):
+                future = submit(step)
         except Refused as refused:
             self._fail(context, record, refused.code, refused.message)
         clock = time.perf_counter()
         try:
-            top = future.result()
+            result = future.result()
         except Exception as err:  # a failure inside the engine is reported, never fatal to the server
-            self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {fwd.step}: {err}")
+            self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {step.step}: {err}")
         phases["server"] = time.perf_counter() - clock
+        return result
+
+    def _probe(self, record: ClientRecord, step: Step, fwd: spb.StepForward, context: grpc.ServicerContext,
+               nbytes: int, phases: dict[str, float]) -> spb.StepTop:
+        """U-shape, a step's (micro-batch's) first exchange: the server blocks' output at the top cut; the
+        micro-batch then awaits its top-cut gradient."""
+        top = self._run(record, step, fwd.round, context, phases,
+                        lambda: self.top.check_order(step, record.micro_batches), self.engine.probe)
         self.top.park(step)
         clock = time.perf_counter()
         reply = spb.StepTop(step=fwd.step, hidden=encode_tensor(top, record.codec), bytes_received=nbytes,
@@ -308,18 +307,8 @@ class SplitTrainingService(sgrpc.SplitTrainingServicer):
     def _train(self, record: ClientRecord, step: Step, rnd: int, nbytes: int, context: grpc.ServicerContext,
                phases: dict[str, float]) -> spb.StepBackward:
         """Run a decoded step through the engine, account it and answer it (gradient at the bottom cut)."""
-        try:
-            record.micro.check(step, record.micro_batches)
-            with self.rounds.open_for(record.client_id, rnd):  # no step overtakes a round close
-                future = self.engine.submit_step(step)
-        except Refused as refused:
-            self._fail(context, record, refused.code, refused.message)
-        clock = time.perf_counter()
-        try:
-            outcome = future.result()
-        except Exception as err:  # a failure inside the engine is reported, never fatal to the server
-            self._fail(context, record, grpc.StatusCode.INTERNAL, f"server failed on step {step.step}: {err}")
-        phases["server"] = time.perf_counter() - clock
+        outcome = self._run(record, step, rnd, context, phases,
+                            lambda: record.micro.check(step, record.micro_batches), self.engine.submit_step)
         if not math.isfinite(outcome.loss):
             self._fail(context, record, grpc.StatusCode.INVALID_ARGUMENT,
                        f"step {step.step} produced a non-finite loss; the update was skipped")

@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Callable
 
 from common.adapter_layout import Layout, adapter_layout
-from common.fingerprint import compute_fingerprint
+import grpc
+
+from common.fingerprint import check_split_layer_of, compute_fingerprint
 from common.rpc.splitlora.v1 import split_pb2 as spb
 from common.split.segment import check_split_layer
 from common.split.ushape import u_shape_parts
 from splitlora_server.engine.split_points import SplitPoints
+from splitlora_server.errors import Refused
 from splitlora_server.options import ServeConfig
 
 
@@ -47,3 +50,13 @@ def build_split_range(cfg: ServeConfig, model_dir: Path, layers_path: str, num_l
     return SplitRange(SplitPoints(low, high, layers_path),
                       {k: compute_fingerprint(model_dir, k, lora, cfg.u_shape, cfg.top_blocks) for k in layers},
                       {k: adapter_layout(model_dir, "client", k, lora, top) for k in layers}, cfg.split_layer)
+
+
+def client_split_layer(fingerprints: dict[int, spb.Fingerprint], fingerprint: spb.Fingerprint) -> int:
+    """The client's split layer, once its fingerprint matches the server's for that split layer; else `Refused`:
+    INVALID_ARGUMENT for a split layer outside --split-range, FAILED_PRECONDITION for another model."""
+    problem = check_split_layer_of(fingerprints, fingerprint)
+    if problem:
+        kind, why = problem
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT if kind == "range" else grpc.StatusCode.FAILED_PRECONDITION, why)
+    return int(fingerprint.split_layer)

@@ -52,11 +52,9 @@ class RemoteSession:
     def _receive(self) -> gpb.GenerationReply:
         parts = Reassembler(max_bytes=1 << 34)
         for reply in self._call:
-            if reply.WhichOneof("kind") != "part":
-                return reply
-            data = parts.add(reply.part)
-            if data is not None:
-                return gpb.GenerationReply.FromString(data)
+            whole = parts.whole(reply, gpb.GenerationReply.FromString)
+            if whole is not None:
+                return whole
         raise ConnectionError("the server ended the generation stream")
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

@@ -12,7 +12,6 @@ from google.protobuf.message import DecodeError
 from common.rpc.splitlora.v1 import generation_pb2 as gpb
 from common.rpc.splitlora.v1 import generation_pb2_grpc as ggrpc
 from common.rpc.splitlora.v1 import split_pb2 as spb
-from common.fingerprint import check_split_layer_of
 from common.wire import Reassembler, WireError, chunked, codec_from_name, encode_tensor
 from splitlora_server.auth import Authenticator, abort_if_denied
 from splitlora_server.errors import Refused, abort
@@ -24,6 +23,7 @@ from splitlora_server.generation.sessions import Session, SessionStore
 from splitlora_server.generation.validation import ValidationBook
 from splitlora_server.registry import invalid_client_id
 from splitlora_server.service import CLIENT_ID_KEY, SHUTTING_DOWN
+from splitlora_server.split_range import client_split_layer
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,10 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
             return None
         if not fingerprint.ByteSize():
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request carries no model fingerprint")
-        problem = check_split_layer_of(self.fingerprints, fingerprint)
-        if problem:
-            kind, why = problem
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT if kind == "range" else grpc.StatusCode.FAILED_PRECONDITION,
-                          why)
-        return int(fingerprint.split_layer)
+        try:
+            return client_split_layer(self.fingerprints, fingerprint)
+        except Refused as refused:
+            abort(context, refused)
 
     def _adapter(self, choice: int, client_id: str, context: grpc.ServicerContext) -> str:
         adapter = ADAPTERS.get(choice)
@@ -114,11 +112,8 @@ class SplitGenerationService(ggrpc.SplitGenerationServicer):
 
     def _whole(self, request: gpb.GenerationRequest, parts: Reassembler, context: grpc.ServicerContext
                ) -> gpb.GenerationRequest | None:
-        if request.WhichOneof("kind") != "part":
-            return request
         try:
-            data = parts.add(request.part)
-            return None if data is None else gpb.GenerationRequest.FromString(data)
+            return parts.whole(request, gpb.GenerationRequest.FromString)
         except (WireError, DecodeError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request part: {err}")
 

@@ -192,12 +192,9 @@ def server_frames(harness: Harness, md: Sequence[tuple[str, str]] | None, frames
     call = harness.stub.Train(iter(list(frames)), metadata=md, timeout=timeout)
     try:
         for out in call:
-            if out.WhichOneof("kind") == "part":
-                data = parts.add(out.part)
-                if data is None:
-                    continue
-                out = spb.ServerFrame.FromString(data)
-            replies.append(out)
+            whole = parts.whole(out, spb.ServerFrame.FromString)
+            if whole is not None:
+                replies.append(whole)
     except grpc.RpcError as err:
         return replies, err
     return replies, None
